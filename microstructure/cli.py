@@ -1,0 +1,417 @@
+"""``microstructure``: the command line. Heavy imports (Feast, GE, Prefect) happen inside commands."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Order-book features for intraday signals: poll -> lake -> DuckDB -> GE -> Feast.")
+out = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="MICROSTRUCTURE_DATA_DIR",
+                                       help="Where the lake, Feast stores and docs live.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+DEFAULT_DATA = Path("data")
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def _paths(data_dir: Path) -> Any:
+    from microstructure.lake import LakePaths
+
+    return LakePaths(data_dir.resolve())
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("feast", "great_expectations", "prefect", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[_fmt(v) for v in r])
+    return t
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, dt.datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    return str(v)
+
+
+def _progress(total: int, label: str, enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
+                 transient=True, disable=not enabled)
+    return p
+
+
+# ---- poll / run --------------------------------------------------------------------------------
+def _do_poll(data_dir: Path, cycles: int, interval: float, step: float | None, symbols: int, seed: int | None,
+             fresh: bool, online: bool, show_progress: bool, ack_log: Path | None = None,
+             start: dt.datetime | None = None) -> Any:
+    from microstructure import pipeline
+    from microstructure.sources.simulated import universe
+
+    paths = _paths(data_dir)
+    step_s = interval if interval > 0 else (step or 2.0)
+    if symbols < 1:
+        raise UserError("--symbols must be at least 1")
+    syms = universe()[:symbols]
+    source = pipeline.simulated_source(paths.data_dir, seed, fresh)
+    if start is None:
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        # A replay ends at about now, so its last cycle is what the online store should hold.
+        start = now if interval > 0 else now - dt.timedelta(seconds=step_s * (cycles - 1))
+        if source.now is not None:
+            start = max(start, dt.datetime.fromtimestamp(source.now, dt.UTC) + dt.timedelta(seconds=step_s))
+    publisher = None
+    if online:
+        from microstructure.checks import Checker
+        from microstructure.store import open_store
+
+        publisher = pipeline.OnlinePublisher(paths, open_store(paths.data_dir), Checker())
+    # Live: check and push every cycle. Replay: the same per-cycle features, checked and pushed in
+    # batches of 30 cycles (the checks cost ~0.2 s a batch; see README "Online path").
+    every = 1 if interval > 0 else 30
+    with _progress(cycles, "polling", show_progress) as prog:
+        task = prog.add_task("poll", total=cycles)
+        stats = pipeline.poll(paths, source, syms, pipeline.cycle_times(start, step_s, cycles, interval),
+                              publisher=publisher, publish_every=every,
+                              on_cycle=lambda i, s: prog.update(task, completed=i + 1), ack_log=ack_log)
+    pipeline.save_simulated(paths.data_dir, source)
+    return stats
+
+
+@app.command()
+def run(
+    data_dir: DataDir = DEFAULT_DATA,
+    cycles: Annotated[int, typer.Option(help="Poll cycles.")] = 300,
+    interval: Annotated[float, typer.Option(help="Wall-clock seconds between cycles; 0 = replay as fast as "
+                                                 "possible on a simulated clock.")] = 0.0,
+    step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.")] = 2.0,
+    symbols: Annotated[int, typer.Option(help="How many simulated symbols (max 150).")] = 150,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated book.")] = 7,
+    prefect: Annotated[bool, typer.Option("--prefect/--no-prefect",
+                                          help="Run through the Prefect flows (starts a local Prefect server).")] = False,
+    as_json: JsonOut = False,
+) -> None:
+    """The main job on the embedded simulated source: poll, lake, features, checks, Feast; then a summary."""
+    _quiet_libraries()
+    if prefect:
+        from flows.pipeline import main_flow
+
+        summary = main_flow(str(data_dir.resolve()), cycles, interval, step, symbols, seed)
+        _print_summary(summary, data_dir, as_json)
+        return
+    from microstructure import pipeline
+
+    paths = _paths(data_dir)
+    stats = _do_poll(paths.data_dir, cycles, interval, step, symbols, seed, fresh=True, online=True,
+                     show_progress=not as_json)
+    summary = _offline(paths, sorted(stats.dates), not as_json)
+    summary["poll"] = stats.as_dict()
+    summary["online_sample"] = _online_sample(paths.data_dir, stats)
+    summary["symbols"] = symbols
+    _ = pipeline
+    _print_summary(summary, data_dir, as_json)
+
+
+def _offline(paths: Any, days: list[dt.date], show: bool) -> dict[str, Any]:
+    from microstructure import pipeline
+    from microstructure.checks import Checker
+
+    with err.status("building features, checking, publishing...", spinner="dots") if show else _null():
+        builds = pipeline.build_and_publish(paths, days, Checker(paths.data_dir / "gx"))
+        compacted = pipeline.compact_all(paths, days)
+    con = _connect(paths)
+    per_symbol = con.sql("SELECT count(*) / greatest(count(DISTINCT symbol), 1) FROM features").fetchall()[0][0]
+    return {"builds": [b.as_dict() for b in builds], "compacted": {k: list(v) for k, v in compacted.items()},
+            "features_per_symbol": round(float(per_symbol or 0), 1),
+            "data_docs": str(paths.data_dir / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html")}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def _online_sample(data_dir: Path, stats: Any, k: int = 5) -> list[dict[str, Any]]:
+    from microstructure.store import open_store, read_online
+
+    if stats.last_features is None or stats.last_features.num_rows == 0:
+        return []
+    syms = stats.last_features.column("symbol").to_pylist()
+    pick = syms[:: max(1, len(syms) // k)][:k]
+    return [r.as_dict() for r in read_online(open_store(data_dir), pick)]
+
+
+def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, default=str, indent=2))
+        return
+    p = summary["poll"]
+    rows = [
+        ["symbols polled", summary.get("symbols")],
+        ["cycles", p["cycles"]],
+        ["snapshots written", p["written"]],
+        ["duplicates skipped (stale quotes, re-runs)", p["duplicates"]],
+        ["quarantined", sum(p["quarantined"].values())],
+        *[[f"  - {r}", n] for r, n in sorted(p["quarantined"].items())],
+        ["feature rows per symbol", summary["features_per_symbol"]],
+        ["online rows pushed", p["online_pushed"]],
+        *[[f"  online batch rejected: {r}", n] for r, n in p["online_rejected"].items()],
+        ["poll seconds", p["seconds"]],
+    ]
+    out.print(_table(f"microstructure run  (data: {data_dir})", ["", "value"], rows))
+    out.print(_table("feature batches", ["date", "snapshots", "features", "published", "reasons"],
+                     [[b["date"], b["snapshots"], b["features"], b["published"], "; ".join(b["reasons"]) or "-"]
+                      for b in summary["builds"]]))
+    sample = summary["online_sample"]
+    if sample:
+        cols = ["symbol", "age_s", "stale", "spread_bps", "order_imbalance", "depth_imbalance", "depth_dollars",
+                "book_levels", "has_recent_halt"]
+        out.print(_table("online sample (Feast)", cols, [[r.get(c) for c in cols] for r in sample]))
+    out.print(f"Data Docs: {summary['data_docs']}")
+
+
+@app.command("poll")
+def poll_cmd(
+    data_dir: DataDir = DEFAULT_DATA,
+    cycles: Annotated[int, typer.Option(help="Poll cycles.")] = 30,
+    interval: Annotated[float, typer.Option(help="Seconds between cycles; 0 = simulated clock.")] = 2.0,
+    step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.")] = 2.0,
+    symbols: Annotated[int, typer.Option(help="How many simulated symbols.")] = 150,
+    seed: Annotated[int | None, typer.Option(help="Start a fresh simulated book from this seed.")] = None,
+    start: Annotated[str | None, typer.Option(help="ISO time of the first cycle (default: now).")] = None,
+    online: Annotated[bool, typer.Option("--online/--no-online", help="Push each cycle to Feast.")] = True,
+    ack_log: Annotated[Path | None, typer.Option(help="Append a line per acknowledged write.")] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Poll the simulated source into the lake (continues the saved simulated book unless --seed)."""
+    _quiet_libraries()
+    start_ts = _parse_ts(start) if start else None
+    stats = _do_poll(data_dir, cycles, interval, step, symbols, seed, fresh=seed is not None, online=online,
+                     show_progress=not as_json, ack_log=ack_log, start=start_ts)
+    d = stats.as_dict()
+    if as_json:
+        print(json.dumps(d, indent=2))
+    else:
+        out.print(_table("poll", ["", "value"], [[k, v] for k, v in d.items()]))
+
+
+def _parse_ts(s: str) -> dt.datetime:
+    try:
+        t = dt.datetime.fromisoformat(s)
+    except ValueError as e:
+        raise UserError(f"not an ISO-8601 time: {s!r}") from e
+    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+
+
+def _days(paths: Any, dates: list[str] | None) -> list[dt.date]:
+    from microstructure.lake import SNAPSHOTS
+
+    if dates:
+        return [dt.date.fromisoformat(d) for d in dates]
+    days = paths.dates(SNAPSHOTS)
+    if not days:
+        raise UserError(f"the lake at {paths.root} has no snapshots yet: run `microstructure poll` or `run` first")
+    return days
+
+
+@app.command("build-features")
+def build_features_cmd(data_dir: DataDir = DEFAULT_DATA,
+                       date: Annotated[list[str] | None, typer.Option(help="Date(s) to build; default all.")] = None,
+                       as_json: JsonOut = False) -> None:
+    """Build features from the lake with transforms/features.sql, check them, publish to Feast's offline store."""
+    _quiet_libraries()
+    from microstructure import pipeline
+    from microstructure.checks import Checker
+
+    paths = _paths(data_dir)
+    res = pipeline.build_and_publish(paths, _days(paths, date), Checker(paths.data_dir / "gx"))
+    _emit([r.as_dict() for r in res], "feature batches", as_json)
+    if not all(r.published for r in res):
+        raise typer.Exit(1)
+
+
+@app.command()
+def validate(data_dir: DataDir = DEFAULT_DATA,
+             date: Annotated[list[str] | None, typer.Option(help="Date(s) to check; default all.")] = None,
+             as_json: JsonOut = False) -> None:
+    """Run the GE suites on the lake's snapshots and published features; write Data Docs; show quarantine."""
+    _quiet_libraries()
+    from microstructure.checks import Checker
+
+    paths = _paths(data_dir)
+    checker = Checker(paths.data_dir / "gx")
+    con = _connect(paths)
+    results = []
+    for day in _days(paths, date):
+        for kind in ("snapshots", "features"):
+            df = con.sql(f"SELECT * EXCLUDE (date) FROM {kind} WHERE date = ?", params=[day]).df()
+            r = checker.check(kind, df)
+            results.append({"date": day.isoformat(), "suite": kind, "rows": r.rows, "success": r.success,
+                            "reason": r.reason})
+    reasons = con.sql("SELECT reason, count(*) AS n FROM quarantine GROUP BY ALL ORDER BY n DESC").fetchall()
+    batches = [json.loads(f.read_text()) for f in sorted(paths.dataset("features_quarantine").glob("*/*.json"))]
+    if as_json:
+        print(json.dumps({"checks": results, "quarantine": dict(reasons), "quarantined_feature_batches": batches,
+                          "data_docs": str(checker.docs_index())}, indent=2))
+    else:
+        out.print(_table("checks", ["date", "suite", "rows", "success", "reason"],
+                         [list(r.values()) for r in results]))
+        out.print(_table("quarantined snapshots by reason", ["reason", "rows"], [list(r) for r in reasons]))
+        if batches:
+            out.print(_table("quarantined feature batches", ["date", "reasons"],
+                             [[b["date"], "; ".join(b["reasons"])] for b in batches]))
+        out.print(f"Data Docs: {checker.docs_index()}")
+    if not all(r["success"] for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def compact(data_dir: DataDir = DEFAULT_DATA,
+            date: Annotated[list[str] | None, typer.Option(help="Date(s) to compact; default all.")] = None,
+            as_json: JsonOut = False) -> None:
+    """Merge each date's small snapshot files into one sorted file with large row groups."""
+    from microstructure import pipeline
+
+    paths = _paths(data_dir)
+    res = pipeline.compact_all(paths, _days(paths, date))
+    _emit([{"partition": k, "files_before": v[0], "files_after": v[1]} for k, v in res.items()], "compaction", as_json)
+
+
+@app.command()
+def online(symbols: Annotated[list[str], typer.Argument(help="Symbols to look up.")],
+           data_dir: DataDir = DEFAULT_DATA,
+           freshness: Annotated[float, typer.Option(help="Seconds after which a row is stale.")] = 10.0,
+           as_json: JsonOut = False) -> None:
+    """Online features from Feast, with event time, age and a stale flag."""
+    _quiet_libraries()
+    from microstructure.store import open_store, read_online
+
+    rows = [r.as_dict() for r in read_online(open_store(data_dir), symbols, freshness)]
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    cols = ["symbol", "found", "event_ts", "age_s", "stale", "source", "book_levels", "best_bid", "best_ask",
+            "spread_bps", "order_imbalance", "depth_imbalance", "bid_depth", "ask_depth", "depth_dollars",
+            "gap_pct", "has_recent_halt"]
+    out.print(_table("online features", cols, [[r.get(c) for c in cols] for r in rows]))
+
+
+@app.command("training-set")
+def training_set_cmd(entities: Annotated[Path, typer.Option(help="CSV or Parquet: symbol, event_timestamp, labels...")],
+                     out_path: Annotated[Path, typer.Option("--out", help="CSV or Parquet output.")],
+                     data_dir: DataDir = DEFAULT_DATA) -> None:
+    """Point-in-time-correct join of an entity file against the offline store, through Feast."""
+    _quiet_libraries()
+    import pandas as pd
+
+    from microstructure.store import open_store, training_set
+
+    if not entities.exists():
+        raise UserError(f"no such entity file: {entities}")
+    df = pd.read_parquet(entities) if entities.suffix == ".parquet" else pd.read_csv(entities)
+    if not _paths(data_dir).has("features"):
+        raise UserError("no published features yet: run `microstructure run` or `build-features` first")
+    res = training_set(open_store(data_dir), df)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.suffix == ".parquet":
+        res.to_parquet(out_path, index=False)
+    else:
+        res.to_csv(out_path, index=False)
+    joined = int(res["event_ts"].notna().sum()) if "event_ts" in res else 0
+    err.print(f"{len(res)} rows, {joined} with features -> {out_path}")
+
+
+@app.command()
+def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapshots, features, quarantine.")] = None,
+        data_dir: DataDir = DEFAULT_DATA,
+        as_json: JsonOut = False,
+        as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False) -> None:
+    """Ad-hoc DuckDB over the lake; without a query, open the DuckDB shell with the views loaded."""
+    paths = _paths(data_dir)
+    if query is None:
+        _shell(paths)
+        return
+    con = _connect(paths)
+    rel = con.sql(query)
+    if rel is None:
+        return
+    df = rel.df()
+    if as_json:
+        print(df.to_json(orient="records", date_format="iso"))
+    elif as_csv:
+        print(df.to_csv(index=False), end="")
+    else:
+        out.print(_table("", list(df.columns), df.astype(object).where(df.notna(), None).values.tolist()))
+
+
+def _connect(paths: Any) -> Any:
+    from microstructure.lake import connect
+
+    return connect(paths)
+
+
+def _shell(paths: Any) -> None:
+    import shutil
+
+    from microstructure.transforms import TRANSFORMS_DIR
+
+    exe = shutil.which("duckdb")
+    if exe is None:
+        raise UserError("the duckdb shell is not installed (pip install duckdb-cli); pass a QUERY instead")
+    os.execv(exe, [exe, "-cmd", f"SET VARIABLE lake = '{paths.root}'", "-init", str(TRANSFORMS_DIR / "views.sql")])
+
+
+def _emit(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    elif rows:
+        out.print(_table(title, list(rows[0].keys()), [list(r.values()) for r in rows]))
+    else:
+        out.print(f"{title}: nothing to do")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        err.print(f"error: {e}")
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except Exception as e:  # one line for the user; MICROSTRUCTURE_DEBUG=1 for the traceback
+        if os.environ.get("MICROSTRUCTURE_DEBUG"):
+            raise
+        err.print(f"error: {type(e).__name__}: {e}".splitlines()[0])
+        sys.exit(1)

@@ -1,0 +1,292 @@
+"""The pipeline's steps as plain functions: poll, build features, validate & publish, compact.
+
+``flows/`` wraps these in Prefect; the CLI and the tests call them directly. Data flows one way:
+source -> snapshot -> lake -> transforms -> checks -> Feast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from microstructure import lake
+from microstructure.book import KEY, QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, validate
+from microstructure.transforms import FEATURES_SCHEMA, GAP_WINDOW, HALT_WINDOW, compute_features
+
+if TYPE_CHECKING:
+    from microstructure.checks import Checker
+    from microstructure.sources.base import Source
+
+QUARANTINE_KEY = ("symbol", "received_ts", "source", "reason")
+FEATURES_QUARANTINE_SCHEMA = FEATURES_SCHEMA.append(pa.field("reason", pa.string()))
+SIM_STATE = Path("sim") / "state.npz"
+
+
+# ---- clock ------------------------------------------------------------------------------------
+def cycle_times(start: dt.datetime, step_s: float, cycles: int, interval_s: float) -> Iterator[dt.datetime]:
+    """Cycle i happens at ``start + i * step``. With ``interval > 0`` we wait for the wall clock to get
+    there (live polling); with ``interval == 0`` the clock is simulated and cycles run back to back, and
+    the last cycle is taken no earlier than the wall clock, so a replay ending "now" leaves fresh books."""
+    for i in range(cycles):
+        t = start + dt.timedelta(seconds=i * step_s)
+        if interval_s == 0 and i == cycles - 1:
+            t = max(t, dt.datetime.now(dt.UTC))
+        if interval_s > 0:
+            delay = (t - dt.datetime.now(dt.UTC)).total_seconds()
+            if delay > 0:
+                time.sleep(delay)
+        yield t
+
+
+# ---- online path ------------------------------------------------------------------------------
+class OnlinePublisher:
+    """Computes features for each polled cycle with the pipeline's SQL and pushes them to Feast.
+
+    It keeps a trailing buffer of snapshots so the windowed features (gap over 5 min, halt over 30 min)
+    see the same history the offline build sees. Rows that cannot affect a window are pruned: only
+    halted rows matter to the 30-minute halt flag, and the 5-minute range needs every row.
+    A batch that fails the feature checks is quarantined and not pushed.
+    """
+
+    MARGIN = dt.timedelta(seconds=60)  # slack for books that reach us a little late
+
+    def __init__(self, paths: lake.LakePaths, store: Any, checker: Checker | None) -> None:
+        self.paths = paths
+        self.store = store
+        self.checker = checker
+        self.con = duckdb.connect()
+        self.buffer = SNAPSHOT_SCHEMA.empty_table()
+        self.pending: list[pa.Table] = []
+        self.quarantine = lake.PartitionWriter(paths, lake.FEATURES_QUARANTINE, ("symbol", "event_ts"),
+                                               FEATURES_QUARANTINE_SCHEMA)
+        self.pushed = 0
+        self.rejected: Counter[str] = Counter()
+        self.last_pushed: pa.Table | None = None
+
+    def add_cycle(self, written: pa.Table) -> pa.Table:
+        """Add a cycle's acknowledged snapshots; return its feature rows (also queued for the next flush)."""
+        if written.num_rows == 0:
+            return FEATURES_SCHEMA.empty_table()
+        self.buffer = pa.concat_tables([self.buffer, written.cast(SNAPSHOT_SCHEMA)])
+        feats = compute_features(self.buffer, self.con, only=written)
+        self.pending.append(feats)
+        oldest = pc.min(written.column("event_ts")).as_py()
+        keep_all = oldest - GAP_WINDOW - self.MARGIN
+        keep_halted = oldest - HALT_WINDOW - self.MARGIN
+        ts = self.buffer.column("event_ts")
+        halted = pc.fill_null(self.buffer.column("halted"), False)
+        mask = pc.or_(pc.greater_equal(ts, pa.scalar(keep_all, ts.type)),
+                      pc.and_(halted, pc.greater_equal(ts, pa.scalar(keep_halted, ts.type))))
+        self.buffer = self.buffer.filter(mask)
+        return feats
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        batch = pa.concat_tables(self.pending)
+        self.pending = []
+        if batch.num_rows == 0:
+            return
+        if self.checker is not None:
+            res = self.checker.check("features", batch.to_pandas())
+            if not res.success:
+                self.rejected[res.reason] += batch.num_rows
+                self.quarantine.write(batch.append_column("reason", pa.array([res.reason] * batch.num_rows)))
+                return
+        latest = latest_per_symbol(batch)
+        if self.store is not None:
+            from microstructure.store import push_online
+
+            self.pushed += push_online(self.store, latest)
+        self.last_pushed = latest
+
+
+def latest_per_symbol(features: pa.Table) -> pa.Table:
+    """The newest row per symbol: what the online store should hold after a batch."""
+    con = duckdb.connect()
+    con.register("f", features)
+    out = con.sql("SELECT * FROM f QUALIFY row_number() OVER (PARTITION BY symbol ORDER BY received_ts DESC, "
+                  "event_ts DESC) = 1 ORDER BY symbol").arrow()
+    out = out.read_all() if isinstance(out, pa.RecordBatchReader) else out
+    return out.cast(FEATURES_SCHEMA)
+
+
+# ---- ingestion --------------------------------------------------------------------------------
+@dataclass
+class PollStats:
+    cycles: int = 0
+    polled: int = 0  # symbol-polls attempted
+    written: int = 0  # snapshots acknowledged (new to the lake)
+    duplicates: int = 0  # snapshots already in the lake (stale quotes, re-runs)
+    quarantined: Counter[str] = field(default_factory=Counter)
+    online_pushed: int = 0
+    online_rejected: Counter[str] = field(default_factory=Counter)
+    dates: set[dt.date] = field(default_factory=set)
+    seconds: float = 0.0
+    last_features: pa.Table | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cycles": self.cycles, "polled": self.polled, "written": self.written,
+                "duplicates": self.duplicates, "quarantined": dict(self.quarantined),
+                "online_pushed": self.online_pushed, "online_rejected": dict(self.online_rejected),
+                "dates": sorted(d.isoformat() for d in self.dates), "seconds": round(self.seconds, 2)}
+
+
+def poll(
+    paths: lake.LakePaths,
+    source: Source,
+    symbols: Sequence[str],
+    times: Iterator[dt.datetime],
+    publisher: OnlinePublisher | None = None,
+    publish_every: int = 1,
+    on_cycle: Callable[[int, PollStats], None] | None = None,
+    ack_log: Path | None = None,
+) -> PollStats:
+    """Poll ``source`` once per cycle time, validate, write the lake, publish online.
+
+    Each cycle's snapshots are written (and fsynced, and renamed into place) before the next poll, so a
+    crash loses at most the cycle in flight. ``ack_log`` gets one line per acknowledged write.
+    """
+    snaps = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+    quarantine = lake.PartitionWriter(paths, lake.QUARANTINE, QUARANTINE_KEY, QUARANTINE_SCHEMA)
+    stats = PollStats()
+    t0 = time.perf_counter()
+    ack = open(ack_log, "a") if ack_log else None  # noqa: SIM115 - kept open across cycles
+    try:
+        for i, at in enumerate(times):
+            res = source.poll(symbols, at)
+            checked = validate(res.raw)
+            bad = pa.concat_tables([checked.quarantine, res.rejected])
+            quarantine.write(bad)
+            for r, n in Counter(bad.column("reason").to_pylist()).items():
+                stats.quarantined[r] += n
+            new = snaps.write(checked.clean)
+            stats.cycles += 1
+            stats.polled += len(symbols)
+            stats.written += new.num_rows
+            stats.duplicates += checked.clean.num_rows - new.num_rows
+            stats.dates.update(dt.date.fromisoformat(d) for d in
+                               pc.unique(pc.strftime(new.column("event_ts"), "%Y-%m-%d")).to_pylist())
+            if ack:
+                ack.write(f"{i} {new.num_rows} {stats.written}\n")
+                ack.flush()
+            if publisher is not None:
+                publisher.add_cycle(new)
+                if (i + 1) % publish_every == 0:
+                    publisher.flush()
+            if on_cycle:
+                on_cycle(i, stats)
+        if publisher is not None:
+            publisher.flush()
+            stats.online_pushed = publisher.pushed
+            stats.online_rejected = publisher.rejected
+            stats.last_features = publisher.last_pushed
+    finally:
+        if ack:
+            ack.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+# ---- offline: build, check, publish -----------------------------------------------------------
+@dataclass
+class BuildResult:
+    day: dt.date
+    snapshots: int
+    features: int
+    published: bool
+    reasons: list[str]
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"date": self.day.isoformat(), "snapshots": self.snapshots, "features": self.features,
+                "published": self.published, "reasons": self.reasons, "seconds": round(self.seconds, 2)}
+
+
+def build_day(paths: lake.LakePaths, day: dt.date) -> tuple[pa.Table, pa.Table]:
+    """Snapshots of ``day`` (plus the 30 minutes before it, for the windows) and their features."""
+    start = dt.datetime.combine(day, dt.time(), dt.UTC)
+    lo = start - HALT_WINDOW - GAP_WINDOW
+    con = duckdb.connect()
+    con.execute("SET TimeZone='UTC'")
+    days = [d for d in (day - dt.timedelta(days=1), day) if paths.partition(lake.SNAPSHOTS, d).exists()]
+    files = [str(f) for d in days for f in sorted(paths.partition(lake.SNAPSHOTS, d).glob("*.parquet"))]
+    if not files:
+        return SNAPSHOT_SCHEMA.empty_table(), FEATURES_SCHEMA.empty_table()
+    rel = con.sql(f"SELECT * FROM read_parquet({files!r}, union_by_name = true) WHERE event_ts >= ? "
+                  "AND event_ts < ?", params=[lo, start + dt.timedelta(days=1)])
+    snaps = rel.arrow()
+    snaps = (snaps.read_all() if isinstance(snaps, pa.RecordBatchReader) else snaps).select(
+        SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA)
+    feats = compute_features(snaps, con)
+    start_s = pa.scalar(start, pa.timestamp("us", tz="UTC"))
+    in_day = pc.greater_equal(feats.column("event_ts"), start_s)
+    return snaps.filter(pc.greater_equal(snaps.column("event_ts"), start_s)), feats.filter(in_day)
+
+
+def build_and_publish(paths: lake.LakePaths, days: Sequence[dt.date] | None = None,
+                      checker: Checker | None = None) -> list[BuildResult]:
+    """For each date: build features from the lake, check snapshots and features, then publish the
+    features where Feast reads them, or quarantine the batch with the reasons."""
+    out = []
+    for day in days or paths.dates(lake.SNAPSHOTS):
+        t0 = time.perf_counter()
+        snaps, feats = build_day(paths, day)
+        reasons: list[str] = []
+        if checker is not None:
+            for kind, table in (("snapshots", snaps), ("features", feats)):
+                res = checker.check(kind, table.to_pandas())
+                if not res.success:
+                    reasons.append(f"{kind}: {res.reason}")
+        target = paths.partition(lake.FEATURES, day) / "features.parquet"
+        if reasons:
+            qdir = paths.partition(lake.FEATURES_QUARANTINE, day)
+            stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
+            lake.atomic_write_parquet(
+                feats.append_column("reason", pa.array(["; ".join(reasons)] * feats.num_rows, pa.string())),
+                qdir / f"batch-{stamp}.parquet")
+            (qdir / f"batch-{stamp}.json").write_text(json.dumps({"date": day.isoformat(), "reasons": reasons}))
+        else:
+            lake.atomic_write_parquet(feats, target)
+        out.append(BuildResult(day, snaps.num_rows, feats.num_rows, not reasons, reasons,
+                               time.perf_counter() - t0))
+    return out
+
+
+def compact_all(paths: lake.LakePaths, days: Sequence[dt.date] | None = None) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, key in ((lake.SNAPSHOTS, KEY), (lake.QUARANTINE, QUARANTINE_KEY)):
+        for day in days or paths.dates(name):
+            if paths.partition(name, day).exists():
+                out[f"{name}/{day}"] = lake.compact(paths, name, day, key, ("symbol", "event_ts"))
+    return out
+
+
+# ---- the simulated source's persisted state ---------------------------------------------------
+def simulated_source(data_dir: Path, seed: int | None, fresh: bool) -> Any:
+    """A fresh simulated source from ``seed``, or the saved one (so later polls continue the same book)."""
+    from microstructure.sources.simulated import SimulatedSource
+
+    state = data_dir / SIM_STATE
+    if not fresh and state.exists():
+        src = SimulatedSource.load(state)
+        if seed is None or seed == src.seed:
+            return src
+    return SimulatedSource(seed=7 if seed is None else seed)
+
+
+def save_simulated(data_dir: Path, source: Any) -> None:
+    from microstructure.sources.simulated import SimulatedSource
+
+    if isinstance(source, SimulatedSource):
+        source.save(data_dir / SIM_STATE)
