@@ -117,27 +117,25 @@ def run(
     symbols: Annotated[int, typer.Option(help="How many simulated symbols (max 150).")] = 150,
     seed: Annotated[int, typer.Option(help="Seed of the simulated book.")] = 7,
     prefect: Annotated[bool, typer.Option("--prefect/--no-prefect",
-                                          help="Run through the Prefect flows (starts a local Prefect server).")] = False,
+                                          help="Run through the Prefect flows (local server).")] = False,
     as_json: JsonOut = False,
 ) -> None:
     """The main job on the embedded simulated source: poll, lake, features, checks, Feast; then a summary."""
     _quiet_libraries()
+    paths = _paths(data_dir)
     if prefect:
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         from flows.pipeline import main_flow
 
-        summary = main_flow(str(data_dir.resolve()), cycles, interval, step, symbols, seed)
-        _print_summary(summary, data_dir, as_json)
-        return
-    from microstructure import pipeline
-
-    paths = _paths(data_dir)
-    stats = _do_poll(paths.data_dir, cycles, interval, step, symbols, seed, fresh=True, online=True,
-                     show_progress=not as_json)
-    summary = _offline(paths, sorted(stats.dates), not as_json)
-    summary["poll"] = stats.as_dict()
-    summary["online_sample"] = _online_sample(paths.data_dir, stats)
-    summary["symbols"] = symbols
-    _ = pipeline
+        summary = main_flow(str(paths.data_dir), cycles, interval, step, symbols, seed)
+    else:
+        stats = _do_poll(paths.data_dir, cycles, interval, step, symbols, seed, fresh=True, online=True,
+                         show_progress=not as_json)
+        summary = _offline(paths, sorted(stats.dates), not as_json)
+        summary["poll"] = stats.as_dict()
+        summary["symbols"] = symbols
+        online_syms = [] if stats.last_features is None else stats.last_features.column("symbol").to_pylist()
+        summary.update(_online_sample_for(paths.data_dir, online_syms))
     _print_summary(summary, data_dir, as_json)
 
 
@@ -148,11 +146,7 @@ def _offline(paths: Any, days: list[dt.date], show: bool) -> dict[str, Any]:
     with err.status("building features, checking, publishing...", spinner="dots") if show else _null():
         builds = pipeline.build_and_publish(paths, days, Checker(paths.data_dir / "gx"))
         compacted = pipeline.compact_all(paths, days)
-    con = _connect(paths)
-    per_symbol = con.sql("SELECT count(*) / greatest(count(DISTINCT symbol), 1) FROM features").fetchall()[0][0]
-    return {"builds": [b.as_dict() for b in builds], "compacted": {k: list(v) for k, v in compacted.items()},
-            "features_per_symbol": round(float(per_symbol or 0), 1),
-            "data_docs": str(paths.data_dir / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html")}
+    return {"builds": [b.as_dict() for b in builds], "compacted": {k: list(v) for k, v in compacted.items()}}
 
 
 class _null:
@@ -163,14 +157,17 @@ class _null:
         return None
 
 
-def _online_sample(data_dir: Path, stats: Any, k: int = 5) -> list[dict[str, Any]]:
+def _online_sample_for(data_dir: Path, symbols: list[str], k: int = 5) -> dict[str, Any]:
+    """What the summary shows after the offline steps: features per symbol and a few online rows."""
     from microstructure.store import open_store, read_online
 
-    if stats.last_features is None or stats.last_features.num_rows == 0:
-        return []
-    syms = stats.last_features.column("symbol").to_pylist()
-    pick = syms[:: max(1, len(syms) // k)][:k]
-    return [r.as_dict() for r in read_online(open_store(data_dir), pick)]
+    paths = _paths(data_dir)
+    per_symbol = _connect(paths).sql(
+        "SELECT count(*) / greatest(count(DISTINCT symbol), 1) FROM features").fetchall()[0][0]
+    pick = symbols[:: max(1, len(symbols) // k)][:k]
+    sample = [r.as_dict() for r in read_online(open_store(data_dir), pick)] if pick else []
+    return {"features_per_symbol": round(float(per_symbol or 0), 1), "online_sample": sample,
+            "data_docs": str(data_dir / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html")}
 
 
 def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> None:

@@ -1,0 +1,75 @@
+"""Prefect flows: orchestration only. Every step is a plain function in ``microstructure.pipeline``.
+
+* ``poll_flow``: one long-running flow whose inner loop polls every ``interval`` seconds (Prefect cannot
+  start a run every 2 s; a run costs ~1 s), scheduled once per US session by ``flows/serve.py``.
+* ``build_features_flow``: build -> check -> publish for each date, then compaction.
+* ``main_flow``: what ``microstructure run --prefect`` runs: poll, then build.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from microstructure import pipeline
+from microstructure.lake import LakePaths
+
+
+@task(name="poll-cycles")
+def poll_task(data_dir: str, cycles: int, interval: float, step: float, symbols: int, seed: int | None,
+              fresh: bool, online: bool = True) -> dict[str, Any]:
+    from microstructure.cli import _do_poll
+
+    stats = _do_poll(Path(data_dir), cycles, interval, step, symbols, seed, fresh=fresh, online=online,
+                     show_progress=False)
+    d = stats.as_dict()
+    d["online_symbols"] = [] if stats.last_features is None else stats.last_features.column("symbol").to_pylist()
+    return d
+
+
+@task(name="build-check-publish", retries=1)
+def build_task(data_dir: str, dates: list[str]) -> list[dict[str, Any]]:
+    from microstructure.checks import Checker
+
+    paths = LakePaths(Path(data_dir))
+    days = [dt.date.fromisoformat(d) for d in dates] or None
+    return [r.as_dict() for r in pipeline.build_and_publish(paths, days, Checker(paths.data_dir / "gx"))]
+
+
+@task(name="compact")
+def compact_task(data_dir: str, dates: list[str]) -> dict[str, list[int]]:
+    days = [dt.date.fromisoformat(d) for d in dates] or None
+    return {k: list(v) for k, v in pipeline.compact_all(LakePaths(Path(data_dir)), days).items()}
+
+
+@flow(name="poll-order-books")
+def poll_flow(data_dir: str = "data", cycles: int = 11_700, interval: float = 2.0, step: float = 2.0,
+              symbols: int = 150, seed: int | None = None) -> dict[str, Any]:
+    """Poll for a session (11,700 cycles x 2 s = 6.5 h), then build and publish the day's features."""
+    stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False)
+    build_task(data_dir, stats["dates"])
+    compact_task(data_dir, stats["dates"])
+    return stats
+
+
+@flow(name="build-features")
+def build_features_flow(data_dir: str = "data", dates: list[str] | None = None) -> list[dict[str, Any]]:
+    res = build_task(data_dir, dates or [])
+    compact_task(data_dir, dates or [])
+    return res
+
+
+@flow(name="microstructure-run")
+def main_flow(data_dir: str = "data", cycles: int = 300, interval: float = 0.0, step: float = 2.0,
+              symbols: int = 150, seed: int = 7) -> dict[str, Any]:
+    """The main job: poll the simulated source, build, check, publish, compact; returns the run summary."""
+    from microstructure.cli import _online_sample_for
+
+    stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=True)
+    builds = build_task(data_dir, stats["dates"])
+    compacted = compact_task(data_dir, stats["dates"])
+    return {"poll": stats, "builds": builds, "compacted": compacted, "symbols": symbols,
+            **_online_sample_for(Path(data_dir), stats["online_symbols"])}

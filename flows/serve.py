@@ -1,0 +1,35 @@
+"""Serve the poller on a schedule: one long-running run per US session (09:30 America/New_York, Mon-Fri).
+
+    python -m flows.serve --data-dir /srv/microstructure/data
+
+The sub-10-second cadence is the flow's inner loop (``interval``), not the schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import serve
+
+from flows.pipeline import build_features_flow, poll_flow
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", default="data")
+    args = ap.parse_args()
+    poller = poll_flow.to_deployment(
+        name="us-session",
+        cron="30 9 * * 1-5",
+        timezone="America/New_York",
+        parameters={"data_dir": args.data_dir, "cycles": 11_700, "interval": 2.0},
+    )
+    nightly = build_features_flow.to_deployment(
+        name="nightly-rebuild", cron="30 17 * * 1-5", timezone="America/New_York",
+        parameters={"data_dir": args.data_dir},
+    )
+    serve(poller, nightly)
+
+
+if __name__ == "__main__":
+    main()
