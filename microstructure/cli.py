@@ -83,6 +83,7 @@ def _do_poll(data_dir: Path, cycles: int, interval: float, step: float | None, s
         raise UserError("--symbols must be at least 1")
     syms = universe()[:symbols]
     source = pipeline.simulated_source(paths.data_dir, seed, fresh)
+    end_at_now = start is None and interval == 0
     if start is None:
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)
         # A replay ends at about now, so its last cycle is what the online store should hold.
@@ -100,7 +101,7 @@ def _do_poll(data_dir: Path, cycles: int, interval: float, step: float | None, s
     every = 1 if interval > 0 else 30
     with _progress(cycles, "polling", show_progress) as prog:
         task = prog.add_task("poll", total=cycles)
-        stats = pipeline.poll(paths, source, syms, pipeline.cycle_times(start, step_s, cycles, interval),
+        stats = pipeline.poll(paths, source, syms, pipeline.cycle_times(start, step_s, cycles, interval, end_at_now),
                               publisher=publisher, publish_every=every,
                               on_cycle=lambda i, s: prog.update(task, completed=i + 1), ack_log=ack_log)
     pipeline.save_simulated(paths.data_dir, source)

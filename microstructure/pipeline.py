@@ -33,13 +33,15 @@ SIM_STATE = Path("sim") / "state.npz"
 
 
 # ---- clock ------------------------------------------------------------------------------------
-def cycle_times(start: dt.datetime, step_s: float, cycles: int, interval_s: float) -> Iterator[dt.datetime]:
+def cycle_times(start: dt.datetime, step_s: float, cycles: int, interval_s: float,
+                end_at_now: bool = False) -> Iterator[dt.datetime]:
     """Cycle i happens at ``start + i * step``. With ``interval > 0`` we wait for the wall clock to get
-    there (live polling); with ``interval == 0`` the clock is simulated and cycles run back to back, and
-    the last cycle is taken no earlier than the wall clock, so a replay ending "now" leaves fresh books."""
+    there (live polling); with ``interval == 0`` the clock is simulated and cycles run back to back.
+    ``end_at_now`` takes a replay's last cycle no earlier than the wall clock, so a replay that ends
+    "now" leaves fresh books online."""
     for i in range(cycles):
         t = start + dt.timedelta(seconds=i * step_s)
-        if interval_s == 0 and i == cycles - 1:
+        if end_at_now and i == cycles - 1:
             t = max(t, dt.datetime.now(dt.UTC))
         if interval_s > 0:
             delay = (t - dt.datetime.now(dt.UTC)).total_seconds()
