@@ -404,12 +404,12 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except SystemExit:
         raise
     except Exception as e:  # one line for the user; MICROSTRUCTURE_DEBUG=1 for the traceback
         if os.environ.get("MICROSTRUCTURE_DEBUG"):
             raise
-        err.print(f"error: {type(e).__name__}: {e}".splitlines()[0])
+        print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         sys.exit(1)

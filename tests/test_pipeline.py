@@ -43,7 +43,7 @@ def test_feast_online_store_holds_the_last_cycle(polled):
     offline = _offline(paths)
     latest = offline.sort_values("received_ts").groupby("symbol").tail(1).set_index("symbol")
     now = latest["event_ts"].max().to_pydatetime() + dt.timedelta(seconds=3)
-    rows = read_online(open_store(paths.data_dir), list(latest.index) + ["NOPE99"], freshness_s=10, now=now)
+    rows = read_online(open_store(paths.data_dir), [*list(latest.index), "NOPE99"], freshness_s=10, now=now)
     for r in rows[:-1]:
         exp = latest.loc[r.symbol]
         assert r.found and r.features["spread_bps"] == exp["spread_bps"]
