@@ -374,6 +374,38 @@ def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapsho
         out.print(_table("", list(df.columns), df.astype(object).where(df.notna(), None).values.tolist()))
 
 
+@app.command()
+def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON or Parquet (symbol, side, score, "
+                                                              "mode[, notional, as_of]).")],
+          data_dir: DataDir = DEFAULT_DATA,
+          config: Annotated[Path | None, typer.Option(help="Thresholds TOML (default <data-dir>/microstructure.toml)")]
+          = None,
+          as_json: JsonOut = False) -> None:
+    """Attach order-book features to picks; keep or drop each with the filter and reason; mark risky ones."""
+    _quiet_libraries()
+    from microstructure import picks as pk
+    from microstructure.config import load_thresholds
+    from microstructure.service import MicrostructureService
+
+    try:
+        df = pk.read_picks(in_path)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from e
+    svc = MicrostructureService(data_dir, load_thresholds(config or data_dir / "microstructure.toml"))
+    res = pk.evaluate(df, svc)
+    summ = pk.summary(res)
+    if as_json:
+        print(json.dumps({"summary": summ, "picks": res}, default=str, indent=2))
+        return
+    cols = ["symbol", "side", "mode", "status", "filter", "reason", "microstructure_risky", "spread_bps",
+            "depth_dollars", "order_imbalance"]
+    out.print(_table("picks", cols, [[r.get(c) for c in cols] for r in res]))
+    risky = [[r["symbol"], "; ".join(r["risk_reasons"])] for r in res if r["status"] == "kept" and r["risk_reasons"]]
+    if risky:
+        out.print(_table("kept but microstructure risky", ["symbol", "why"], risky))
+    out.print(_table("summary", ["", "value"], [[k, v] for k, v in summ.items()]))
+
+
 def _connect(paths: Any) -> Any:
     from microstructure.lake import connect
 

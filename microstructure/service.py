@@ -171,7 +171,8 @@ class MicrostructureService:
         if not self.paths.has(lake.SNAPSHOTS):
             return SNAPSHOT_SCHEMA.empty_table()
         lo = at - HALT_WINDOW - GAP_WINDOW
-        files = [str(f) for d in {lo.date(), at.date()} for f in self.paths.partition(lake.SNAPSHOTS, d).glob("*.parquet")]
+        parts = [self.paths.partition(lake.SNAPSHOTS, d) for d in sorted({lo.date(), at.date()})]
+        files = [str(f) for p in parts for f in p.glob("*.parquet")]
         if not files:
             return SNAPSHOT_SCHEMA.empty_table()
         con = duckdb.connect()

@@ -62,6 +62,8 @@ TIERS: tuple[Tier, ...] = (
     Tier("micro", "ILQ", 25, (2, 6), (2, 8), (100, 300), 0.08, 0.4, 0.5, 0.15),
 )
 FAULT_RATE = 0.001
+MAX_STEP_S = 2.0
+MAX_GAP_S = 3600.0
 
 
 def universe() -> list[str]:
@@ -190,7 +192,15 @@ class SimulatedSource:
         if self.now is None:
             self.now = t
         elif t > self.now:
-            self._advance(t - self.now)
+            # Advance in steps of at most MAX_STEP_S so a long pause (a refresh minutes after the last poll)
+            # follows the same dynamics as steady polling; beyond MAX_GAP_S the book just resumes.
+            gap = min(t - self.now, MAX_GAP_S)
+            self.now = t - gap
+            while gap > 1e-9:
+                dt_s = min(gap, MAX_STEP_S)
+                self._advance(dt_s)
+                self.now += dt_s
+                gap -= dt_s
             self.now = t
         known = [s for s in symbols if s in self.index]
         idx = np.array([self.index[s] for s in known], dtype=np.int64)
