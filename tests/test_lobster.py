@@ -22,9 +22,11 @@ def test_lobster_sample_becomes_valid_ten_level_snapshots():
     t = v.clean.to_pandas()
     assert len(t) == 49  # 34201 s .. 34249 s after midnight
     assert (t["book_levels"] == 10).all() and t["symbol"].eq("AAPL").all() and t["source"].eq("lobster").all()
-    # Hand-checked against the orderbook file: the first message's book, 09:30:00.004 New York time.
+    # Hand-checked against the files: the first 4 ms grid point (34200.008 s after midnight, New York time)
+    # holds the book after the third message (34200.004447484 s).
     first = read_lobster(SAMPLE, cadence_s=0.004).to_pandas().iloc[0]
-    assert first["event_ts"] == dt.datetime(2012, 6, 21, 13, 30, 0, 4241, tzinfo=dt.UTC)
+    assert first["event_ts"] == dt.datetime(2012, 6, 21, 13, 30, 0, 4447, tzinfo=dt.UTC)
+    assert first["received_ts"] == dt.datetime(2012, 6, 21, 13, 30, 0, 8000, tzinfo=dt.UTC)
     assert first["ask_px_1"] == 585.94 and first["ask_sz_1"] == 200
     assert first["bid_px_1"] == 585.33 and first["bid_sz_1"] == 18
     assert (t["received_ts"] >= t["event_ts"]).all()
