@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import statistics
 import sys
 import tempfile
 import time
@@ -70,7 +69,7 @@ def main() -> None:
     el = time.perf_counter() - t
     rows.append(("feature transform (features.sql)", f"{snaps.num_rows / el:,.0f} rows/s",
                  f"{snaps.num_rows:,} rows in {el:.2f} s"))
-    build = pipeline.build_and_publish(paths, None, None)
+    pipeline.build_and_publish(paths, None, None)
 
     # 3. Online lookups.
     lat150, lat1 = [], []
@@ -108,7 +107,6 @@ def main() -> None:
         assert len(out) == len(asof) == n
         rows.append((f"training-set, {n:,} entity rows", f"Feast {feast_s:.1f} s / ASOF {asof_s:.2f} s",
                      f"ratio {feast_s / asof_s:.0f}x"))
-    _ = build, statistics
 
     t = Table(title="microstructure benchmarks", title_justify="left")
     for c in ("what", "measured", "notes"):

@@ -174,11 +174,12 @@ def compact(paths: LakePaths, dataset: str, day: dt.date, key: Iterable[str], or
     key_s, order_s = ", ".join(key), ", ".join(order)
     con = duckdb.connect()
     con.execute("SET TimeZone='UTC'")
-    table = con.sql(
+    from microstructure.transforms import to_arrow
+
+    table = to_arrow(con.sql(
         f"SELECT * FROM read_parquet([{file_list}], union_by_name=true) "
         f"QUALIFY row_number() OVER (PARTITION BY {key_s} ORDER BY received_ts) = 1 ORDER BY {order_s}"
-    ).arrow()
-    table = table.read_all() if isinstance(table, pa.RecordBatchReader) else table
+    ))
     schema = pq.read_schema(files[0])
     atomic_write_parquet(table.select(schema.names).cast(schema), staging / name)
     plan = staging / "plan.json"

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from microstructure import lake
 from microstructure.book import KEY, QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, validate
-from microstructure.transforms import FEATURES_SCHEMA, GAP_WINDOW, HALT_WINDOW, compute_features
+from microstructure.transforms import FEATURES_SCHEMA, GAP_WINDOW, HALT_WINDOW, compute_features, to_arrow
 
 if TYPE_CHECKING:
     from microstructure.checks import Checker
@@ -117,10 +117,8 @@ def latest_per_symbol(features: pa.Table) -> pa.Table:
     """The newest row per symbol: what the online store should hold after a batch."""
     con = duckdb.connect()
     con.register("f", features)
-    out = con.sql("SELECT * FROM f QUALIFY row_number() OVER (PARTITION BY symbol ORDER BY received_ts DESC, "
-                  "event_ts DESC) = 1 ORDER BY symbol").arrow()
-    out = out.read_all() if isinstance(out, pa.RecordBatchReader) else out
-    return out.cast(FEATURES_SCHEMA)
+    return to_arrow(con.sql("SELECT * FROM f QUALIFY row_number() OVER (PARTITION BY symbol ORDER BY received_ts "
+                            "DESC, event_ts DESC) = 1 ORDER BY symbol")).cast(FEATURES_SCHEMA)
 
 
 # ---- ingestion --------------------------------------------------------------------------------
@@ -227,9 +225,7 @@ def build_day(paths: lake.LakePaths, day: dt.date) -> tuple[pa.Table, pa.Table]:
         return SNAPSHOT_SCHEMA.empty_table(), FEATURES_SCHEMA.empty_table()
     rel = con.sql(f"SELECT * FROM read_parquet({files!r}, union_by_name = true) WHERE event_ts >= ? "
                   "AND event_ts < ?", params=[lo, start + dt.timedelta(days=1)])
-    snaps = rel.arrow()
-    snaps = (snaps.read_all() if isinstance(snaps, pa.RecordBatchReader) else snaps).select(
-        SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA)
+    snaps = to_arrow(rel).select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA)
     feats = compute_features(snaps, con)
     start_s = pa.scalar(start, pa.timestamp("us", tz="UTC"))
     in_day = pc.greater_equal(feats.column("event_ts"), start_s)

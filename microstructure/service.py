@@ -23,7 +23,7 @@ from microstructure import lake
 from microstructure.book import KEY, QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, validate
 from microstructure.config import Thresholds, load_thresholds, normalise_mode
 from microstructure.filters import apply_filters
-from microstructure.transforms import GAP_WINDOW, HALT_WINDOW, compute_features
+from microstructure.transforms import GAP_WINDOW, HALT_WINDOW, compute_features, to_arrow
 
 
 def calculate_imbalance(bids: Sequence[tuple[float, float]], asks: Sequence[tuple[float, float]]) -> float:
@@ -176,7 +176,6 @@ class MicrostructureService:
         if not files:
             return SNAPSHOT_SCHEMA.empty_table()
         con = duckdb.connect()
-        out = con.sql(f"SELECT * FROM read_parquet({files!r}, union_by_name = true) WHERE symbol = ? "
-                      "AND event_ts >= ? AND event_ts < ?", params=[symbol, lo, at]).arrow()
-        out = out.read_all() if isinstance(out, pa.RecordBatchReader) else out
+        out = to_arrow(con.sql(f"SELECT * FROM read_parquet({files!r}, union_by_name = true) WHERE symbol = ? "
+                               "AND event_ts >= ? AND event_ts < ?", params=[symbol, lo, at]))
         return out.select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,9 +141,3 @@ def training_set(store: FeatureStore, entities: pd.DataFrame, service: str = "or
     out = store.get_historical_features(entity_df=df, features=store.get_feature_service(service)).to_df()
     # Feast returns rows in its own order; give them back in the caller's.
     return out.sort_values("_row").drop(columns="_row").reset_index(drop=True)
-
-
-def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t

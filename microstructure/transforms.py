@@ -60,7 +60,8 @@ def sql(name: str) -> str:
     return (TRANSFORMS_DIR / f"{name}.sql").read_text()
 
 
-def _arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
+def to_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:
+    """A DuckDB relation as an Arrow table (DuckDB 2 returns a RecordBatchReader)."""
     out = rel.arrow()
     return out.read_all() if isinstance(out, pa.RecordBatchReader) else out
 
@@ -80,7 +81,7 @@ def compute_features(snapshots: pa.Table, con: duckdb.DuckDBPyConnection | None 
         con.register("only_rows", only.select(["symbol", "event_ts"]))
         query += " SEMI JOIN only_rows USING (symbol, event_ts)"
     try:
-        out = _arrow(con.sql(query + "\nORDER BY symbol, event_ts"))
+        out = to_arrow(con.sql(query + "\nORDER BY symbol, event_ts"))
     finally:
         con.unregister("snapshots")
         if only is not None:
