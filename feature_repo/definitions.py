@@ -16,6 +16,8 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.data_format import ParquetFormat
 from feast.types import Bool, Float64, Int32, String, UnixTimestamp
 
+from microstructure.transforms import ML_FEATURES
+
 DATA_DIR = Path(os.environ.get("MICROSTRUCTURE_DATA_DIR", "data")).resolve()
 
 symbol = Entity(
@@ -70,7 +72,6 @@ order_book = FeatureView(
 )
 
 # What a scoring model reads, in the order it expects.
-ML_FEATURES = ["order_imbalance", "bid_depth", "ask_depth", "spread_bps", "depth_imbalance"]
 scoring = FeatureService(name="scoring", features=[order_book[ML_FEATURES]],
                          description="The five microstructure features for ML scoring.")
 order_book_all = FeatureService(name="order_book_all", features=[order_book],

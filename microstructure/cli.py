@@ -382,9 +382,7 @@ def backfill(path: Annotated[Path, typer.Argument(help="A recorded file (or LOBS
              cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots.")] = 1.0,
              as_json: JsonOut = False) -> None:
     """Load a recorded order-book file into the lake through the same validation and quarantine. Idempotent."""
-    from microstructure import lake
-    from microstructure.book import KEY, QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, validate
-    from microstructure.pipeline import QUARANTINE_KEY
+    from microstructure.ingest import Ingestor
 
     if fmt != "lobster":
         raise UserError(f"format {fmt!r} is not supported yet; use --format lobster")
@@ -397,13 +395,10 @@ def backfill(path: Annotated[Path, typer.Argument(help="A recorded file (or LOBS
     paths = _paths(data_dir)
     with err.status(f"reading {path.name}...", spinner="dots") if not as_json else _null():
         raw = read_lobster(path, cadence, symbol)
-        checked = validate(raw)
-        written = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA).write(checked.clean)
-        lake.PartitionWriter(paths, lake.QUARANTINE, QUARANTINE_KEY, QUARANTINE_SCHEMA).write(checked.quarantine)
-    res = {"file": str(path), "sampled": raw.num_rows, "written": written.num_rows,
-           "already_in_lake_or_unchanged": checked.clean.num_rows - written.num_rows,
-           "quarantined": checked.reasons(),
-           "dates": sorted({str(d) for d in written.column("event_ts").to_pandas().dt.date})}
+        got = Ingestor(paths).ingest(raw)
+    res = {"file": str(path), "sampled": raw.num_rows, "written": got.written.num_rows,
+           "already_in_lake_or_unchanged": got.duplicates, "quarantined": dict(got.reasons()),
+           "dates": sorted({str(d) for d in got.written.column("event_ts").to_pandas().dt.date})}
     _emit([res], "backfill", as_json)
 
 

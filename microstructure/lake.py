@@ -209,6 +209,28 @@ def recover(part: Path) -> None:
         f.unlink()
 
 
+def read_snapshots(paths: LakePaths, lo: dt.datetime, hi: dt.datetime, symbols: Iterable[str] | None = None,
+                   con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+    """Snapshots with ``lo <= event_ts < hi`` (optionally only ``symbols``), read from the date partitions
+    the window touches, in the lake's snapshot schema."""
+    from microstructure.book import SNAPSHOT_SCHEMA
+    from microstructure.transforms import to_arrow
+
+    days = [lo.date() + dt.timedelta(days=i) for i in range((hi.date() - lo.date()).days + 1)]
+    files = [str(f) for d in days for f in sorted(paths.partition(SNAPSHOTS, d).glob("*.parquet"))]
+    if not files:
+        return SNAPSHOT_SCHEMA.empty_table()
+    con = con or duckdb.connect()
+    con.execute("SET TimeZone='UTC'")
+    sql = f"SELECT * FROM read_parquet({files!r}, union_by_name = true) WHERE event_ts >= ? AND event_ts < ?"
+    params: list[object] = [lo, hi]
+    if symbols is not None:
+        sql += " AND symbol IN (SELECT unnest(?))"
+        params.append(list(symbols))
+    tbl = to_arrow(con.sql(sql, params=params))
+    return tbl.select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA)
+
+
 def connect(paths: LakePaths) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the lake's views (``transforms/views.sql``) loaded."""
     from microstructure.transforms import load_views

@@ -20,14 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from microstructure import lake
-from microstructure.book import KEY, QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, validate
+from microstructure.book import KEY, SNAPSHOT_SCHEMA
+from microstructure.ingest import QUARANTINE_KEY, Ingestor
 from microstructure.transforms import FEATURES_SCHEMA, GAP_WINDOW, HALT_WINDOW, compute_features, to_arrow
 
 if TYPE_CHECKING:
     from microstructure.checks import Checker
     from microstructure.sources.base import Source
 
-QUARANTINE_KEY = ("symbol", "received_ts", "source", "reason")
 FEATURES_QUARANTINE_SCHEMA = FEATURES_SCHEMA.append(pa.field("reason", pa.string()))
 SIM_STATE = Path("sim") / "state.npz"
 
@@ -157,24 +157,20 @@ def poll(
     Each cycle's snapshots are written (and fsynced, and renamed into place) before the next poll, so a
     crash loses at most the cycle in flight. ``ack_log`` gets one line per acknowledged write.
     """
-    snaps = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
-    quarantine = lake.PartitionWriter(paths, lake.QUARANTINE, QUARANTINE_KEY, QUARANTINE_SCHEMA)
+    ingestor = Ingestor(paths)
     stats = PollStats()
     t0 = time.perf_counter()
     ack = open(ack_log, "a") if ack_log else None  # noqa: SIM115 - kept open across cycles
     try:
         for i, at in enumerate(times):
             res = source.poll(symbols, at)
-            checked = validate(res.raw)
-            bad = pa.concat_tables([checked.quarantine, res.rejected])
-            quarantine.write(bad)
-            for r, n in Counter(bad.column("reason").to_pylist()).items():
-                stats.quarantined[r] += n
-            new = snaps.write(checked.clean)
+            got = ingestor.ingest(res.raw, res.rejected)
+            stats.quarantined.update(got.reasons())
+            new = got.written
             stats.cycles += 1
             stats.polled += len(symbols)
             stats.written += new.num_rows
-            stats.duplicates += checked.clean.num_rows - new.num_rows
+            stats.duplicates += got.duplicates
             stats.dates.update(dt.date.fromisoformat(d) for d in
                                pc.unique(pc.strftime(new.column("event_ts"), "%Y-%m-%d")).to_pylist())
             if ack:
@@ -216,16 +212,10 @@ class BuildResult:
 def build_day(paths: lake.LakePaths, day: dt.date) -> tuple[pa.Table, pa.Table]:
     """Snapshots of ``day`` (plus the 30 minutes before it, for the windows) and their features."""
     start = dt.datetime.combine(day, dt.time(), dt.UTC)
-    lo = start - HALT_WINDOW - GAP_WINDOW
     con = duckdb.connect()
-    con.execute("SET TimeZone='UTC'")
-    days = [d for d in (day - dt.timedelta(days=1), day) if paths.partition(lake.SNAPSHOTS, d).exists()]
-    files = [str(f) for d in days for f in sorted(paths.partition(lake.SNAPSHOTS, d).glob("*.parquet"))]
-    if not files:
+    snaps = lake.read_snapshots(paths, start - HALT_WINDOW - GAP_WINDOW, start + dt.timedelta(days=1), con=con)
+    if snaps.num_rows == 0:
         return SNAPSHOT_SCHEMA.empty_table(), FEATURES_SCHEMA.empty_table()
-    rel = con.sql(f"SELECT * FROM read_parquet({files!r}, union_by_name = true) WHERE event_ts >= ? "
-                  "AND event_ts < ?", params=[lo, start + dt.timedelta(days=1)])
-    snaps = to_arrow(rel).select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA)
     feats = compute_features(snaps, con)
     start_s = pa.scalar(start, pa.timestamp("us", tz="UTC"))
     in_day = pc.greater_equal(feats.column("event_ts"), start_s)

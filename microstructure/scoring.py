@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from microstructure import lake
-
-ML_FEATURES = ("order_imbalance", "bid_depth", "ask_depth", "spread_bps", "depth_imbalance")
+from microstructure.transforms import ML_FEATURES
 
 
 def ml_features(symbols: Sequence[str], data_dir: Path | None = None, freshness_s: float = 10.0) -> np.ndarray:

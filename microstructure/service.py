@@ -16,14 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 
 from microstructure import lake
-from microstructure.book import KEY, QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, validate
+from microstructure.book import SNAPSHOT_SCHEMA
 from microstructure.config import Thresholds, load_thresholds, normalise_mode
 from microstructure.filters import apply_filters
-from microstructure.transforms import GAP_WINDOW, HALT_WINDOW, compute_features, to_arrow
+from microstructure.ingest import Ingestor
+from microstructure.transforms import GAP_WINDOW, HALT_WINDOW, compute_features
 
 
 def calculate_imbalance(bids: Sequence[tuple[float, float]], asks: Sequence[tuple[float, float]]) -> float:
@@ -148,34 +148,16 @@ class MicrostructureService:
                 res = self.source.poll([symbol], at)
             except Exception as e:
                 return {"symbol": symbol, "found": False, "stale": True, "error": f"source failed: {e}"}
-            checked = validate(res.raw)
-            bad = pa.concat_tables([checked.quarantine, res.rejected])
-            lake.PartitionWriter(self.paths, lake.QUARANTINE, ("symbol", "received_ts", "source", "reason"),
-                                 QUARANTINE_SCHEMA).write(bad)
-            if checked.clean.num_rows == 0:
-                reasons = bad.column("reason").to_pylist()
+            got = Ingestor(self.paths).ingest(res.raw, res.rejected)
+            clean = got.clean
+            if clean.num_rows == 0:
+                reasons = got.quarantined.column("reason").to_pylist()
                 if "unknown_symbol" in reasons:
                     return {"symbol": symbol, "found": False, "stale": True, "error": f"unknown symbol {symbol!r}"}
                 return None if not reasons else {"symbol": symbol, "found": False, "stale": True,
                                                   "error": f"source answer rejected: {', '.join(reasons)}"}
-            lake.PartitionWriter(self.paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA).write(checked.clean)
             save_simulated(self.paths.data_dir, self.source)
-            history = self._history(symbol, at)
-            feats = compute_features(pa.concat_tables([history, checked.clean]).cast(SNAPSHOT_SCHEMA),
-                                     only=checked.clean)
+            history = lake.read_snapshots(self.paths, at - HALT_WINDOW - GAP_WINDOW, at, [symbol])
+            feats = compute_features(pa.concat_tables([history, clean]).cast(SNAPSHOT_SCHEMA), only=clean)
             push_online(self.store, feats)
         return self._read(symbol)
-
-    def _history(self, symbol: str, at: dt.datetime) -> pa.Table:
-        """The symbol's lake rows the feature windows can see (the 30 minutes before ``at``)."""
-        if not self.paths.has(lake.SNAPSHOTS):
-            return SNAPSHOT_SCHEMA.empty_table()
-        lo = at - HALT_WINDOW - GAP_WINDOW
-        parts = [self.paths.partition(lake.SNAPSHOTS, d) for d in sorted({lo.date(), at.date()})]
-        files = [str(f) for p in parts for f in p.glob("*.parquet")]
-        if not files:
-            return SNAPSHOT_SCHEMA.empty_table()
-        con = duckdb.connect()
-        out = to_arrow(con.sql(f"SELECT * FROM read_parquet({files!r}, union_by_name = true) WHERE symbol = ? "
-                               "AND event_ts >= ? AND event_ts < ?", params=[symbol, lo, at]))
-        return out.select(SNAPSHOT_SCHEMA.names).cast(SNAPSHOT_SCHEMA)

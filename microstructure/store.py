@@ -56,10 +56,6 @@ def open_store(data_dir: Path, apply: bool = True) -> FeatureStore:
     return store
 
 
-def ml_feature_names(data_dir: Path) -> list[str]:
-    return list(_definitions(data_dir).ML_FEATURES)
-
-
 def _to_push_frame(features: pa.Table) -> pd.DataFrame:
     df = features.to_pandas()
     # Feast's online write wants plain numpy-backed columns; keep nullable booleans as objects.

@@ -51,6 +51,8 @@ FEATURES_SCHEMA = pa.schema(
     ]
 )
 FEATURE_NAMES = [f.name for f in FEATURES_SCHEMA if f.name not in ("symbol", "received_ts")]
+# The five roadmap features, in the order models take them (Feast service ``scoring``, ``scoring.py``).
+ML_FEATURES = ["order_imbalance", "bid_depth", "ask_depth", "spread_bps", "depth_imbalance"]
 
 EMPTY = {"snapshots": SNAPSHOT_SCHEMA, "quarantine": QUARANTINE_SCHEMA, "features": FEATURES_SCHEMA}
 
