@@ -73,22 +73,29 @@ def _progress(total: int, label: str, enabled: bool) -> Any:
 # ---- poll / run --------------------------------------------------------------------------------
 def _do_poll(data_dir: Path, cycles: int, interval: float, step: float | None, symbols: int, seed: int | None,
              fresh: bool, online: bool, show_progress: bool, ack_log: Path | None = None,
-             start: dt.datetime | None = None) -> Any:
+             start: dt.datetime | None = None, source_kind: str = "simulated", symbol_list: list[str] | None = None,
+             sources_config: Path | None = None) -> Any:
     from microstructure import pipeline
-    from microstructure.sources.simulated import universe
 
     paths = _paths(data_dir)
     step_s = interval if interval > 0 else (step or 2.0)
-    if symbols < 1:
-        raise UserError("--symbols must be at least 1")
-    syms = universe()[:symbols]
-    source = pipeline.simulated_source(paths.data_dir, seed, fresh)
+    if cycles < 1:
+        raise UserError("--cycles must be at least 1")
+    if source_kind == "simulated":
+        from microstructure.sources.simulated import universe
+
+        if symbols < 1:
+            raise UserError("--symbols must be at least 1")
+        syms = symbol_list or universe()[:symbols]
+        source = pipeline.simulated_source(paths.data_dir, seed, fresh)
+    else:
+        source, syms = _vendor_source(source_kind, symbol_list, sources_config, paths.data_dir)
     end_at_now = start is None and interval == 0
     if start is None:
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)
         # A replay ends at about now, so its last cycle is what the online store should hold.
         start = now if interval > 0 else now - dt.timedelta(seconds=step_s * (cycles - 1))
-        if source.now is not None:
+        if getattr(source, "now", None) is not None:
             start = max(start, dt.datetime.fromtimestamp(source.now, dt.UTC) + dt.timedelta(seconds=step_s))
     publisher = None
     if online:
@@ -99,13 +106,45 @@ def _do_poll(data_dir: Path, cycles: int, interval: float, step: float | None, s
     # Live: check and push every cycle. Replay: the same per-cycle features, checked and pushed in
     # batches of 30 cycles (the checks cost ~0.2 s a batch; see README "Online path").
     every = 1 if interval > 0 else 30
-    with _progress(cycles, "polling", show_progress) as prog:
-        task = prog.add_task("poll", total=cycles)
-        stats = pipeline.poll(paths, source, syms, pipeline.cycle_times(start, step_s, cycles, interval, end_at_now),
-                              publisher=publisher, publish_every=every,
-                              on_cycle=lambda i, s: prog.update(task, completed=i + 1), ack_log=ack_log)
+    try:
+        with _progress(cycles, "polling", show_progress) as prog:
+            task = prog.add_task("poll", total=cycles)
+            stats = pipeline.poll(paths, source, syms,
+                                  pipeline.cycle_times(start, step_s, cycles, interval, end_at_now),
+                                  publisher=publisher, publish_every=every,
+                                  on_cycle=lambda i, s: prog.update(task, completed=i + 1), ack_log=ack_log)
+    except Exception as e:
+        from microstructure.sources.vendor import ConfigError
+
+        if isinstance(e, ConfigError):
+            raise UserError(str(e)) from None
+        raise
+    finally:
+        if hasattr(source, "close"):
+            source.close()
     pipeline.save_simulated(paths.data_dir, source)
     return stats
+
+
+def _vendor_source(kind: str, symbol_list: list[str] | None, sources_config: Path | None,
+                   data_dir: Path) -> tuple[Any, list[str]]:
+    """A fallback chain from the sources file (``chain``) or one vendor's part of it (polygon, alpaca)."""
+    from microstructure.sources.chain import build_chain
+    from microstructure.sources.vendor import ConfigError
+
+    if kind not in ("chain", "polygon", "alpaca"):
+        raise UserError(f"--source must be simulated, polygon, alpaca or chain, not {kind!r}")
+    cfg = sources_config or (data_dir / "sources.toml")
+    try:
+        chain = build_chain(cfg if cfg.exists() or sources_config else None, symbol_list,
+                            only=None if kind == "chain" else kind)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    syms = list(dict.fromkeys([*(symbol_list or []), *chain.symbols]))
+    if not syms:
+        chain.close()
+        raise UserError("no symbols: pass --symbol/--symbols-file or list them in the sources file")
+    return chain, syms
 
 
 @app.command()
@@ -187,6 +226,10 @@ def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> No
         ["online rows pushed", p["online_pushed"]],
         *[[f"  online batch rejected: {r}", n] for r, n in p["online_rejected"].items()],
         ["poll seconds", p["seconds"]],
+        ["symbols with L2 (>= 5 levels) / shallow / L1 only / none",
+         " / ".join(str(p["coverage"][k]) for k in ("l2", "shallow", "l1_only", "none"))],
+        *[[f"  served by {k}", n] for k, n in sorted(p["served_by"].items())],
+        *[[f"  missing: {k}", n] for k, n in sorted(p["missing"].items())],
     ]
     out.print(_table(f"microstructure run  (data: {data_dir})", ["", "value"], rows))
     out.print(_table("feature batches", ["date", "snapshots", "features", "published", "reasons"],
@@ -203,21 +246,38 @@ def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> No
 @app.command("poll")
 def poll_cmd(
     data_dir: DataDir = DEFAULT_DATA,
+    source: Annotated[str, typer.Option(help="simulated, polygon, alpaca, or chain (the fallback chain of "
+                                             "--sources-config).")] = "simulated",
     cycles: Annotated[int, typer.Option(help="Poll cycles.")] = 30,
     interval: Annotated[float, typer.Option(help="Seconds between cycles; 0 = simulated clock.")] = 2.0,
     step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.")] = 2.0,
     symbols: Annotated[int, typer.Option(help="How many simulated symbols.")] = 150,
+    symbol: Annotated[list[str] | None, typer.Option(help="A symbol to poll (repeatable); crypto as BTC/USD.")]
+    = None,
+    symbols_file: Annotated[Path | None, typer.Option(help="File with one symbol per line.")] = None,
+    sources_config: Annotated[Path | None, typer.Option(help="Fallback chain TOML (default "
+                                                             "<data-dir>/sources.toml, else built-in).")] = None,
     seed: Annotated[int | None, typer.Option(help="Start a fresh simulated book from this seed.")] = None,
     start: Annotated[str | None, typer.Option(help="ISO time of the first cycle (default: now).")] = None,
     online: Annotated[bool, typer.Option("--online/--no-online", help="Push each cycle to Feast.")] = True,
     ack_log: Annotated[Path | None, typer.Option(help="Append a line per acknowledged write.")] = None,
     as_json: JsonOut = False,
 ) -> None:
-    """Poll the simulated source into the lake (continues the saved simulated book unless --seed)."""
+    """Poll a source into the lake: the simulated book (continues the saved one unless --seed) or real vendors."""
     _quiet_libraries()
     start_ts = _parse_ts(start) if start else None
+    syms = list(symbol or [])
+    if symbols_file is not None:
+        from microstructure.sources.chain import read_symbols_file
+        from microstructure.sources.vendor import ConfigError
+
+        try:
+            syms += read_symbols_file(symbols_file)
+        except ConfigError as e:
+            raise UserError(str(e)) from None
     stats = _do_poll(data_dir, cycles, interval, step, symbols, seed, fresh=seed is not None, online=online,
-                     show_progress=not as_json, ack_log=ack_log, start=start_ts)
+                     show_progress=not as_json, ack_log=ack_log, start=start_ts, source_kind=source,
+                     symbol_list=syms or None, sources_config=sources_config)
     d = stats.as_dict()
     if as_json:
         print(json.dumps(d, indent=2))
@@ -374,32 +434,97 @@ def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapsho
         out.print(_table("", list(df.columns), df.astype(object).where(df.notna(), None).values.tolist()))
 
 
+BACKFILL_FORMATS = ("snapshots", "wide", "lobster", "iex-deep")
+
+
 @app.command()
-def backfill(path: Annotated[Path, typer.Argument(help="A recorded file (or LOBSTER folder).")],
+def backfill(path: Annotated[Path, typer.Argument(help="A recorded file (or LOBSTER / snapshot folder).")],
              data_dir: DataDir = DEFAULT_DATA,
-             fmt: Annotated[str, typer.Option("--format", help="lobster (more formats: issue 3).")] = "lobster",
-             symbol: Annotated[str | None, typer.Option(help="Override the symbol.")] = None,
-             cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots.")] = 1.0,
+             fmt: Annotated[str, typer.Option("--format", help="snapshots, wide, lobster or iex-deep.")] = "lobster",
+             symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster) or select (iex-deep) the symbol.")]
+             = None,
+             cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots (lobster, iex-deep).")]
+             = 1.0,
              as_json: JsonOut = False) -> None:
     """Load a recorded order-book file into the lake through the same validation and quarantine. Idempotent."""
+    from collections import Counter
+
+    import pyarrow as pa
+
     from microstructure.ingest import Ingestor
 
-    if fmt != "lobster":
-        raise UserError(f"format {fmt!r} is not supported yet; use --format lobster")
+    if fmt not in BACKFILL_FORMATS:
+        raise UserError(f"--format must be one of {', '.join(BACKFILL_FORMATS)}, not {fmt!r}")
     if not path.exists():
         raise UserError(f"no such file or folder: {path}")
     if cadence <= 0:
         raise UserError("--cadence must be > 0")
-    from microstructure.sources.lobster import read_lobster
-
     paths = _paths(data_dir)
     with err.status(f"reading {path.name}...", spinner="dots") if not as_json else _null():
-        raw = read_lobster(path, cadence, symbol)
-        got = Ingestor(paths).ingest(raw)
-    res = {"file": str(path), "sampled": raw.num_rows, "written": got.written.num_rows,
-           "already_in_lake_or_unchanged": got.duplicates, "quarantined": dict(got.reasons()),
-           "dates": sorted({str(d) for d in got.written.column("event_ts").to_pandas().dt.date})}
+        try:
+            raw = _read_recorded(path, fmt, symbol, cadence)
+        except (ValueError, FileNotFoundError) as e:  # the readers' format errors are ValueErrors
+            raise UserError(f"{path.name}: {e}".replace(f"{path.name}: {path.name}", path.name)) from None
+    ingestor = Ingestor(paths)
+    written: list[pa.Table] = []
+    dup = 0
+    reasons: Counter[str] = Counter()
+    chunk = 50_000
+    with _progress(raw.num_rows, "loading", not as_json) as prog:
+        task = prog.add_task("load", total=raw.num_rows)
+        for off in range(0, raw.num_rows, chunk):
+            got = ingestor.ingest(raw.slice(off, chunk))
+            written.append(got.written)
+            dup += got.duplicates
+            reasons.update(got.reasons())
+            prog.update(task, completed=min(off + chunk, raw.num_rows))
+    w = pa.concat_tables(written) if written else raw.slice(0, 0)
+    res = {"file": str(path), "format": fmt, "sampled": raw.num_rows, "written": w.num_rows,
+           "already_in_lake_or_unchanged": dup, "quarantined": dict(reasons),
+           "symbols": len(set(w.column("symbol").to_pylist())),
+           "dates": sorted({str(d) for d in w.column("event_ts").to_pandas().dt.date})}
     _emit([res], "backfill", as_json)
+
+
+def _read_recorded(path: Path, fmt: str, symbol: str | None, cadence: float) -> Any:
+    if fmt == "lobster":
+        from microstructure.sources.lobster import read_lobster
+
+        return read_lobster(path, cadence, symbol)
+    if fmt == "wide":
+        from microstructure.sources.files import read_wide
+
+        return read_wide(path, symbol)
+    if fmt == "snapshots":
+        from microstructure.sources.files import read_snapshot_file
+
+        return read_snapshot_file(path)
+    from microstructure.sources.iex_deep import read_iex_deep
+
+    return read_iex_deep(path, cadence, {symbol} if symbol else None)
+
+
+@app.command()
+def coverage(data_dir: DataDir = DEFAULT_DATA,
+             since: Annotated[str | None, typer.Option(help="ISO time: window start (default: all data).")] = None,
+             until: Annotated[str | None, typer.Option(help="ISO time: window end.")] = None,
+             as_json: JsonOut = False) -> None:
+    """Per source and overall: symbols with L2 (>= 5 levels), shallow (2-4), L1 only, and none."""
+    from microstructure.coverage import coverage as cov
+
+    paths = _paths(data_dir)
+    res = cov(paths, _parse_ts(since) if since else None, _parse_ts(until) if until else None)
+    if as_json:
+        print(json.dumps(res, default=str, indent=2))
+        return
+    cols = ["source", "l2", "shallow", "l1_only", "snapshots", "failed_calls"]
+    out.print(_table("coverage by source (symbols by the most levels served)", cols,
+                     [[r[c] for c in cols] for r in res["sources"]]))
+    o = res["overall"]
+    out.print(_table("overall", ["symbols", "l2", "shallow", "l1_only", "none"],
+                     [[o["symbols"], o["l2"], o["shallow"], o["l1_only"], o["none"]]]))
+    if o["none_symbols"]:
+        out.print("no source served: " + ", ".join(o["none_symbols"]))
 
 
 @app.command()

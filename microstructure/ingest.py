@@ -6,13 +6,16 @@ is judged by the same rules whichever door it came in by.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from microstructure import lake
-from microstructure.book import KEY, QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, validate
+from microstructure.book import KEY, QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, to_utc_us, validate
+from microstructure.sources.base import OUTCOMES_KEY, OUTCOMES_SCHEMA
 
 QUARANTINE_KEY = ("symbol", "received_ts", "source", "reason")
 
@@ -37,6 +40,7 @@ class Ingestor:
     def __init__(self, paths: lake.LakePaths) -> None:
         self.snapshots = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
         self.quarantine = lake.PartitionWriter(paths, lake.QUARANTINE, QUARANTINE_KEY, QUARANTINE_SCHEMA)
+        self.outcomes = lake.PartitionWriter(paths, lake.OUTCOMES, OUTCOMES_KEY, OUTCOMES_SCHEMA)
 
     def ingest(self, raw: pa.Table, rejected: pa.Table | None = None) -> Ingested:
         """Validate ``raw``; write rejects (plus ``rejected``, rows a source could not even shape) to
@@ -46,3 +50,27 @@ class Ingestor:
         self.quarantine.write(bad)
         written = self.snapshots.write(checked.clean)
         return Ingested(written, checked.clean, bad)
+
+    def record(self, outcomes: pa.Table) -> None:
+        """Append a cycle's per-symbol outcomes (who served each symbol, or why nobody did)."""
+        self.outcomes.write(outcomes.cast(OUTCOMES_SCHEMA))
+
+
+def outcomes_from(symbols: Sequence[str], at: dt.datetime, source: str, got: Ingested) -> pa.Table:
+    """Outcomes for a source that does not report its own (the simulated one): a symbol is served when a
+    clean row came back for it, else its first quarantine reason is the error."""
+    at = to_utc_us(at)
+    levels = dict(zip(got.clean.column("symbol").to_pylist(), got.clean.column("book_levels").to_pylist(),
+                      strict=True))
+    why: dict[str, str] = {}
+    for sym, r in zip(got.quarantined.column("symbol").to_pylist(), got.quarantined.column("reason").to_pylist(),
+                      strict=True):
+        why.setdefault(sym, r)
+    rows = []
+    for s in symbols:
+        ok = s in levels
+        rows.append({"cycle_ts": at, "symbol": s, "source": source if ok else None,
+                     "book_levels": int(levels[s]) if ok else 0, "latency_ms": None,
+                     "error_class": None if ok else ("invalid_book" if s in why else "no_answer"),
+                     "detail": f"{source}: ok" if ok else f"{source}: {why.get(s, 'no answer')}"})
+    return pa.Table.from_pylist(rows, schema=OUTCOMES_SCHEMA)

@@ -6,6 +6,7 @@ Layout under ``<data-dir>/lake/``::
     quarantine/date=YYYY-MM-DD/part-*.parquet    rejected snapshots with a reason
     features/date=YYYY-MM-DD/features.parquet    published features (what Feast reads)
     features_quarantine/date=.../*.parquet       feature batches that failed their checks (+ .json reason)
+    outcomes/date=YYYY-MM-DD/part-*.parquet      per cycle and symbol: source used, levels, latency, error
 
 A file becomes visible only by ``rename`` of a fully written, fsynced temporary file, so a reader (or a
 crash) never sees half a file. A snapshot is *acknowledged* once its file has been renamed into place.
@@ -30,6 +31,7 @@ SNAPSHOTS = "snapshots"
 QUARANTINE = "quarantine"
 FEATURES = "features"
 FEATURES_QUARANTINE = "features_quarantine"
+OUTCOMES = "outcomes"
 ROW_GROUP_SIZE = 256_000
 
 
@@ -90,7 +92,10 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _day_of(table: pa.Table) -> pa.Array:
-    ts = pc.coalesce(table.column("event_ts"), table.column("received_ts"))
+    """The date partition of each row: by event time, else receive time (quarantine rows may lack one),
+    else the poll cycle's time (outcomes)."""
+    names = [c for c in ("event_ts", "received_ts", "cycle_ts") if c in table.column_names]
+    ts = pc.coalesce(*(table.column(c) for c in names))
     return pc.strftime(ts, format="%Y-%m-%d").combine_chunks()
 
 
@@ -176,11 +181,12 @@ def compact(paths: LakePaths, dataset: str, day: dt.date, key: Iterable[str], or
     con.execute("SET TimeZone='UTC'")
     from microstructure.transforms import to_arrow
 
+    schema = pq.read_schema(files[0])
+    first = "received_ts" if "received_ts" in schema.names else list(order)[-1]  # keep the first arrival
     table = to_arrow(con.sql(
         f"SELECT * FROM read_parquet([{file_list}], union_by_name=true) "
-        f"QUALIFY row_number() OVER (PARTITION BY {key_s} ORDER BY received_ts) = 1 ORDER BY {order_s}"
+        f"QUALIFY row_number() OVER (PARTITION BY {key_s} ORDER BY {first}) = 1 ORDER BY {order_s}"
     ))
-    schema = pq.read_schema(files[0])
     atomic_write_parquet(table.select(schema.names).cast(schema), staging / name)
     plan = staging / "plan.json"
     plan.write_text(json.dumps({"merged": name, "replaces": [f.name for f in files]}))

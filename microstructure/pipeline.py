@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 
 from microstructure import lake
 from microstructure.book import KEY, SNAPSHOT_SCHEMA
-from microstructure.ingest import QUARANTINE_KEY, Ingestor
+from microstructure.ingest import QUARANTINE_KEY, Ingestor, outcomes_from
+from microstructure.sources.base import OUTCOMES_KEY
 from microstructure.transforms import FEATURES_SCHEMA, GAP_WINDOW, HALT_WINDOW, compute_features, to_arrow
 
 if TYPE_CHECKING:
@@ -134,9 +135,31 @@ class PollStats:
     dates: set[dt.date] = field(default_factory=set)
     seconds: float = 0.0
     last_features: pa.Table | None = None
+    served_by: Counter[str] = field(default_factory=Counter)  # symbol-polls served, per source
+    missing: Counter[str] = field(default_factory=Counter)  # symbol-polls nobody served, per error class
+    levels: dict[str, int] = field(default_factory=dict)  # symbol -> most levels served this run
+
+    def count_outcomes(self, outcomes: pa.Table) -> None:
+        for sym, src, lv, err in zip(*(outcomes.column(c).to_pylist() for c in
+                                       ("symbol", "source", "book_levels", "error_class")), strict=True):
+            if err is None:
+                self.served_by[src] += 1
+                self.levels[sym] = max(self.levels.get(sym, 0), lv or 0)
+            else:
+                self.missing[err] += 1
+                self.levels.setdefault(sym, 0)
+
+    def coverage(self) -> dict[str, int]:
+        """Symbols with L2 (>= 5 levels), shallow (2-4), L1 only and none, as ``microstructure coverage``."""
+        from microstructure.coverage import L2_MIN_LEVELS
+
+        lv = list(self.levels.values())
+        return {"l2": sum(v >= L2_MIN_LEVELS for v in lv), "shallow": sum(1 < v < L2_MIN_LEVELS for v in lv),
+                "l1_only": sum(v == 1 for v in lv), "none": sum(v == 0 for v in lv)}
 
     def as_dict(self) -> dict[str, Any]:
         return {"cycles": self.cycles, "polled": self.polled, "written": self.written,
+                "coverage": self.coverage(), "served_by": dict(self.served_by), "missing": dict(self.missing),
                 "duplicates": self.duplicates, "quarantined": dict(self.quarantined),
                 "online_pushed": self.online_pushed, "online_rejected": dict(self.online_rejected),
                 "dates": sorted(d.isoformat() for d in self.dates), "seconds": round(self.seconds, 2)}
@@ -165,6 +188,9 @@ def poll(
         for i, at in enumerate(times):
             res = source.poll(symbols, at)
             got = ingestor.ingest(res.raw, res.rejected)
+            outcomes = res.outcomes if res.outcomes is not None else outcomes_from(symbols, at, source.name, got)
+            ingestor.record(outcomes)
+            stats.count_outcomes(outcomes)
             stats.quarantined.update(got.reasons())
             new = got.written
             stats.cycles += 1
@@ -253,10 +279,12 @@ def build_and_publish(paths: lake.LakePaths, days: Sequence[dt.date] | None = No
 
 def compact_all(paths: lake.LakePaths, days: Sequence[dt.date] | None = None) -> dict[str, tuple[int, int]]:
     out = {}
-    for name, key in ((lake.SNAPSHOTS, KEY), (lake.QUARANTINE, QUARANTINE_KEY)):
+    for name, key, order in ((lake.SNAPSHOTS, KEY, ("symbol", "event_ts")),
+                             (lake.QUARANTINE, QUARANTINE_KEY, ("symbol", "received_ts")),
+                             (lake.OUTCOMES, OUTCOMES_KEY, ("symbol", "cycle_ts"))):
         for day in days or paths.dates(name):
             if paths.partition(name, day).exists():
-                out[f"{name}/{day}"] = lake.compact(paths, name, day, key, ("symbol", "event_ts"))
+                out[f"{name}/{day}"] = lake.compact(paths, name, day, key, order)
     return out
 
 

@@ -12,6 +12,7 @@ import duckdb
 import pyarrow as pa
 
 from microstructure.book import QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, TS_TYPE
+from microstructure.sources.base import OUTCOMES_SCHEMA
 
 if TYPE_CHECKING:
     from microstructure.lake import LakePaths
@@ -54,7 +55,8 @@ FEATURE_NAMES = [f.name for f in FEATURES_SCHEMA if f.name not in ("symbol", "re
 # The five roadmap features, in the order models take them (Feast service ``scoring``, ``scoring.py``).
 ML_FEATURES = ["order_imbalance", "bid_depth", "ask_depth", "spread_bps", "depth_imbalance"]
 
-EMPTY = {"snapshots": SNAPSHOT_SCHEMA, "quarantine": QUARANTINE_SCHEMA, "features": FEATURES_SCHEMA}
+EMPTY = {"snapshots": SNAPSHOT_SCHEMA, "quarantine": QUARANTINE_SCHEMA, "features": FEATURES_SCHEMA,
+         "outcomes": OUTCOMES_SCHEMA}
 
 
 @cache
@@ -92,7 +94,7 @@ def compute_features(snapshots: pa.Table, con: duckdb.DuckDBPyConnection | None 
 
 
 def load_views(con: duckdb.DuckDBPyConnection, paths: LakePaths) -> None:
-    """Create the ``snapshots``, ``features`` and ``quarantine`` views from ``views.sql``.
+    """Create the lake's views (snapshots, features, quarantine, outcomes) from ``views.sql``.
 
     A dataset with no files yet gets an empty view of the right shape, so queries still run.
     """

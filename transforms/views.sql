@@ -11,3 +11,7 @@ SELECT * FROM read_parquet(getvariable('lake') || '/features/*/*.parquet', hive_
 
 CREATE OR REPLACE VIEW quarantine AS
 SELECT * FROM read_parquet(getvariable('lake') || '/quarantine/*/*.parquet', hive_partitioning = true, union_by_name = true);
+
+-- outcomes: one row per symbol per poll cycle: the source that served it (or NULL) and why not.
+CREATE OR REPLACE VIEW outcomes AS
+SELECT * FROM read_parquet(getvariable('lake') || '/outcomes/*/*.parquet', hive_partitioning = true, union_by_name = true);

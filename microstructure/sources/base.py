@@ -9,7 +9,19 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from microstructure.book import QUARANTINE_SCHEMA, RAW_SCHEMA
+from microstructure.book import QUARANTINE_SCHEMA, RAW_SCHEMA, TS_TYPE
+
+# One row per symbol per cycle: who served it (or why nobody did). Lake dataset ``outcomes``.
+OUTCOMES_SCHEMA = pa.schema([
+    pa.field("cycle_ts", TS_TYPE, nullable=False),
+    pa.field("symbol", pa.string(), nullable=False),
+    pa.field("source", pa.string()),  # the source that served the book; NULL if none did
+    pa.field("book_levels", pa.int32()),  # levels on the thinner side of the served book; 0 if none
+    pa.field("latency_ms", pa.float64()),  # time spent on this symbol's answering call(s)
+    pa.field("error_class", pa.string()),  # NULL when served; else why the symbol went without a book
+    pa.field("detail", pa.string()),  # every source tried, in order, with its result
+])
+OUTCOMES_KEY = ("symbol", "cycle_ts")
 
 
 @dataclass
@@ -18,10 +30,13 @@ class PollResult:
 
     ``raw`` holds shaped but unvalidated snapshots; ``rejected`` holds answers that could not even be
     shaped (unknown symbol, malformed payload) as quarantine rows, so nothing is dropped silently.
+    ``outcomes`` (OUTCOMES_SCHEMA) says per symbol who answered; sources that do not say are given one
+    by the poller from what validation kept.
     """
 
     raw: pa.Table = field(default_factory=RAW_SCHEMA.empty_table)
     rejected: pa.Table = field(default_factory=QUARANTINE_SCHEMA.empty_table)
+    outcomes: pa.Table | None = None
 
 
 class Source(Protocol):
