@@ -20,11 +20,15 @@ from microstructure.lake import LakePaths
 
 @task(name="poll-cycles")
 def poll_task(data_dir: str, cycles: int, interval: float, step: float, symbols: int, seed: int | None,
-              fresh: bool, online: bool = True) -> dict[str, Any]:
+              fresh: bool, online: bool = True, source: str = "simulated", symbol_list: list[str] | None = None,
+              sources_config: str | None = None) -> dict[str, Any]:
+    # Vendor keys are read from the environment inside the source; they are never task parameters, so
+    # they never reach Prefect's stored parameters, results or logs.
     from microstructure.cli import _do_poll
 
     stats = _do_poll(Path(data_dir), cycles, interval, step, symbols, seed, fresh=fresh, online=online,
-                     show_progress=False)
+                     show_progress=False, source_kind=source, symbol_list=symbol_list,
+                     sources_config=Path(sources_config) if sources_config else None)
     d = stats.as_dict()
     d["online_symbols"] = [] if stats.last_features is None else stats.last_features.column("symbol").to_pylist()
     return d
@@ -47,9 +51,12 @@ def compact_task(data_dir: str, dates: list[str]) -> dict[str, list[int]]:
 
 @flow(name="poll-order-books")
 def poll_flow(data_dir: str = "data", cycles: int = 11_700, interval: float = 2.0, step: float = 2.0,
-              symbols: int = 150, seed: int | None = None) -> dict[str, Any]:
-    """Poll for a session (11,700 cycles x 2 s = 6.5 h), then build and publish the day's features."""
-    stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False)
+              symbols: int = 150, seed: int | None = None, source: str = "simulated",
+              symbol_list: list[str] | None = None, sources_config: str | None = None) -> dict[str, Any]:
+    """Poll for a session (11,700 cycles x 2 s = 6.5 h), then build and publish the day's features.
+    ``source``: simulated, or polygon / alpaca / chain (keys from the environment)."""
+    stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
+                      symbol_list=symbol_list, sources_config=sources_config)
     build_task(data_dir, stats["dates"])
     compact_task(data_dir, stats["dates"])
     return stats

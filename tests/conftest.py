@@ -56,3 +56,38 @@ def polled(tmp_path_factory: pytest.TempPathFactory):
                           publish_every=10)
     builds = pipeline.build_and_publish(paths, None, Checker(d / "gx"))
     return {"paths": paths, "stats": stats, "online": online_rows, "builds": builds, "source": src}
+
+
+@pytest.fixture
+def server():
+    from pytest_httpserver import HTTPServer
+
+    s = HTTPServer(threaded=True)  # threaded: a hanging request must not block the next one
+    s.start()
+    yield s
+    s.clear()
+    s.stop()
+
+
+@pytest.fixture
+def env(server, monkeypatch):
+    """Vendor keys and base URLs the way a user sets them: environment variables."""
+    from tests.vendor_server import SECRET_ID, SECRET_KEY, SECRET_POLY
+
+    monkeypatch.setenv("POLYGON_API_KEY", SECRET_POLY)
+    monkeypatch.setenv("APCA_API_KEY_ID", SECRET_ID)
+    monkeypatch.setenv("APCA_API_SECRET_KEY", SECRET_KEY)
+    monkeypatch.setenv("MICROSTRUCTURE_POLYGON_BASE_URL", server.url_for("/").rstrip("/"))
+    monkeypatch.setenv("MICROSTRUCTURE_ALPACA_DATA_URL", server.url_for("/").rstrip("/"))
+    return server
+
+
+LOBSTER_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "lobster"
+
+
+@pytest.fixture
+def lobster_dir() -> Path:
+    """The real LOBSTER AAPL sample shared with this repo (../shared/data/lobster)."""
+    if not LOBSTER_SAMPLE.exists():
+        pytest.skip("shared LOBSTER sample not present")
+    return LOBSTER_SAMPLE

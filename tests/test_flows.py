@@ -29,3 +29,40 @@ def test_main_flow_end_to_end(harness, data_dir):
     con = lake.connect(lake.LakePaths(data_dir))
     n, d = con.sql("SELECT count(*), count(DISTINCT (symbol, event_ts)) FROM features").fetchall()[0]
     assert n == d > 50
+
+
+def test_vendor_poll_flow_keeps_keys_out_of_prefect(harness, env, tmp_path):
+    """Poll the fallback chain through Prefect; no key in the flow's parameters, results, states or logs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import LogSort, TaskRunSort
+
+    from flows.pipeline import poll_flow
+    from tests.vendor_server import (
+        ALPACA_STOCKS,
+        POLY_STOCKS,
+        SECRET_ID,
+        SECRET_KEY,
+        SECRET_POLY,
+        alpaca_quotes,
+        poly_quote,
+        poly_snapshot,
+    )
+
+    env.expect_request(POLY_STOCKS).respond_with_json(poly_snapshot(poly_quote("AAPL", 189.5, 189.52)))
+    env.expect_request(ALPACA_STOCKS).respond_with_json(alpaca_quotes({"MSFT": (410.0, 1, 410.05, 4)}))
+    d = tmp_path / "data"
+    state = poll_flow(str(d), cycles=2, interval=0, step=1.0, source="polygon", symbol_list=["AAPL"],
+                      return_state=True)
+    stats = state.result()
+    assert stats["served_by"] == {"polygon_stocks": 2}
+    texts = [repr(stats)]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+        texts += [repr(run.parameters), repr(run.state)]
+        # This prefect's sync client sends sort=None, which its server rejects: pass the sorts explicitly.
+        texts += [repr(t.state) + repr(t.task_inputs)
+                  for t in client.read_task_runs(limit=200, sort=TaskRunSort.EXPECTED_START_TIME_DESC)]
+        texts += [log.message for log in client.read_logs(limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)]
+    texts += [f.read_bytes().decode("latin-1") for f in d.rglob("*") if f.is_file()]
+    for secret in (SECRET_POLY, SECRET_ID, SECRET_KEY):
+        assert not any(secret in t for t in texts)

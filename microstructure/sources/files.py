@@ -36,12 +36,14 @@ def parse_ts(col: pd.Series) -> pa.Array:
     if pd.api.types.is_datetime64_any_dtype(col):
         ts = pd.to_datetime(col, utc=True)
     elif pd.api.types.is_numeric_dtype(col):
-        v = col.astype("float64")
-        mag = np.nanmedian(np.abs(v.to_numpy())) if len(v) else 0
+        mag = np.nanmedian(np.abs(col.to_numpy(dtype="float64"))) if len(col) else 0
         unit = "s" if mag < 1e11 else "ms" if mag < 1e14 else "us" if mag < 1e17 else "ns"
+        # Integers stay integers: float64 cannot hold epoch nanoseconds exactly.
+        v = col if pd.api.types.is_integer_dtype(col) else col.astype("float64")
         ts = pd.to_datetime(v, unit=unit, utc=True, errors="coerce")
     else:
-        ts = pd.to_datetime(col, utc=True, errors="coerce", format="ISO8601")
+        # "mixed", not "ISO8601": with ISO8601 pandas applies one row's offset to naive rows after it.
+        ts = pd.to_datetime(col, utc=True, errors="coerce", format="mixed")
     return pa.array(ts.dt.floor("us"), TS_TYPE, from_pandas=True)
 
 
