@@ -528,11 +528,58 @@ def coverage(data_dir: DataDir = DEFAULT_DATA,
 
 
 @app.command()
+def evaluate(data_dir: DataDir = DEFAULT_DATA,
+             out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default "
+                                                                       "<data-dir>/report).")] = None,
+             horizon: Annotated[int, typer.Option(help="ML label horizon, seconds.")] = 60,
+             order_notional: Annotated[float, typer.Option(help="Order size for the headline, dollars.")] = 50_000,
+             source: Annotated[str | None, typer.Option(help="Only snapshots from this source.")] = None,
+             seed: Annotated[int, typer.Option(help="Seed of the random picks and bootstraps.")] = 0,
+             as_json: JsonOut = False) -> None:
+    """Measure the roadmap's claims on what is in the lake; write report.md, PNG plots and the headline table."""
+    _quiet_libraries()
+    from microstructure import report
+    from microstructure.evaluate import evaluate as run_eval
+
+    paths = _paths(data_dir)
+    if not paths.has("features"):
+        raise UserError(f"no published features in {paths.root}: run `microstructure run` or `build-features`")
+    if horizon <= 0 or order_notional <= 0:
+        raise UserError("--horizon and --order-notional must be > 0")
+    with err.status("evaluating...", spinner="dots") if not as_json else _null() as st:
+        res = run_eval(paths, horizon_s=horizon, order_notional=order_notional, seed=seed, source=source,
+                       progress=(lambda s: st.update(f"evaluating: {s}...")) if st else (lambda s: None))
+        target = report.write_report(res, out_dir or paths.data_dir / "report")
+        _save_model(res, paths)
+    if as_json:
+        print(json.dumps({"data": res["data"]["label"], "report": str(target), "headline": res["headline"]},
+                         default=str, indent=2))
+        return
+    out.print(f"data: {res['data']['label']}")
+    out.print(_table("roadmap claims", ["claim", "target", "measured", "95% CI", "verdict"],
+                     report.headline_rows(res)))
+    out.print(f"report: {target}")
+
+
+def _save_model(res: dict[str, Any], paths: Any) -> None:
+    """Keep the scoring model trained by ``evaluate`` for ``picks --score``."""
+    model = res.get("_model")
+    if model is not None:
+        import pickle
+
+        from microstructure.lake import atomic_write_bytes
+
+        atomic_write_bytes(pickle.dumps(model), paths.data_dir / "models" / "entry_model.pkl")
+
+
+@app.command()
 def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON or Parquet (symbol, side, score, "
                                                               "mode[, notional, as_of]).")],
           data_dir: DataDir = DEFAULT_DATA,
           config: Annotated[Path | None, typer.Option(help="Thresholds TOML (default <data-dir>/microstructure.toml)")]
           = None,
+          score: Annotated[bool, typer.Option("--score", help="Add the entry model's P(up over H) and a side-aware "
+                                                             "score (train it with `evaluate`).")] = False,
           as_json: JsonOut = False) -> None:
     """Attach order-book features to picks; keep or drop each with the filter and reason; mark risky ones."""
     _quiet_libraries()
@@ -546,12 +593,19 @@ def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON o
         raise UserError(str(e)) from e
     svc = MicrostructureService(data_dir, load_thresholds(config or data_dir / "microstructure.toml"))
     res = pk.evaluate(df, svc)
+    if score:
+        from microstructure.scoring import ModelMissing, score_picks
+
+        try:
+            score_picks(res, svc.paths)
+        except ModelMissing as e:
+            raise UserError(str(e)) from None
     summ = pk.summary(res)
     if as_json:
         print(json.dumps({"summary": summ, "picks": res}, default=str, indent=2))
         return
     cols = ["symbol", "side", "mode", "status", "filter", "reason", "microstructure_risky", "spread_bps",
-            "depth_dollars", "order_imbalance"]
+            "depth_dollars", "order_imbalance", *(["model_p_up", "model_score"] if score else [])]
     out.print(_table("picks", cols, [[r.get(c) for c in cols] for r in res]))
     risky = [[r["symbol"], "; ".join(r["risk_reasons"])] for r in res if r["status"] == "kept" and r["risk_reasons"]]
     if risky:

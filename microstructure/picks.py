@@ -20,7 +20,8 @@ from microstructure.filters import apply_filters, risk_marking
 from microstructure.service import MicrostructureService
 
 SIDES = {"buy": "buy", "long": "buy", "sell": "sell", "short": "sell"}
-SHOWN = ["spread_bps", "depth_dollars", "order_imbalance", "depth_imbalance", "gap_pct", "has_recent_halt",
+SHOWN = ["spread_bps", "depth_dollars", "order_imbalance", "depth_imbalance", "bid_depth", "ask_depth", "gap_pct",
+         "has_recent_halt",
          "book_levels", "age_s"]
 
 
