@@ -304,7 +304,8 @@ def ml_study(con: Any, data_dir: Any, horizon_s: int, n_rows: int, rng: np.rando
                          "event_timestamp": pd.to_datetime(d["received_ts"], utc=True),
                          **{c: d[c].to_numpy() for c in [*BASE_FEATURES, "label"]}})
     joined = training_set(open_store(data_dir), ents).dropna(subset=ML_FEATURES)
-    joined = joined.sort_values("event_timestamp").reset_index(drop=True)
+    # Feast returns ties (same timestamp, several symbols) in no fixed order: sort fully so the split is stable.
+    joined = joined.sort_values(["event_timestamp", "symbol"], kind="stable").reset_index(drop=True)
     cut = int(len(joined) * 0.7)
     train, test = joined.iloc[:cut], joined.iloc[cut:]
     if test["label"].nunique() < 2 or train["label"].nunique() < 2 or len(test) < 200:
