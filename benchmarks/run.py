@@ -108,12 +108,50 @@ def main() -> None:
         rows.append((f"training-set, {n:,} entity rows", f"Feast {feast_s:.1f} s / ASOF {asof_s:.2f} s",
                      f"ratio {feast_s / asof_s:.0f}x"))
 
+    rows.append(chain_cycle())
+
     t = Table(title="microstructure benchmarks", title_justify="left")
     for c in ("what", "measured", "notes"):
         t.add_column(c)
     for r in rows:
         t.add_row(*r)
     Console().print(t)
+
+
+def chain_cycle() -> tuple[str, str, str]:
+    """The fallback chain over real HTTP (official clients) against a local server: 130 stocks served by
+    Polygon's snapshot call, 20 crypto books by Alpaca's orderbooks call, into the lake."""
+    import logging
+    import os
+
+    from pytest_httpserver import HTTPServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
+
+    from microstructure.sources.chain import build_chain
+    from tests.vendor_server import ALPACA_CRYPTO, POLY_STOCKS, alpaca_books, poly_quote, poly_snapshot
+
+    stocks = [f"S{i:03d}" for i in range(130)]
+    crypto = [f"C{i:02d}/USD" for i in range(20)]
+    srv = HTTPServer(threaded=True)
+    srv.start()
+    srv.expect_request(POLY_STOCKS).respond_with_json(poly_snapshot(*[poly_quote(s, 10.0, 10.01) for s in stocks]))
+    srv.expect_request(ALPACA_CRYPTO).respond_with_json(alpaca_books(
+        {c: ([(100 - i * 0.01, 1.0) for i in range(10)], [(100.01 + i * 0.01, 1.0) for i in range(10)])
+         for c in crypto}))
+    os.environ.update(POLYGON_API_KEY="bench", APCA_API_KEY_ID="bench", APCA_API_SECRET_KEY="bench",
+                      MICROSTRUCTURE_POLYGON_BASE_URL=srv.url_for("/").rstrip("/"),
+                      MICROSTRUCTURE_ALPACA_DATA_URL=srv.url_for("/").rstrip("/"))
+    chain = build_chain(None, [*stocks, *crypto])
+    for k in chain.sources.values():
+        k.guard.bucket.rate = k.guard.bucket.burst = k.guard.bucket.tokens = 1e6
+    paths = LakePaths(Path(tempfile.mkdtemp()) / "chain")
+    n = 50
+    st = pipeline.poll(paths, chain, [*stocks, *crypto], pipeline.cycle_times(T0, 2.0, n, 0))
+    chain.close()
+    srv.stop()
+    return ("chain poll cycle, 150 symbols over local HTTP (fetch+validate+write+outcomes)",
+            f"{st.seconds / n * 1000:.1f} ms", f"{n} cycles; {dict(st.served_by)}")
 
 
 if __name__ == "__main__":
