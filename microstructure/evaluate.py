@@ -187,8 +187,6 @@ def forward_returns(con: Any, horizons: list[int]) -> pd.DataFrame:
     cols = ", ".join(f"ln(f{h}.mid / f.mid) * 1e4 AS ret_{h}" for h in horizons)
     joins = " ".join(f"ASOF LEFT JOIN f f{h} ON f{h}.symbol = f.symbol AND f{h}.event_ts >= f.event_ts + "
                      f"INTERVAL {h} SECOND" for h in horizons)
-    nxt = ("(SELECT symbol, event_ts, lead(mid) IGNORE NULLS OVER w AS nm, mid FROM f "
-           "WINDOW w AS (PARTITION BY symbol ORDER BY event_ts))")
     df = con.sql(f"SELECT f.symbol, f.event_ts, f.received_ts, f.mid, f.order_imbalance, f.depth_imbalance, "
                  f"f.halted, {cols} FROM f {joins} ORDER BY f.symbol, f.event_ts").df()
     # Next mid *move*: the first later mid that differs from this one.
@@ -197,7 +195,6 @@ def forward_returns(con: Any, horizons: list[int]) -> pd.DataFrame:
                     "c AS (SELECT symbol, event_ts, mid FROM x WHERE ch = 1) "
                     "SELECT f.symbol, f.event_ts, sign(c.mid - f.mid) AS next_move FROM f ASOF LEFT JOIN c "
                     "ON c.symbol = f.symbol AND c.event_ts > f.event_ts").df()
-    del nxt
     return df.merge(moves, on=["symbol", "event_ts"], how="left")
 
 

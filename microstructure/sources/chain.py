@@ -246,7 +246,6 @@ def build_chain(config_path: Path | None = None, symbols: Sequence[str] | None =
     if not gcfg:
         raise ConfigError("the sources file has no [groups.<name>] with a chain")
     groups: list[Group] = []
-    needed: set[str] = set()
     for gname, g in gcfg.items():
         chain = list(g.get("chain", []))
         for n in chain:
@@ -261,7 +260,6 @@ def build_chain(config_path: Path | None = None, symbols: Sequence[str] | None =
         if "symbols_file" in g:
             syms += read_symbols_file(base / g["symbols_file"])
         groups.append(Group(gname, chain, assets.pop() if assets else g.get("asset", "stocks"), syms))
-        needed.update(chain)
     for s in symbols or []:
         if not any(s in g.symbols for g in groups):
             g = next((g for g in groups if g.asset == asset_of(s) and g.chain), None)
