@@ -19,16 +19,17 @@ from microstructure.lake import LakePaths
 
 
 @task(name="poll-cycles")
-def poll_task(data_dir: str, cycles: int, interval: float, step: float, symbols: int, seed: int | None,
+def poll_task(data_dir: str, cycles: int | None, interval: float, step: float, symbols: int, seed: int | None,
               fresh: bool, online: bool = True, source: str = "simulated", symbol_list: list[str] | None = None,
-              sources_config: str | None = None) -> dict[str, Any]:
+              sources_config: str | None = None, until: str | None = None) -> dict[str, Any]:
     # Vendor keys are read from the environment inside the source; they are never task parameters, so
     # they never reach Prefect's stored parameters, results or logs.
     from microstructure.cli import _do_poll
 
     stats = _do_poll(Path(data_dir), cycles, interval, step, symbols, seed, fresh=fresh, online=online,
                      show_progress=False, source_kind=source, symbol_list=symbol_list,
-                     sources_config=Path(sources_config) if sources_config else None)
+                     sources_config=Path(sources_config) if sources_config else None,
+                     until=dt.datetime.fromisoformat(until) if until else None)
     d = stats.as_dict()
     d["online_symbols"] = [] if stats.last_features is None else stats.last_features.column("symbol").to_pylist()
     return d
@@ -50,13 +51,34 @@ def compact_task(data_dir: str, dates: list[str]) -> dict[str, list[int]]:
 
 
 @flow(name="poll-order-books")
-def poll_flow(data_dir: str = "data", cycles: int = 11_700, interval: float = 2.0, step: float = 2.0,
+def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float = 2.0, step: float = 2.0,
               symbols: int = 150, seed: int | None = None, source: str = "simulated",
-              symbol_list: list[str] | None = None, sources_config: str | None = None) -> dict[str, Any]:
-    """Poll for a session (11,700 cycles x 2 s = 6.5 h), then build and publish the day's features.
-    ``source``: simulated, or polygon / alpaca / chain (keys from the environment)."""
+              symbol_list: list[str] | None = None, sources_config: str | None = None,
+              session: bool = True) -> dict[str, Any]:
+    """Poll today's exchange session (open to close from the exchange calendar, half days included), then
+    build and publish the day's features. On a day without a session it returns at once with the reason.
+    ``session=False`` polls ``cycles`` cycles instead (crypto, tests). ``source``: simulated, or polygon /
+    alpaca / chain (keys from the environment)."""
+    from prefect import get_run_logger
+
+    from microstructure.session import today_session
+
+    until = None
+    if session:
+        today = today_session()
+        now = dt.datetime.now(dt.UTC)
+        if not today.trading or (today.close is not None and today.close <= now):
+            why = today.reason if today.trading is False else f"session over ({today.reason})"
+            get_run_logger().info("nothing to poll: %s", why)
+            return {"polled": False, "reason": why}
+        assert today.open is not None and today.close is not None
+        if today.open > now:
+            import time
+
+            time.sleep((today.open - now).total_seconds())
+        until = today.close.isoformat()
     stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
-                      symbol_list=symbol_list, sources_config=sources_config)
+                      symbol_list=symbol_list, sources_config=sources_config, until=until)
     build_task(data_dir, stats["dates"])
     compact_task(data_dir, stats["dates"])
     return stats
@@ -71,11 +93,11 @@ def build_features_flow(data_dir: str = "data", dates: list[str] | None = None) 
 
 @flow(name="microstructure-run")
 def main_flow(data_dir: str = "data", cycles: int = 300, interval: float = 0.0, step: float = 2.0,
-              symbols: int = 150, seed: int = 7) -> dict[str, Any]:
+              symbols: int = 150, seed: int | None = None, fresh: bool = False) -> dict[str, Any]:
     """The main job: poll the simulated source, build, check, publish, compact; returns the run summary."""
     from microstructure.cli import _online_sample_for
 
-    stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=True)
+    stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=fresh)
     builds = build_task(data_dir, stats["dates"])
     compacted = compact_task(data_dir, stats["dates"])
     return {"poll": stats, "builds": builds, "compacted": compacted, "symbols": symbols,

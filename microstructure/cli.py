@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -71,32 +72,55 @@ def _progress(total: int, label: str, enabled: bool) -> Any:
 
 
 # ---- poll / run --------------------------------------------------------------------------------
-def _do_poll(data_dir: Path, cycles: int, interval: float, step: float | None, symbols: int, seed: int | None,
-             fresh: bool, online: bool, show_progress: bool, ack_log: Path | None = None,
+def _do_poll(data_dir: Path, cycles: int | None, interval: float, step: float | None, symbols: int,
+             seed: int | None, fresh: bool, online: bool, show_progress: bool, ack_log: Path | None = None,
              start: dt.datetime | None = None, source_kind: str = "simulated", symbol_list: list[str] | None = None,
-             sources_config: Path | None = None) -> Any:
+             sources_config: Path | None = None, until: dt.datetime | None = None) -> Any:
+    """Poll into the lake: live on the wall clock when ``interval > 0``, else a replay on a simulated clock.
+
+    Live: ``cycles`` and/or ``until`` end the poll (the first reached). A replay needs ``cycles``.
+    """
     from microstructure import pipeline
 
     paths = _paths(data_dir)
-    step_s = interval if interval > 0 else (step or 2.0)
-    if cycles < 1:
+    live = interval > 0
+    step_s = interval if live else (step or 2.0)
+    if cycles is not None and cycles < 1:
         raise UserError("--cycles must be at least 1")
+    if cycles is None and until is None:
+        raise UserError("give --cycles, --until or --session: the poll needs an end")
+    if not live and cycles is None:
+        raise UserError("a replay (--interval 0) needs --cycles")
     if source_kind == "simulated":
         from microstructure.sources.simulated import universe
 
         if symbols < 1:
             raise UserError("--symbols must be at least 1")
         syms = symbol_list or universe()[:symbols]
-        source = pipeline.simulated_source(paths.data_dir, seed, fresh)
+        try:
+            source = pipeline.simulated_source(paths, seed, fresh)
+        except pipeline.MarketConflict as e:
+            raise UserError(str(e)) from None
+        source.live = live
     else:
         source, syms = _vendor_source(source_kind, symbol_list, sources_config, paths.data_dir)
-    end_at_now = start is None and interval == 0
-    if start is None:
-        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-        # A replay ends at about now, so its last cycle is what the online store should hold.
-        start = now if interval > 0 else now - dt.timedelta(seconds=step_s * (cycles - 1))
-        if getattr(source, "now", None) is not None:
-            start = max(start, dt.datetime.fromtimestamp(source.now, dt.UTC) + dt.timedelta(seconds=step_s))
+    times: Any
+    if live:
+        times = pipeline.LiveClock(step_s, cycles, until)
+        total = cycles
+    else:
+        assert cycles is not None
+        end_at_now = start is None
+        if start is None:
+            now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+            # A replay ends at about now, so its last cycle is what the online store should hold; a saved
+            # market continues from where it stopped, never earlier, and never past now.
+            start = now - dt.timedelta(seconds=step_s * (cycles - 1))
+            if getattr(source, "now", None) is not None:
+                start = max(start, dt.datetime.fromtimestamp(source.now, dt.UTC) + dt.timedelta(seconds=step_s))
+                cycles = min(cycles, int((now - start).total_seconds() // step_s) + 1)
+        total = cycles
+        times = pipeline.cycle_times(start, step_s, max(cycles, 0), 0, end_at_now)
     publisher = None
     if online:
         from microstructure.checks import Checker
@@ -105,14 +129,18 @@ def _do_poll(data_dir: Path, cycles: int, interval: float, step: float | None, s
         publisher = pipeline.OnlinePublisher(paths, open_store(paths.data_dir), Checker())
     # Live: check and push every cycle. Replay: the same per-cycle features, checked and pushed in
     # batches of 30 cycles (the checks cost ~0.2 s a batch; see README "Online path").
-    every = 1 if interval > 0 else 30
+    every = 1 if live else 30
+    saver = None
+    if source_kind == "simulated":
+        # The market's state is saved with every acknowledged cycle: a killed poller resumes this market.
+        def saver() -> None:
+            pipeline.save_simulated(paths.data_dir, source)
     try:
-        with _progress(cycles, "polling", show_progress) as prog:
-            task = prog.add_task("poll", total=cycles)
-            stats = pipeline.poll(paths, source, syms,
-                                  pipeline.cycle_times(start, step_s, cycles, interval, end_at_now),
-                                  publisher=publisher, publish_every=every,
-                                  on_cycle=lambda i, s: prog.update(task, completed=i + 1), ack_log=ack_log)
+        with _progress(total or 0, "polling", show_progress and total is not None) as prog:
+            task = prog.add_task("poll", total=total)
+            stats = pipeline.poll(paths, source, syms, times, publisher=publisher, publish_every=every,
+                                  on_cycle=lambda i, s: prog.update(task, completed=i + 1), ack_log=ack_log,
+                                  after_ack=saver, compact_every=pipeline.COMPACT_EVERY if live else 0)
     except Exception as e:
         from microstructure.sources.vendor import ConfigError
 
@@ -122,7 +150,6 @@ def _do_poll(data_dir: Path, cycles: int, interval: float, step: float | None, s
     finally:
         if hasattr(source, "close"):
             source.close()
-    pipeline.save_simulated(paths.data_dir, source)
     return stats
 
 
@@ -155,21 +182,25 @@ def run(
                                                  "possible on a simulated clock.")] = 0.0,
     step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.")] = 2.0,
     symbols: Annotated[int, typer.Option(help="How many simulated symbols (max 150).")] = 150,
-    seed: Annotated[int, typer.Option(help="Seed of the simulated book.")] = 7,
+    seed: Annotated[int | None, typer.Option(help="Seed of a new simulated market (default 7).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start a new market: removes the data dir's lake, "
+                                                        "market state and online store first.")] = False,
     prefect: Annotated[bool, typer.Option("--prefect/--no-prefect",
                                           help="Run through the Prefect flows (local server).")] = False,
     as_json: JsonOut = False,
 ) -> None:
-    """The main job on the embedded simulated source: poll, lake, features, checks, Feast; then a summary."""
+    """The main job on the embedded simulated source: poll, lake, features, checks, Feast; then a summary.
+
+    A data dir that already holds a market is continued (up to now), never mixed with a new one."""
     _quiet_libraries()
     paths = _paths(data_dir)
     if prefect:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         from flows.pipeline import main_flow
 
-        summary = main_flow(str(paths.data_dir), cycles, interval, step, symbols, seed)
+        summary = main_flow(str(paths.data_dir), cycles, interval, step, symbols, seed, fresh)
     else:
-        stats = _do_poll(paths.data_dir, cycles, interval, step, symbols, seed, fresh=True, online=True,
+        stats = _do_poll(paths.data_dir, cycles, interval, step, symbols, seed, fresh=fresh, online=True,
                          show_progress=not as_json)
         summary = _offline(paths, sorted(stats.dates), not as_json)
         summary["poll"] = stats.as_dict()
@@ -248,7 +279,11 @@ def poll_cmd(
     data_dir: DataDir = DEFAULT_DATA,
     source: Annotated[str, typer.Option(help="simulated, polygon, alpaca, or chain (the fallback chain of "
                                              "--sources-config).")] = "simulated",
-    cycles: Annotated[int, typer.Option(help="Poll cycles.")] = 30,
+    cycles: Annotated[int | None, typer.Option(help="Poll cycles (default 30 unless --until/--session).")] = None,
+    until: Annotated[str | None, typer.Option(help="Live: stop at HH:MM New York time today.")] = None,
+    session: Annotated[bool, typer.Option("--session", help="Live: poll today's exchange session (open to "
+                                                            "close, holidays and half days from the "
+                                                            "exchange calendar).")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between cycles; 0 = simulated clock.")] = 2.0,
     step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.")] = 2.0,
     symbols: Annotated[int, typer.Option(help="How many simulated symbols.")] = 150,
@@ -257,7 +292,10 @@ def poll_cmd(
     symbols_file: Annotated[Path | None, typer.Option(help="File with one symbol per line.")] = None,
     sources_config: Annotated[Path | None, typer.Option(help="Fallback chain TOML (default "
                                                              "<data-dir>/sources.toml, else built-in).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Start a fresh simulated book from this seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of a new simulated market (refused if the data dir "
+                                                  "holds another).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start a new simulated market: removes the data dir's "
+                                                        "lake, market state and online store first.")] = False,
     start: Annotated[str | None, typer.Option(help="ISO time of the first cycle (default: now).")] = None,
     online: Annotated[bool, typer.Option("--online/--no-online", help="Push each cycle to Feast.")] = True,
     ack_log: Annotated[Path | None, typer.Option(help="Append a line per acknowledged write.")] = None,
@@ -275,14 +313,51 @@ def poll_cmd(
             syms += read_symbols_file(symbols_file)
         except ConfigError as e:
             raise UserError(str(e)) from None
-    stats = _do_poll(data_dir, cycles, interval, step, symbols, seed, fresh=seed is not None, online=online,
+    end = _poll_end(until, session, interval, as_json)
+    if end is False:
+        return
+    if cycles is None and end is None:
+        cycles = 30
+    stats = _do_poll(data_dir, cycles, interval, step, symbols, seed, fresh=fresh, online=online,
                      show_progress=not as_json, ack_log=ack_log, start=start_ts, source_kind=source,
-                     symbol_list=syms or None, sources_config=sources_config)
+                     symbol_list=syms or None, sources_config=sources_config, until=end or None)
     d = stats.as_dict()
     if as_json:
         print(json.dumps(d, indent=2))
     else:
         out.print(_table("poll", ["", "value"], [[k, v] for k, v in d.items()]))
+
+
+def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) -> dt.datetime | bool | None:
+    """When a live poll stops: ``--until`` today, or today's session close. False: nothing to poll today
+    (the reason is printed, exit 0: a scheduled run on a holiday is not a failure)."""
+    from microstructure import session as sess
+
+    if (until or session) and interval <= 0:
+        raise UserError("--until and --session are for live polls (--interval > 0)")
+    if until and session:
+        raise UserError("give --until or --session, not both")
+    now = dt.datetime.now(dt.UTC)
+    if until:
+        try:
+            end = sess.until_today(until, now)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if end <= now:
+            raise UserError(f"--until {until} New York time has already passed today")
+        return end
+    if not session:
+        return None
+    today = sess.today_session(now)
+    if not today.trading or (today.close is not None and today.close <= now):
+        why = today.reason if not today.trading else f"today's session is over ({today.reason})"
+        print(json.dumps({"polled": False, "reason": why}) if as_json else f"nothing to poll: {why}")
+        return False
+    assert today.open is not None
+    if today.open > now:
+        err.print(f"waiting for the open: {today.reason}")
+        time.sleep((today.open - now).total_seconds())
+    return today.close
 
 
 def _parse_ts(s: str) -> dt.datetime:

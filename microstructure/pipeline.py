@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,11 @@ if TYPE_CHECKING:
 
 FEATURES_QUARANTINE_SCHEMA = FEATURES_SCHEMA.append(pa.field("reason", pa.string()))
 SIM_STATE = Path("sim") / "state.npz"
+COMPACT_EVERY = 25  # cycles between checks of the rolling compaction during a poll
+# The appended datasets, each with its key and the sort order compaction gives its files.
+DATASETS = ((lake.SNAPSHOTS, KEY, ("symbol", "event_ts")),
+            (lake.QUARANTINE, QUARANTINE_KEY, ("symbol", "received_ts")),
+            (lake.OUTCOMES, OUTCOMES_KEY, ("symbol", "cycle_ts")))
 
 
 # ---- clock ------------------------------------------------------------------------------------
@@ -49,6 +56,45 @@ def cycle_times(start: dt.datetime, step_s: float, cycles: int, interval_s: floa
             if delay > 0:
                 time.sleep(delay)
         yield t
+
+
+class LiveClock:
+    """Wall-clock cycle slots for a live poll: slot ``k`` is ``t0 + k * step``.
+
+    ``t0`` is read when the first cycle is asked for, i.e. after Feast, GE and the sources have loaded,
+    so start-up never eats into the schedule. A cycle that overruns does not make the next ones run late
+    and back to back: the slots it missed are skipped (and counted), so every cycle polls the book as of
+    now. Iteration ends after ``cycles`` slots or at ``until`` (whichever comes first).
+    """
+
+    def __init__(self, step_s: float, cycles: int | None = None, until: dt.datetime | None = None,
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
+        if step_s <= 0:
+            raise ValueError("a live clock needs a positive interval")
+        self.step_s, self.cycles, self.until = step_s, cycles, until
+        self.clock, self.sleep = clock, sleep
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dt.datetime]:
+        t0 = self.clock()
+        k = 0
+        done = 0
+        end = self.until.timestamp() if self.until is not None else None
+        while self.cycles is None or done < self.cycles:
+            now = self.clock()
+            due = t0 + k * self.step_s
+            if now > due + self.step_s:  # overran: jump to the latest slot that has begun
+                late = int((now - due) // self.step_s)
+                self.skipped += late
+                k += late
+                due = t0 + k * self.step_s
+            if end is not None and due >= end:
+                return
+            if due > now:
+                self.sleep(due - now)
+            yield dt.datetime.fromtimestamp(due, dt.UTC)
+            done += 1
+            k += 1
 
 
 # ---- online path ------------------------------------------------------------------------------
@@ -134,6 +180,7 @@ class PollStats:
     online_rejected: Counter[str] = field(default_factory=Counter)
     dates: set[dt.date] = field(default_factory=set)
     seconds: float = 0.0
+    skipped_slots: int = 0  # live: cycle slots skipped because an earlier cycle overran
     last_features: pa.Table | None = None
     served_by: Counter[str] = field(default_factory=Counter)  # symbol-polls served, per source
     missing: Counter[str] = field(default_factory=Counter)  # symbol-polls nobody served, per error class
@@ -162,25 +209,32 @@ class PollStats:
                 "coverage": self.coverage(), "served_by": dict(self.served_by), "missing": dict(self.missing),
                 "duplicates": self.duplicates, "quarantined": dict(self.quarantined),
                 "online_pushed": self.online_pushed, "online_rejected": dict(self.online_rejected),
-                "dates": sorted(d.isoformat() for d in self.dates), "seconds": round(self.seconds, 2)}
+                "dates": sorted(d.isoformat() for d in self.dates), "seconds": round(self.seconds, 2),
+                "skipped_slots": self.skipped_slots}
 
 
 def poll(
     paths: lake.LakePaths,
     source: Source,
     symbols: Sequence[str],
-    times: Iterator[dt.datetime],
+    times: Iterable[dt.datetime],
     publisher: OnlinePublisher | None = None,
     publish_every: int = 1,
     on_cycle: Callable[[int, PollStats], None] | None = None,
     ack_log: Path | None = None,
+    after_ack: Callable[[], None] | None = None,
+    compact_every: int = 0,
 ) -> PollStats:
     """Poll ``source`` once per cycle time, validate, write the lake, publish online.
 
     Each cycle's snapshots are written (and fsynced, and renamed into place) before the next poll, so a
-    crash loses at most the cycle in flight. ``ack_log`` gets one line per acknowledged write.
+    crash loses at most the cycle in flight. ``after_ack`` runs right after each cycle's write (the
+    simulated market saves its state there); ``ack_log`` then gets one line per acknowledged write.
+    ``compact_every`` > 0 checks the day's partitions every that many cycles and compacts them in the
+    background when they hold too many files (see :class:`RollingCompactor`).
     """
     ingestor = Ingestor(paths)
+    compactor = RollingCompactor(paths) if compact_every > 0 else None
     stats = PollStats()
     t0 = time.perf_counter()
     ack = open(ack_log, "a") if ack_log else None  # noqa: SIM115 - kept open across cycles
@@ -199,6 +253,10 @@ def poll(
             stats.duplicates += got.duplicates
             stats.dates.update(dt.date.fromisoformat(d) for d in
                                pc.unique(pc.strftime(new.column("event_ts"), "%Y-%m-%d")).to_pylist())
+            if after_ack is not None:
+                after_ack()
+            if compactor is not None and (i + 1) % compact_every == 0:
+                compactor.kick(stats.dates)
             if ack:
                 ack.write(f"{i} {new.num_rows} {stats.written}\n")
                 ack.flush()
@@ -216,7 +274,10 @@ def poll(
     finally:
         if ack:
             ack.close()
+        if compactor is not None:
+            compactor.join()
     stats.seconds = time.perf_counter() - t0
+    stats.skipped_slots = getattr(times, "skipped", 0)
     return stats
 
 
@@ -277,11 +338,59 @@ def build_and_publish(paths: lake.LakePaths, days: Sequence[dt.date] | None = No
     return out
 
 
+class RollingCompactor:
+    """Keeps a live session's partitions at a bounded number of files, off the polling thread.
+
+    Every check, for each of the session's dates and datasets: when the writers' small ``part-*`` files
+    reach ``SMALL_MAX`` they are merged into one ``compacted-*`` file (cost proportional to what is new);
+    when ``MERGED_MAX`` such files pile up, the whole partition is merged into one. A partition so never
+    holds much more than SMALL_MAX + MERGED_MAX files. One compaction runs at a time, on a daemon thread;
+    readers and the writer carry on (see ``lake.compact``).
+    """
+
+    SMALL_MAX = 64
+    MERGED_MAX = 8
+
+    def __init__(self, paths: lake.LakePaths) -> None:
+        self.paths = paths
+        self._thread: threading.Thread | None = None
+        self.runs = 0
+        self.error: BaseException | None = None
+
+    def kick(self, dates: Iterable[dt.date]) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        days = sorted(dates)[-2:]
+        self._thread = threading.Thread(target=self._run, args=(days,), name="rolling-compaction", daemon=True)
+        self._thread.start()
+
+    def _run(self, days: list[dt.date]) -> None:
+        try:
+            for name, key, order in DATASETS:
+                for day in days:
+                    part = self.paths.partition(name, day)
+                    if not part.exists():
+                        continue
+                    names = [f.name for f in lake.partition_files(part)]
+                    small = sum(n.startswith(lake.SMALL_PREFIX) for n in names)
+                    merged = len(names) - small
+                    if merged >= self.MERGED_MAX:
+                        lake.compact(self.paths, name, day, key, order)
+                        self.runs += 1
+                    elif small >= self.SMALL_MAX:
+                        lake.compact(self.paths, name, day, key, order, small_only=True)
+                        self.runs += 1
+        except Exception as e:  # never kill the poll; the next kick tries again, the error is kept
+            self.error = e
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
 def compact_all(paths: lake.LakePaths, days: Sequence[dt.date] | None = None) -> dict[str, tuple[int, int]]:
     out = {}
-    for name, key, order in ((lake.SNAPSHOTS, KEY, ("symbol", "event_ts")),
-                             (lake.QUARANTINE, QUARANTINE_KEY, ("symbol", "received_ts")),
-                             (lake.OUTCOMES, OUTCOMES_KEY, ("symbol", "cycle_ts"))):
+    for name, key, order in DATASETS:
         for day in days or paths.dates(name):
             if paths.partition(name, day).exists():
                 out[f"{name}/{day}"] = lake.compact(paths, name, day, key, order)
@@ -289,16 +398,47 @@ def compact_all(paths: lake.LakePaths, days: Sequence[dt.date] | None = None) ->
 
 
 # ---- the simulated source's persisted state ---------------------------------------------------
-def simulated_source(data_dir: Path, seed: int | None, fresh: bool) -> Any:
-    """A fresh simulated source from ``seed``, or the saved one (so later polls continue the same book)."""
-    from microstructure.sources.simulated import SimulatedSource
+class MarketConflict(Exception):
+    """The data dir holds another simulated market than the one asked for: never mix two in one lake."""
 
+
+def simulated_source(paths: lake.LakePaths, seed: int | None, fresh: bool) -> Any:
+    """The data dir's simulated market, continued where it stopped (its state is saved every cycle).
+
+    ``fresh`` starts over: the lake, the market state and the online store of the data dir are removed
+    first, so two markets never share a lake. A ``seed`` other than the saved market's, or a lake of
+    simulated books with no saved market, is a :class:`MarketConflict` (one line, with the way out).
+    """
+    from microstructure.sources.simulated import SOURCE_NAME, SimulatedSource
+
+    data_dir = paths.data_dir
     state = data_dir / SIM_STATE
-    if not fresh and state.exists():
+    if fresh:
+        for d in (paths.root, state.parent, data_dir / "feast"):
+            shutil.rmtree(d, ignore_errors=True)
+        from microstructure.store import forget_store
+
+        forget_store(data_dir)
+        return SimulatedSource(seed=7 if seed is None else seed)
+    if state.exists():
         src = SimulatedSource.load(state)
-        if seed is None or seed == src.seed:
-            return src
+        if seed is not None and seed != src.seed:
+            raise MarketConflict(f"{data_dir} holds the simulated market of seed {src.seed}, not {seed}: pass "
+                                 "--fresh to start over (removes its lake) or use another --data-dir")
+        return src
+    if paths.has(lake.SNAPSHOTS) and _has_source(paths, SOURCE_NAME):
+        raise MarketConflict(f"{data_dir} holds simulated books but no saved market to continue: pass --fresh "
+                             "to start over (removes its lake) or use another --data-dir")
     return SimulatedSource(seed=7 if seed is None else seed)
+
+
+def _has_source(paths: lake.LakePaths, source: str) -> bool:
+    files = paths.files(lake.SNAPSHOTS)
+    if not files:
+        return False
+    return lake.with_retry(lambda: bool(duckdb.sql(
+        f"SELECT 1 FROM read_parquet({paths.files(lake.SNAPSHOTS)!r}) WHERE source = ? LIMIT 1",
+        params=[source]).fetchall()))
 
 
 def save_simulated(data_dir: Path, source: Any) -> None:

@@ -83,7 +83,7 @@ class MicrostructureService:
         if self._source is None:
             from microstructure.pipeline import simulated_source
 
-            self._source = simulated_source(self.paths.data_dir, None, fresh=False)
+            self._source = simulated_source(self.paths, None, fresh=False)
         return self._source
 
     def cache_stats(self) -> dict[str, int]:

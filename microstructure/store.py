@@ -56,6 +56,11 @@ def open_store(data_dir: Path, apply: bool = True) -> FeatureStore:
     return store
 
 
+def forget_store(data_dir: Path) -> None:
+    """Drop the cached store of ``data_dir`` (its files were removed; the next open applies afresh)."""
+    _stores.pop(data_dir.resolve(), None)
+
+
 def _to_push_frame(features: pa.Table) -> pd.DataFrame:
     df = features.to_pandas()
     # Feast's online write wants plain numpy-backed columns; keep nullable booleans as objects.

@@ -180,7 +180,7 @@ def test_missing_key_is_a_config_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize("fault", ["429", "hang"])
 def test_slow_or_rate_limited_primary_cannot_stall_the_cycle(env, tmp_path, fault):
     if fault == "429":
-        # Polygon's client honours Retry-After between its retries: 30 s would stall a naive poller.
+        # Polygon's client would sleep Retry-After between its retries: 30 s would stall a naive poller.
         env.expect_request(POLY_STOCKS).respond_with_handler(
             respond({"status": "ERROR"}, status=429, headers={"Retry-After": "30"}))
     else:
@@ -193,23 +193,33 @@ def test_slow_or_rate_limited_primary_cannot_stall_the_cycle(env, tmp_path, faul
     took = time.monotonic() - t0
     o = outcome(res, "AAPL")
     assert o["source"] == "alpaca"
-    assert o["detail"].startswith("polygon: timeout")  # our per-call timeout (0.8 s) fired first
+    expected = "rate_limited" if fault == "429" else "timeout"  # the vendor's 429 vs our per-call timeout
+    assert o["detail"].startswith(f"polygon: {expected}")
     assert took < 2.0  # the cycle deadline held
+    if fault == "429":
+        # Retry-After is honoured: for the next 30 s Polygon is not called at all.
+        calls = sum(1 for r, _ in env.log if r.path == POLY_STOCKS)
+        assert calls == 1
+        o = outcome(chain.poll(["AAPL", "MSFT"], AT), "AAPL")
+        assert o["detail"].startswith("polygon: rate_limited") and o["source"] == "alpaca"
+        assert sum(1 for r, _ in env.log if r.path == POLY_STOCKS) == calls
+        assert chain.sources["polygon"].guard.breaker.state == "closed"  # backing off is not a failure
     chain.close()
 
 
-def test_alpaca_429_sleep_is_cut_by_the_deadline_and_symbol_recorded_missing(env, tmp_path):
-    # alpaca-py sleeps a fixed 3 s before retrying a 429; the cycle deadline (1.5 s) must win.
+def test_alpaca_429_is_rate_limited_at_once_not_slept_on(env, tmp_path):
+    # alpaca-py would sleep a fixed 3 s before retrying a 429; we see the 429 and its Retry-After first.
     env.expect_request(POLY_STOCKS).respond_with_handler(respond({"status": "ERROR"}, status=503))
     env.expect_request(ALPACA_STOCKS).respond_with_handler(
         respond({"message": "too many requests."}, status=429, headers={"Retry-After": "1"}))
     chain = build_chain(chain_file(tmp_path, deadline=1.5, retries=0))
     t0 = time.monotonic()
     res = chain.poll(["AAPL"], AT)
-    assert time.monotonic() - t0 < 1.9
+    assert time.monotonic() - t0 < 0.5
     o = outcome(res, "AAPL")
     assert o["source"] is None and o["book_levels"] == 0
-    assert o["error_class"] == "timeout" and "polygon: server_error; alpaca: timeout" in o["detail"]
+    assert o["error_class"] == "rate_limited" and "polygon: server_error; alpaca: rate_limited" in o["detail"]
+    assert sum(1 for r, _ in env.log if r.path == ALPACA_STOCKS) == 1  # the SDK did not retry it
     chain.close()
 
 

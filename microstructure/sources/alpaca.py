@@ -6,20 +6,49 @@
 - Crypto: ``CryptoHistoricalDataClient.get_crypto_latest_orderbook``, one call per group: a real L2 book,
   no keys needed.
 
-The SDK sets no request timeout and sleeps a fixed 3 s on a 429 before retrying; the guard's deadline is
-what keeps a poll cycle on time.
+The SDK sets no request timeout and sleeps a fixed 3 s on a 429 before retrying. We mount a requests
+transport adapter (requests' documented extension point) on the client's session that gives every request
+our socket timeout and turns a 429 into :class:`RateLimited` with its ``Retry-After`` before the SDK can
+sleep on it: the guard then backs the source off for as long as Alpaca asked.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import Any
 
 from microstructure.book import BookQuote
-from microstructure.sources.guard import CONNECTION, MALFORMED, SERVER_ERROR, TIMEOUT, Guard, Limits, SourceError
+from microstructure.sources.guard import (
+    CONNECTION,
+    MALFORMED,
+    SERVER_ERROR,
+    TIMEOUT,
+    Guard,
+    Limits,
+    RateLimited,
+    SourceError,
+    parse_retry_after,
+)
 from microstructure.sources.vendor import ConfigError, Fetched, env_key, http_error_class
 
 UNKNOWN = "unknown_symbol"
+
+
+def _adapter(timeout_s: float) -> Any:
+    from requests.adapters import HTTPAdapter
+
+    class _VendorAdapter(HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = (timeout_s, timeout_s)
+            resp = super().send(request, **kwargs)
+            if resp.status_code == 429:
+                resp.close()
+                raise RateLimited(parse_retry_after(resp.headers.get("Retry-After")), "HTTP 429")
+            return resp
+
+    return _VendorAdapter()
 
 
 def classify(e: BaseException) -> SourceError:
@@ -66,6 +95,11 @@ class AlpacaSource:
             # Crypto market data needs no keys; send them if they are set (higher rate limits).
             self.client = CryptoHistoricalDataClient(env_key("APCA_API_KEY_ID", False, ""),
                                                      env_key("APCA_API_SECRET_KEY", False, ""), url_override=base)
+        # alpaca-py's RESTClient keeps its requests session in ``_session`` and offers no timeout option;
+        # mounting an adapter is requests' own API for per-transport behaviour.
+        adapter = _adapter(self.limits.timeout_s)
+        for prefix in ("http://", "https://"):
+            self.client._session.mount(prefix, adapter)
         self.guard = Guard(name, self.limits, classify)
 
     def __repr__(self) -> str:
@@ -79,6 +113,7 @@ class AlpacaSource:
 
             req = StockLatestQuoteRequest(symbol_or_symbols=list(symbols), feed=DataFeed(self.feed))
             got = self.guard.call(self.client.get_stock_latest_quote, req, deadline=deadline)
+            received = dt.datetime.now(dt.UTC)  # when the answer was in our hands
             for s in symbols:
                 q = got.get(s)
                 if q is None:
@@ -87,12 +122,13 @@ class AlpacaSource:
                 # Alpaca sends 0/0 for a side with no quote: that side is absent, not a zero-priced level.
                 bids = [(q.bid_price, q.bid_size * self.lot_size)] if q.bid_price else []
                 asks = [(q.ask_price, q.ask_size * self.lot_size)] if q.ask_price else []
-                out.quotes.append(BookQuote(s, q.timestamp, at, self.name, bids, asks))
+                out.quotes.append(BookQuote(s, q.timestamp, received, self.name, bids, asks))
         else:
             from alpaca.data.requests import CryptoLatestOrderbookRequest
 
             req = CryptoLatestOrderbookRequest(symbol_or_symbols=list(symbols))
             got = self.guard.call(self.client.get_crypto_latest_orderbook, req, deadline=deadline)
+            received = dt.datetime.now(dt.UTC)
             for s in symbols:
                 b = got.get(s)
                 if b is None:
@@ -101,5 +137,5 @@ class AlpacaSource:
                 # The full book can run to hundreds of levels; keep the best ten a side, best first.
                 bids = sorted(((q.price, q.size) for q in b.bids), key=lambda x: -x[0])[:10]
                 asks = sorted(((q.price, q.size) for q in b.asks), key=lambda x: x[0])[:10]
-                out.quotes.append(BookQuote(s, b.timestamp, at, self.name, bids, asks))
+                out.quotes.append(BookQuote(s, b.timestamp, received, self.name, bids, asks))
         return out

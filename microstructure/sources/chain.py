@@ -4,6 +4,11 @@ Each cycle, each group's symbols go to its first source; the symbols it did not 
 to the next, and so on until the chain or the cycle's deadline runs out. A symbol nobody served is
 recorded as missing, with the reason from the last source tried. Groups are polled in parallel, so a
 stalled stock vendor cannot starve the crypto group. The simulated source is never part of a chain.
+
+Faults are isolated per symbol (:class:`Isolation`): a batched call that hangs or fails in a way one symbol
+can cause is split in halves, in the same cycle while the deadline allows and otherwise in the next, until
+the culprits stand alone behind breakers of their own; the healthy symbols keep riding one batch call.
+The source's own breaker only counts cycles in which none of its calls worked.
 """
 
 from __future__ import annotations
@@ -22,8 +27,19 @@ import pyarrow as pa
 
 from microstructure.book import QUARANTINE_SCHEMA, RAW_SCHEMA, malformed_record, to_utc_us, validate
 from microstructure.sources.base import OUTCOMES_SCHEMA, PollResult
-from microstructure.sources.guard import AUTH, DEADLINE, INVALID_BOOK, NOT_CONFIGURED, Limits, SourceError
-from microstructure.sources.vendor import ConfigError, VendorSource
+from microstructure.sources.guard import (
+    AUTH,
+    BREAKER_OPEN,
+    CONNECTION,
+    DEADLINE,
+    INVALID_BOOK,
+    NOT_CONFIGURED,
+    SPLITTABLE,
+    CircuitBreaker,
+    Limits,
+    SourceError,
+)
+from microstructure.sources.vendor import ConfigError, Fetched, VendorSource
 
 # Used when no sources file is given: the roadmap's order (Polygon primary, Alpaca fallback for stocks;
 # Alpaca's real L2 first for crypto, Polygon's deprecated book behind it).
@@ -107,6 +123,70 @@ def build_source(name: str, spec: dict[str, Any]) -> VendorSource:
     raise ConfigError(f"source {name!r}: kind must be polygon or alpaca, not {kind!r}")
 
 
+class Isolation:
+    """One source's memory of which sub-batches of its symbols hold a failing symbol.
+
+    Hand-written because it is specific to batched market-data calls (no breaker library splits a batch):
+    ``suspects`` are disjoint sub-batches that failed; a suspect of one symbol has its own circuit breaker.
+    Each cycle the symbols outside every suspect ride one batch call and every suspect gets its own call.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.suspects: list[tuple[str, ...]] = []
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.last: dict[str, SourceError] = {}
+
+    def plan(self, symbols: Sequence[str]) -> tuple[list[tuple[str, ...]], dict[str, SourceError]]:
+        """This cycle's calls (healthy batch first) and the symbols not called (their breaker is open)."""
+        want = set(symbols)
+        held: set[str] = set()
+        calls: list[tuple[str, ...]] = []
+        skipped: dict[str, SourceError] = {}
+        for g in self.suspects:
+            held.update(g)
+            part = tuple(s for s in g if s in want)
+            if not part:
+                continue
+            br = self.breakers.get(part[0]) if len(part) == 1 else None
+            if br is not None and not br.allow():
+                last = self.last.get(part[0])
+                skipped[part[0]] = SourceError(
+                    last.error_class if last else BREAKER_OPEN,
+                    f"not called: {part[0]} failed {br.consecutive} times in a row"
+                    + (f" (last: {last.detail})" if last and last.detail else ""))
+                continue
+            calls.append(part)
+        healthy = tuple(s for s in symbols if s not in held)
+        return ([healthy] if healthy else []) + calls, skipped
+
+    def _regroup(self, batch: tuple[str, ...], into: list[tuple[str, ...]]) -> None:
+        gone = set(batch)
+        self.suspects = [g for g in (tuple(s for s in g if s not in gone) for g in self.suspects) if g] + into
+
+    def succeeded(self, batch: tuple[str, ...]) -> None:
+        for s in batch:
+            br = self.breakers.pop(s, None)
+            if br is not None:
+                br.record(True)
+            self.last.pop(s, None)
+        self._regroup(batch, [])
+
+    def failed(self, batch: tuple[str, ...], err: SourceError) -> list[tuple[str, ...]]:
+        """Record a failed call; return the halves to call next (none once the culprit stands alone)."""
+        if len(batch) == 1:
+            s = batch[0]
+            br = self.breakers.setdefault(s, CircuitBreaker(self.limits.breaker_failures,
+                                                            self.limits.breaker_cooldown_s))
+            br.record(False)
+            self.last[s] = err
+            self._regroup(batch, [batch])
+            return []
+        halves = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
+        self._regroup(batch, halves)
+        return halves
+
+
 class ChainSource:
     name = "chain"
 
@@ -114,7 +194,11 @@ class ChainSource:
         self.sources = sources
         self.groups = groups
         self.cycle_deadline_s = cycle_deadline_s
+        self.isolation = {n: Isolation(getattr(s, "limits", Limits())) for n, s in sources.items()}
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(groups)), thread_name_prefix="chain")
+        # The calls of one source in one cycle run side by side (a suspect sub-batch must not wait for the
+        # healthy batch). Each waits at most until the cycle's deadline, so these threads never outlive it.
+        self._calls = ThreadPoolExecutor(max_workers=32, thread_name_prefix="chain-call")
 
     def __repr__(self) -> str:
         return f"ChainSource(groups={[(g.name, g.chain) for g in self.groups]})"
@@ -175,17 +259,9 @@ class ChainSource:
                     tried[s].append(f"{name}: {DEADLINE}")
                     last[s] = (DEADLINE, "the cycle deadline passed before this source was tried")
                 continue
-            t0 = time.monotonic()
-            try:
-                got = src.fetch(remaining, at, deadline)
-            except SourceError as e:
-                for s in remaining:
-                    tried[s].append(f"{name}: {e.error_class}")
-                    last[s] = (e.error_class, e.detail)
-                continue
-            latency = (time.monotonic() - t0) * 1000
+            got, latency = self._fetch(name, src, remaining, at, deadline)
             for sym, body in got.malformed:
-                rejected.append(malformed_record(sym, name, at, "malformed", body))
+                rejected.append(malformed_record(sym, name, dt.datetime.now(dt.UTC), "malformed", body))
             checked = validate(got.table())
             rejected.append(checked.quarantine)
             for s, e in got.errors.items():
@@ -201,7 +277,7 @@ class ChainSource:
                 levels = np.asarray(clean.column("book_levels").to_numpy())
                 for s, lv in zip(clean.column("symbol").to_pylist(), levels, strict=True):
                     tried[s].append(f"{name}: ok")
-                    outcomes.append(_outcome(at, s, name, int(lv), latency, None, "; ".join(tried[s])))
+                    outcomes.append(_outcome(at, s, name, int(lv), latency.get(s), None, "; ".join(tried[s])))
                 done = set(clean.column("symbol").to_pylist())
                 remaining = [s for s in remaining if s not in done]
         for s in remaining:
@@ -211,12 +287,64 @@ class ChainSource:
         return (pa.concat_tables([RAW_SCHEMA.empty_table(), *raw]),
                 pa.concat_tables([QUARANTINE_SCHEMA.empty_table(), *rejected]), outcomes)
 
+    def _fetch(self, name: str, src: VendorSource, symbols: list[str], at: dt.datetime,
+               deadline: float) -> tuple[Fetched, dict[str, float]]:
+        """Everything ``src`` can serve of ``symbols`` this cycle, isolating failing symbols (see Isolation)."""
+        guard = getattr(src, "guard", None)
+        if guard is not None and not guard.breaker.allow():
+            err = SourceError(BREAKER_OPEN, f"{name} had no working call in {guard.breaker.consecutive} cycles")
+            return Fetched(errors=dict.fromkeys(symbols, err), calls_ok=0), {}
+        iso = self.isolation[name]
+        calls, skipped = iso.plan(symbols)
+        out = Fetched(errors=dict(skipped), calls_ok=0)
+        latency: dict[str, float] = {}
+        worked = failed = False
+        while calls:
+            futs = [(b, self._calls.submit(_timed_fetch, src, b, at, deadline)) for b in calls]
+            calls = []
+            for batch, fut in futs:
+                got, err, ms = fut.result()
+                latency.update(dict.fromkeys(batch, ms))
+                if got is not None:
+                    for s in batch:
+                        out.errors.pop(s, None)
+                    out.merge(got)
+                    if got.calls_ok:
+                        worked = True
+                        iso.succeeded(batch)
+                    elif got.errors:
+                        failed = True
+                    continue
+                assert err is not None
+                out.errors.update(dict.fromkeys(batch, err))
+                if err.error_class in SPLITTABLE:
+                    failed = True
+                    calls += iso.failed(batch, err)
+                elif err.error_class in (AUTH, CONNECTION):
+                    failed = True
+            if time.monotonic() >= deadline:
+                break  # unsplit halves stay suspects: the next cycle goes on from here
+        if guard is not None and (worked or failed):
+            guard.breaker.record(worked)
+        return out, latency
+
     def close(self) -> None:
         for s in self.sources.values():
             guard = getattr(s, "guard", None)
             if guard is not None:
                 guard.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._calls.shutdown(wait=False, cancel_futures=True)
+
+
+def _timed_fetch(src: VendorSource, batch: tuple[str, ...], at: dt.datetime,
+                 deadline: float) -> tuple[Fetched | None, SourceError | None, float]:
+    t0 = time.monotonic()
+    try:
+        got = src.fetch(list(batch), at, deadline)
+    except SourceError as e:
+        return None, e, (time.monotonic() - t0) * 1000
+    return got, None, (time.monotonic() - t0) * 1000
 
 
 def _outcome(at: dt.datetime, symbol: str, source: str | None, levels: int, latency: float | None,

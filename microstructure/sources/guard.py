@@ -1,9 +1,10 @@
 """What stands between a poll cycle and a vendor: a token bucket, a per-call deadline and a circuit breaker.
 
-Vendor SDKs retry and sleep on their own (alpaca-py sleeps a fixed 3 s on a 429 and sets no request timeout;
-polygon's urllib3 retries honour ``Retry-After``). So every call runs on a worker thread and the cycle stops
-waiting for it at the deadline; a call left running finishes (or times out) in the background and its
-answer is discarded.
+Vendor SDKs retry and sleep on their own and set no socket timeout (alpaca-py sleeps a fixed 3 s on a 429;
+polygon-api-client builds a read timeout but never passes it to urllib3). The sources give both clients a
+socket timeout and turn a 429 into :class:`RateLimited` with its ``Retry-After``, which backs the whole
+source off. Every call also runs on a daemon thread and the cycle stops waiting for it at the deadline; a
+call left running ends at its socket timeout in the background and its answer is discarded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,9 +35,12 @@ DEADLINE = "deadline"  # the cycle's deadline passed before this source was trie
 NOT_CONFIGURED = "not_configured"  # no source in the symbol's chain
 INVALID_BOOK = "invalid_book"  # the answer was shaped but failed validation (quarantined with its reason)
 
-# Failures that say the *source* is unwell (they count towards opening the breaker).
-SOURCE_FAILURES = frozenset({AUTH, RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, MALFORMED, UNAVAILABLE,
-                             CLIENT_ERROR})
+# Failures of a call that say nothing about which symbol caused them and would hit any call to this source:
+# a batch failing this way is not split, its symbols all get the error.
+WHOLE_SOURCE = frozenset({AUTH, RATE_LIMITED, THROTTLED, CONNECTION, BREAKER_OPEN, DEADLINE})
+# Failures one symbol in a batch can cause (a hang, a 500, an undecodable row): a batch failing this way is
+# split until the culprits stand alone.
+SPLITTABLE = frozenset({TIMEOUT, SERVER_ERROR, MALFORMED, CLIENT_ERROR, UNAVAILABLE})
 
 
 class SourceError(Exception):
@@ -114,55 +118,120 @@ class CircuitBreaker:
 class Limits:
     rate_per_s: float = 5.0
     burst: float = 10.0
-    timeout_s: float = 2.0
+    # Per call, and the socket timeout of every vendor request. Below the cycle deadline so a batch that
+    # hangs still leaves time to split it and serve its healthy symbols in the same cycle.
+    timeout_s: float = 0.8
     breaker_failures: int = 3
     breaker_cooldown_s: float = 30.0
+    max_retry_after_s: float = 300.0  # a vendor's Retry-After is honoured up to this long
+
+
+class RateLimited(SourceError):
+    """The vendor said 429; ``retry_after_s`` is its ``Retry-After`` (None when it gave none)."""
+
+    def __init__(self, retry_after_s: float | None, detail: str = "") -> None:
+        super().__init__(RATE_LIMITED, detail or "HTTP 429")
+        self.retry_after_s = retry_after_s
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def run_with_timeout(fn: Callable[..., T], args: tuple[Any, ...], wait: float, name: str) -> T:
+    """``fn(*args)`` on a daemon thread, waited for at most ``wait`` seconds.
+
+    A daemon thread, not a pool's: the interpreter joins pool threads at exit, so one call stuck in a
+    vendor's socket would keep ``poll`` (or a Prefect task) alive after its last cycle. The socket
+    timeouts we set on both clients end such threads soon after anyway.
+    """
+    fut: Future[T] = Future()
+
+    def target() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # handed to the caller through the future
+            fut.set_exception(e)
+
+    threading.Thread(target=target, name=f"src-{name}", daemon=True).start()
+    return fut.result(timeout=wait)
 
 
 class Guard:
-    """Runs a source's calls under its bucket, breaker and a deadline."""
+    """Runs a source's calls under its token bucket, the vendor's Retry-After and a deadline.
+
+    The source-level circuit breaker lives here but is fed by the chain once per cycle (a source is
+    unwell only when none of its calls worked), so one bad symbol cannot open it for everybody.
+    """
 
     def __init__(self, name: str, limits: Limits, classify: Callable[[BaseException], SourceError],
-                 clock: Callable[[], float] = time.monotonic, workers: int = 8) -> None:
+                 clock: Callable[[], float] = time.monotonic, workers: int = 16) -> None:
         self.name = name
         self.limits = limits
         self.classify = classify
         self.clock = clock
         self.bucket = TokenBucket(limits.rate_per_s, limits.burst, clock)
         self.breaker = CircuitBreaker(limits.breaker_failures, limits.breaker_cooldown_s, clock)
-        # Threads stuck on a hanging vendor stay busy until their socket gives up; a bounded pool keeps a
-        # stalled vendor from piling up threads without limit (a full pool shows up as timeouts).
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"src-{name}")
+        self.backoff_until = 0.0  # monotonic time before which the vendor asked us not to call
+        # Calls stuck on a hanging vendor hold a slot until their socket times out; a bounded number of
+        # slots keeps a stalled vendor from piling up threads (a full house shows up as timeouts).
+        self._slots = threading.BoundedSemaphore(workers)
 
     def call(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
         """``fn(*args)`` or SourceError. ``deadline`` is an absolute ``time.monotonic()`` value."""
-        if not self.breaker.allow():
-            raise SourceError(BREAKER_OPEN, f"{self.name} failed {self.breaker.consecutive} times in a row")
-        if not self.bucket.take():
-            self.breaker.trial_out = False  # a throttled trial is not a trial
-            raise SourceError(THROTTLED, f"{self.name} rate limit {self.limits.rate_per_s:g}/s")
+        now = self.clock()
+        if now < self.backoff_until:
+            raise SourceError(RATE_LIMITED, f"{self.name} asked us to wait (Retry-After): "
+                                            f"{self.backoff_until - now:.1f} s left")
         wait = self.limits.timeout_s
         if deadline is not None:
             wait = min(wait, deadline - time.monotonic())
         if wait <= 0:
-            self.breaker.trial_out = False
             raise SourceError(DEADLINE, "the cycle deadline passed")
-        fut = self._pool.submit(fn, *args)
+        if not self.bucket.take():
+            raise SourceError(THROTTLED, f"{self.name} rate limit {self.limits.rate_per_s:g}/s")
+        if not self._slots.acquire(blocking=False):
+            raise SourceError(TIMEOUT, f"{self.name}: every call slot is held by a stalled call")
+
+        def slot_held(*a: Any) -> T:
+            try:
+                return fn(*a)
+            finally:
+                self._slots.release()
+
         try:
-            out = fut.result(timeout=wait)
+            return run_with_timeout(slot_held, args, wait, self.name)
         except FutureTimeout:
-            fut.cancel()
-            self.breaker.record(False)
             raise SourceError(TIMEOUT, f"no answer from {self.name} within {wait:.2f} s") from None
-        except SourceError as e:
-            self.breaker.record(e.error_class not in SOURCE_FAILURES)
+        except RateLimited as e:
+            self._back_off(e.retry_after_s)
+            raise
+        except SourceError:
             raise
         except Exception as e:
             err = self.classify(e)
-            self.breaker.record(err.error_class not in SOURCE_FAILURES)
+            if isinstance(err, RateLimited):
+                self._back_off(err.retry_after_s)
             raise err from e
-        self.breaker.record(True)
-        return out
+
+    def _back_off(self, seconds: float | None) -> None:
+        if seconds:
+            self.backoff_until = max(self.backoff_until, self.clock() + min(seconds, self.limits.max_retry_after_s))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to join: calls run on daemon threads that end with their socket timeout."""

@@ -27,7 +27,9 @@ from microstructure.sources.guard import (
     UNKNOWN_SYMBOL,
     Guard,
     Limits,
+    RateLimited,
     SourceError,
+    parse_retry_after,
 )
 from microstructure.sources.vendor import ConfigError, Fetched, env_key, http_error_class, ns_to_dt, parse_json
 
@@ -37,6 +39,23 @@ DEFAULT_BASE = "https://api.polygon.io"
 def polygon_ticker(symbol: str) -> str:
     """Our crypto symbols are ``BASE/QUOTE`` (Alpaca's style); Polygon spells them ``X:BASEQUOTE``."""
     return "X:" + symbol.replace("/", "") if "/" in symbol else symbol
+
+
+def _vendor_retry(total: int) -> Any:
+    """Polygon's own retry policy (same statuses and back-off), except that a 429 is not slept on inside the
+    client: it is raised at once as :class:`RateLimited` with its ``Retry-After``, so the guard backs the
+    whole source off instead of a worker thread sleeping through the cycle. A subclass of urllib3's
+    ``Retry`` is urllib3's documented way to change retry behaviour."""
+    from urllib3.util.retry import Retry
+
+    class _Retry(Retry):
+        def increment(self, method: Any = None, url: Any = None, response: Any = None, error: Any = None,
+                      _pool: Any = None, _stacktrace: Any = None) -> Retry:
+            if response is not None and response.status == 429:
+                raise RateLimited(parse_retry_after(response.headers.get("Retry-After")), "HTTP 429")
+            return super().increment(method, url, response, error, _pool, _stacktrace)
+
+    return _Retry(total=total, status_forcelist=[413, 429, 499, 500, 502, 503, 504], backoff_factor=0.1)
 
 
 def classify(e: BaseException) -> SourceError:
@@ -88,6 +107,14 @@ class PolygonSource:
         t = self.limits.timeout_s
         self.client = RESTClient(api_key=key, base=base.rstrip("/"), connect_timeout=t, read_timeout=t,
                                  retries=retries)
+        # polygon-api-client keeps its timeouts in ``self.timeout`` but never passes them to urllib3, so a
+        # vendor that stops answering holds the socket forever. Its urllib3 pool manager is public
+        # (``client.client``); its per-pool defaults carry our socket timeout and retry policy.
+        import urllib3
+
+        self.client.client.connection_pool_kw.update(timeout=urllib3.Timeout(connect=t, read=t),
+                                                     retries=_vendor_retry(retries))
+        self.client.client.clear()
         self.guard = Guard(name, self.limits, classify)
 
     def __repr__(self) -> str:  # the client holds the key; keep it out of any repr
@@ -106,6 +133,7 @@ class PolygonSource:
         from polygon.rest.models import TickerSnapshot
 
         body = self.guard.call(self._get, self.client.get_snapshot_all, "stocks", list(symbols), deadline=deadline)
+        received = dt.datetime.now(dt.UTC)  # when the answer was in our hands, not the cycle's slot
         out = Fetched()
         if not isinstance(body, dict) or not isinstance(body.get("tickers", []), list):
             raise SourceError(MALFORMED, "snapshot body has no 'tickers' list")
@@ -128,14 +156,14 @@ class PolygonSource:
                 continue
             bids = [] if q.bid_price is None else [(q.bid_price, _size(q.bid_size, self.lot_size))]
             asks = [] if q.ask_price is None else [(q.ask_price, _size(q.ask_size, self.lot_size))]
-            out.quotes.append(BookQuote(s, ns_to_dt(q.sip_timestamp or snap.updated, at), at, self.name, bids, asks))
+            out.quotes.append(BookQuote(s, ns_to_dt(q.sip_timestamp or snap.updated, received), received, self.name,
+                                        bids, asks))
         return out
 
     def _crypto(self, symbols: Sequence[str], at: dt.datetime, deadline: float | None) -> Fetched:
         from polygon.rest.models import SnapshotTickerFullBook
 
-        out = Fetched()
-        failures: list[SourceError] = []
+        out = Fetched(calls_ok=0)
         for s in symbols:
             if deadline is not None and time.monotonic() >= deadline:
                 out.errors[s] = SourceError("deadline", "the cycle deadline passed")
@@ -144,9 +172,10 @@ class PolygonSource:
                 body = self.guard.call(self._get, self.client.get_snapshot_crypto_book, polygon_ticker(s),
                                        deadline=deadline)
             except SourceError as e:
-                out.errors[s] = e
-                failures.append(e)
+                out.errors[s] = e  # one call per symbol: its failure is its own
                 continue
+            received = dt.datetime.now(dt.UTC)
+            out.calls_ok += 1
             data = body.get("data") if isinstance(body, dict) else None
             book = SnapshotTickerFullBook.from_dict(data) if isinstance(data, dict) else None
             if book is None or not (book.bids or book.asks):
@@ -155,9 +184,7 @@ class PolygonSource:
                 continue
             bids = [(b.price, sum((b.exchange_shares or {}).values())) for b in book.bids or []]
             asks = [(a.price, sum((a.exchange_shares or {}).values())) for a in book.asks or []]
-            out.quotes.append(BookQuote(s, ns_to_dt(book.updated, at), at, self.name, bids, asks))
-        if failures and len(failures) == len(symbols):
-            raise failures[0]
+            out.quotes.append(BookQuote(s, ns_to_dt(book.updated, received), received, self.name, bids, asks))
         return out
 
 

@@ -17,14 +17,18 @@ known information about the next mid move and the evaluation downstream has some
   vendor hands back its previous quote) and a small rate of malformed answers (crossed, negative size,
   NaN, locked) so the quarantine path is exercised on every long run.
 
-Everything is a function of the seed and the sequence of poll times, so ``--interval 0`` replays the
-same book as a live run with the same start and interval.
+Everything is a function of the seed and the sequence of poll times. On a replay (``live = False``) the
+poll's ``at`` is the simulated clock: the book is sampled a random 5-250 ms vendor latency before it and
+received at ``at``. Live (``live = True``) the model runs on the wall clock: ``event_ts`` is the instant
+the book was sampled and ``received_ts`` the instant the answer was ready, both read from the clock.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +96,7 @@ class SimulatedSource:
     name = SOURCE_NAME
 
     def __init__(self, seed: int = 7, fault_rate: float = FAULT_RATE, levels: int = MAX_LEVELS) -> None:
+        self.live = False  # True: stamp times from the wall clock (see the module docstring)
         self.seed = seed
         self.fault_rate = fault_rate
         self.levels = levels
@@ -188,7 +193,7 @@ class SimulatedSource:
 
     # ---- polling -----------------------------------------------------------------------------
     def poll(self, symbols: Sequence[str], at: dt.datetime) -> PollResult:
-        t = at.timestamp()
+        t = time.time() if self.live else at.timestamp()
         if self.now is None:
             self.now = t
         elif t > self.now:
@@ -207,6 +212,9 @@ class SimulatedSource:
         rejected = [malformed_record(s, self.name, at, "unknown_symbol", f"{s!r} is not in the simulated universe")
                     for s in symbols if s not in self.index]
         raw = self._quotes(idx, t)
+        if self.live:  # the answer is in hand now: that, not the sampling instant, is when we had it
+            now = pa.array(np.full(raw.num_rows, int(time.time() * 1e6)), pa.int64()).cast(TS_TYPE)
+            raw = raw.set_column(raw.schema.get_field_index("received_ts"), "received_ts", now)
         res = PollResult(raw=raw)
         if rejected:
             res.rejected = pa.concat_tables(rejected)
@@ -221,8 +229,8 @@ class SimulatedSource:
         px = np.concatenate([bid_px, ask_px], axis=1).round(4)
         sz = np.concatenate([self.bid_sz[idx], self.ask_sz[idx]], axis=1)
         halted = self.halted_until[idx] > t
-        latency_us = r.integers(5_000, 250_000, n)
-        event_us = np.full(n, int(t * 1e6)) - latency_us
+        latency_us = r.integers(5_000, 250_000, n)  # drawn live too, so both modes use the rng alike
+        event_us = np.full(n, int(t * 1e6)) - (0 if self.live else latency_us)
         # A halted book does not update; a stale vendor hands back its previous quote.
         frozen = halted & self.last_halted[idx]
         stale = (r.random(n) < self.stale_prob[idx]) & (self.last_event_us[idx] > 0)
@@ -266,12 +274,14 @@ class SimulatedSource:
 
     # ---- persistence: later polls continue the same book ---------------------------------------
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Atomically (temporary file, fsync, rename): a kill at any instant leaves the old or the new state."""
+        from microstructure.lake import atomic_write_bytes
+
         meta = {"seed": self.seed, "fault_rate": self.fault_rate, "levels": self.levels, "now": self.now,
                 "rng": self.rng.bit_generator.state}
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **{k: getattr(self, k) for k in _STATE_ARRAYS})
-        tmp.replace(path)
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), **{k: getattr(self, k) for k in _STATE_ARRAYS})
+        atomic_write_bytes(buf.getvalue(), path)
 
     @classmethod
     def load(cls, path: Path) -> SimulatedSource:
