@@ -61,22 +61,21 @@ def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float
     alpaca / chain (keys from the environment)."""
     from prefect import get_run_logger
 
-    from microstructure.session import today_session
+    from microstructure.session import poll_window
 
     until = None
     if session:
-        today = today_session()
-        now = dt.datetime.now(dt.UTC)
-        if not today.trading or (today.close is not None and today.close <= now):
-            why = today.reason if today.trading is False else f"session over ({today.reason})"
-            get_run_logger().info("nothing to poll: %s", why)
-            return {"polled": False, "reason": why}
-        assert today.open is not None and today.close is not None
-        if today.open > now:
+        window = poll_window()
+        if isinstance(window, str):  # a holiday, a weekend, or the session is over: not a failure
+            get_run_logger().info("nothing to poll: %s", window)
+            return {"polled": False, "reason": window}
+        start, end = window
+        wait = (start - dt.datetime.now(dt.UTC)).total_seconds()
+        if wait > 0:
             import time
 
-            time.sleep((today.open - now).total_seconds())
-        until = today.close.isoformat()
+            time.sleep(wait)
+        until = end.isoformat()
     stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
                       symbol_list=symbol_list, sources_config=sources_config, until=until)
     build_task(data_dir, stats["dates"])

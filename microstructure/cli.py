@@ -348,16 +348,15 @@ def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) 
         return end
     if not session:
         return None
-    today = sess.today_session(now)
-    if not today.trading or (today.close is not None and today.close <= now):
-        why = today.reason if not today.trading else f"today's session is over ({today.reason})"
-        print(json.dumps({"polled": False, "reason": why}) if as_json else f"nothing to poll: {why}")
+    window = sess.poll_window(now)
+    if isinstance(window, str):
+        print(json.dumps({"polled": False, "reason": window}) if as_json else f"nothing to poll: {window}")
         return False
-    assert today.open is not None
-    if today.open > now:
-        err.print(f"waiting for the open: {today.reason}")
-        time.sleep((today.open - now).total_seconds())
-    return today.close
+    start, end = window
+    if start > now:
+        err.print(f"waiting for the open at {start:%H:%M} UTC")
+        time.sleep((start - now).total_seconds())
+    return end
 
 
 def _parse_ts(s: str) -> dt.datetime:
@@ -496,11 +495,15 @@ def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapsho
     if query is None:
         _shell(paths)
         return
-    con = _connect(paths)
-    rel = con.sql(query)
-    if rel is None:
+    from microstructure.lake import with_retry
+
+    def run_query() -> Any:
+        rel = _connect(paths).sql(query)  # a fresh consistent listing if a compaction removed a file
+        return None if rel is None else rel.df()
+
+    df = with_retry(run_query)
+    if df is None:
         return
-    df = rel.df()
     if as_json:
         print(df.to_json(orient="records", date_format="iso"))
     elif as_csv:

@@ -91,7 +91,10 @@ class LakePaths:
         d = self.dataset(name)
         if not d.exists():
             return []
-        parts = sorted(d.glob("date=*")) if days is None else [self.partition(name, x) for x in days]
+        parts = sorted(d.glob("date=*"))
+        if days is not None:
+            wanted = {f"date={x.isoformat()}" for x in days}
+            parts = [p for p in parts if p.name in wanted]
         return [str(f) for p in parts for f in partition_files(p)]
 
     def dates(self, name: str) -> list[dt.date]:
@@ -239,21 +242,23 @@ class PartitionWriter:
                 del self._seen[oldest], self._floor[oldest]
                 self._pruned_at.pop(oldest, None)
             part = self.paths.partition(self.dataset, day)
-            files = [str(f) for f in partition_files(part)]
+            cols = ", ".join(f"epoch_us({k})" if k.endswith("_ts") else k for k in self.key)
+
+            def load() -> list[tuple] | None:
+                files = [str(f) for f in partition_files(part)]  # listed again on every retry
+                if not files:
+                    return None
+                con = duckdb.connect()
+                top = con.sql(f"SELECT epoch_us(max({self.ts_col})) FROM read_parquet({files!r})").fetchall()
+                lo = (top[0][0] or 0) - self.horizon_us
+                rows = con.sql(f"SELECT {cols} FROM read_parquet({files!r}) "
+                               f"WHERE epoch_us({self.ts_col}) >= {lo}").fetchall()
+                return [(lo,), *rows]
+
+            got = with_retry(load)
             seen: dict[tuple, int] = {}
             floor = -(2**63)
-            if files:
-                cols = ", ".join(f"epoch_us({k})" if k.endswith("_ts") else k for k in self.key)
-
-                def load() -> list[tuple]:
-                    con = duckdb.connect()
-                    top = con.sql(f"SELECT epoch_us(max({self.ts_col})) FROM read_parquet({files!r})").fetchall()
-                    lo = (top[0][0] or 0) - self.horizon_us
-                    rows = con.sql(f"SELECT {cols} FROM read_parquet({files!r}) "
-                                   f"WHERE epoch_us({self.ts_col}) >= {lo}").fetchall()
-                    return [(lo,), *rows]
-
-                got = with_retry(load)
+            if got is not None:
                 floor = got[0][0]
                 seen = {k: k[self.ts_pos] for k in got[1:]}
             self._seen[day], self._floor[day] = seen, floor
@@ -261,13 +266,16 @@ class PartitionWriter:
 
     def _on_disk(self, day: dt.date, keys: list[tuple]) -> set[tuple]:
         """Which of ``keys`` the partition on disk already holds (for rows older than the memory horizon)."""
-        files = [str(f) for f in partition_files(self.paths.partition(self.dataset, day))]
-        if not files or not keys:
+        if not keys:
             return set()
         ts = [k[self.ts_pos] for k in keys]
         cols = ", ".join(f"epoch_us({k})" if k.endswith("_ts") else k for k in self.key)
+        part = self.paths.partition(self.dataset, day)
 
         def look() -> set[tuple]:
+            files = [str(f) for f in partition_files(part)]
+            if not files:
+                return set()
             rows = duckdb.sql(f"SELECT {cols} FROM read_parquet({files!r}) WHERE epoch_us({self.ts_col}) "
                               f"BETWEEN {min(ts)} AND {max(ts)}").fetchall()
             return set(rows)
@@ -425,8 +433,13 @@ def _clear_staging(part: Path) -> None:
         for f in staging.iterdir():
             f.unlink()
         staging.rmdir()
+    # A crashed writer's temporary files; a live writer's are seconds old and must be left alone.
     for f in part.glob(".*.tmp"):
-        f.unlink()
+        try:
+            if time.time() - f.stat().st_mtime > 3600:
+                f.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def recover(part: Path) -> None:

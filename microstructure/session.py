@@ -56,3 +56,15 @@ def until_today(hhmm: str, now: dt.datetime | None = None) -> dt.datetime:
     now = now or dt.datetime.now(dt.UTC)
     local = dt.datetime.combine(now.astimezone(EXCHANGE_TZ).date(), t, EXCHANGE_TZ)
     return local.astimezone(dt.UTC)
+
+
+def poll_window(now: dt.datetime | None = None, calendar: str = CALENDAR) -> tuple[dt.datetime, dt.datetime] | str:
+    """When a session poll started at ``now`` should run: (start, end) in UTC, start being ``now`` or the
+    open if it is still to come; or, when there is nothing to poll today, the reason in plain words."""
+    now = now or dt.datetime.now(dt.UTC)
+    today = today_session(now, calendar)
+    if today.open is None or today.close is None:
+        return today.reason
+    if today.close <= now:
+        return f"today's session is over ({today.reason})"
+    return max(now, today.open), today.close

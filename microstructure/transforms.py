@@ -96,14 +96,21 @@ def compute_features(snapshots: pa.Table, con: duckdb.DuckDBPyConnection | None 
 def load_views(con: duckdb.DuckDBPyConnection, paths: LakePaths) -> None:
     """Create the lake's views (snapshots, features, quarantine, outcomes) from ``views.sql``.
 
+    Each view reads the dataset's files as one consistent list (``LakePaths.files``: never a compacted file
+    beside the files it replaced) instead of ``views.sql``'s folder glob, which a plain DuckDB client uses.
     A dataset with no files yet gets an empty view of the right shape, so queries still run.
     """
     con.execute("SET VARIABLE lake = ?", [str(paths.root)])
     text = "\n".join(line for line in sql("views").splitlines() if not line.strip().startswith("--"))
     for body in filter(None, (s.strip() for s in text.split(";"))):
         name = re.search(r"VIEW\s+(\w+)", body, re.I).group(1)  # type: ignore[union-attr]
-        if paths.has(name):
-            con.execute(body)
+        files = paths.files(name)
+        if files:
+            glob = f"getvariable('lake') || '/{name}/*/*.parquet'"
+            if glob not in body:
+                raise ValueError(f"views.sql: view {name} does not read {glob}")
+            con.execute(f"SET VARIABLE {name}_files = ?", [files])
+            con.execute(body.replace(glob, f"getvariable('{name}_files')"))
         else:
             con.register(f"_empty_{name}", EMPTY[name].empty_table())
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _empty_{name}")

@@ -60,7 +60,7 @@ def test_walk_properties(levels, a, b):
     r2 = walk(px[None], sz[None], mid, hi, True, 1.0)
     assert 0 < r1["filled_fraction"][0] <= 1 and 0 < r2["filled_fraction"][0] <= 1
     assert r2["slippage_bps"][0] >= r1["slippage_bps"][0] - 1e-9
-    assert r2["filled_fraction"][0] <= r1["filled_fraction"][0] + 1e-12
+    assert r2["filled_fraction"][0] <= r1["filled_fraction"][0] + 1e-9
     cap = float((px * sz).sum())
     assert r2["unfillable"][0] == (hi > cap * (1 + 1e-12))
 

@@ -22,7 +22,7 @@ def test_main_flow_end_to_end(harness, data_dir):
     assert all(b["published"] for b in s["builds"])
     assert len(s["online_sample"]) == 5
     # The session poller continues the saved simulated book; then the build flow republishes.
-    p = poll_flow(str(data_dir), cycles=3, interval=0.01, step=0.01, symbols=5)
+    p = poll_flow(str(data_dir), cycles=3, interval=0.01, step=0.01, symbols=5, session=False)
     assert p["cycles"] == 3
     res = build_features_flow(str(data_dir))
     assert all(r["published"] for r in res)
@@ -51,7 +51,7 @@ def test_vendor_poll_flow_keeps_keys_out_of_prefect(harness, env, tmp_path):
     env.expect_request(POLY_STOCKS).respond_with_json(poly_snapshot(poly_quote("AAPL", 189.5, 189.52)))
     env.expect_request(ALPACA_STOCKS).respond_with_json(alpaca_quotes({"MSFT": (410.0, 1, 410.05, 4)}))
     d = tmp_path / "data"
-    state = poll_flow(str(d), cycles=2, interval=0, step=1.0, source="polygon", symbol_list=["AAPL"],
+    state = poll_flow(str(d), cycles=2, interval=0, step=1.0, source="polygon", symbol_list=["AAPL"], session=False,
                       return_state=True)
     stats = state.result()
     assert stats["served_by"] == {"polygon_stocks": 2}
