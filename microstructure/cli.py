@@ -63,7 +63,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _progress(total: int, label: str, enabled: bool) -> Any:
+def _progress(total: int | None, label: str, enabled: bool) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
@@ -525,11 +525,7 @@ def backfill(path: Annotated[Path, typer.Argument(help="A recorded file (or LOBS
              = 1.0,
              as_json: JsonOut = False) -> None:
     """Load a recorded order-book file into the lake through the same validation and quarantine. Idempotent."""
-    from collections import Counter
-
-    import pyarrow as pa
-
-    from microstructure.ingest import Ingestor
+    from microstructure.ingest import backfill as load
 
     if fmt not in BACKFILL_FORMATS:
         raise UserError(f"--format must be one of {', '.join(BACKFILL_FORMATS)}, not {fmt!r}")
@@ -538,37 +534,24 @@ def backfill(path: Annotated[Path, typer.Argument(help="A recorded file (or LOBS
     if cadence <= 0:
         raise UserError("--cadence must be > 0")
     paths = _paths(data_dir)
-    with err.status(f"reading {path.name}...", spinner="dots") if not as_json else _null():
+    with _progress(None, "loading", not as_json) as prog:  # streamed: the row count is not known upfront
+        task = prog.add_task("load", total=None)
         try:
-            raw = _read_recorded(path, fmt, symbol, cadence)
+            st = load(paths, _read_recorded(path, fmt, symbol, cadence),
+                      on_batch=lambda s: prog.update(task, completed=s.sampled))
         except (ValueError, FileNotFoundError) as e:  # the readers' format errors are ValueErrors
             raise UserError(f"{path.name}: {e}".replace(f"{path.name}: {path.name}", path.name)) from None
-    ingestor = Ingestor(paths)
-    written: list[pa.Table] = []
-    dup = 0
-    reasons: Counter[str] = Counter()
-    chunk = 50_000
-    with _progress(raw.num_rows, "loading", not as_json) as prog:
-        task = prog.add_task("load", total=raw.num_rows)
-        for off in range(0, raw.num_rows, chunk):
-            got = ingestor.ingest(raw.slice(off, chunk))
-            written.append(got.written)
-            dup += got.duplicates
-            reasons.update(got.reasons())
-            prog.update(task, completed=min(off + chunk, raw.num_rows))
-    w = pa.concat_tables(written) if written else raw.slice(0, 0)
-    res = {"file": str(path), "format": fmt, "sampled": raw.num_rows, "written": w.num_rows,
-           "already_in_lake_or_unchanged": dup, "quarantined": dict(reasons),
-           "symbols": len(set(w.column("symbol").to_pylist())),
-           "dates": sorted({str(d) for d in w.column("event_ts").to_pandas().dt.date})}
+    res = {"file": str(path), "format": fmt, "sampled": st.sampled, "written": st.written,
+           "already_in_lake_or_unchanged": st.duplicates, "quarantined": dict(st.quarantined),
+           "symbols": len(st.symbols), "dates": sorted(st.dates)}
     _emit([res], "backfill", as_json)
 
 
 def _read_recorded(path: Path, fmt: str, symbol: str | None, cadence: float) -> Any:
-    if fmt == "lobster":
-        from microstructure.sources.lobster import read_lobster
+    """The file as a stream of ``Batch``es (wide and snapshot files are read batch by batch)."""
+    from microstructure.book import QUARANTINE_SCHEMA
+    from microstructure.sources.files import Batch
 
-        return read_lobster(path, cadence, symbol)
     if fmt == "wide":
         from microstructure.sources.files import read_wide
 
@@ -577,9 +560,13 @@ def _read_recorded(path: Path, fmt: str, symbol: str | None, cadence: float) -> 
         from microstructure.sources.files import read_snapshot_file
 
         return read_snapshot_file(path)
+    if fmt == "lobster":
+        from microstructure.sources.lobster import read_lobster
+
+        return [Batch(read_lobster(path, cadence, symbol), QUARANTINE_SCHEMA.empty_table())]
     from microstructure.sources.iex_deep import read_iex_deep
 
-    return read_iex_deep(path, cadence, {symbol} if symbol else None)
+    return [Batch(read_iex_deep(path, cadence, {symbol} if symbol else None), QUARANTINE_SCHEMA.empty_table())]
 
 
 @app.command()

@@ -198,7 +198,7 @@ def with_retry(fn: Callable[[], T]) -> T:
     for attempt in range(READ_RETRIES):
         try:
             return fn()
-        except (duckdb.IOException, duckdb.InvalidInputException, FileNotFoundError) as e:
+        except (duckdb.IOException, duckdb.InvalidInputException, OSError) as e:  # DuckDB may raise a bare OSError
             if attempt == READ_RETRIES - 1 or not _vanished(e):
                 raise
             time.sleep(0.01 * (attempt + 1))

@@ -78,28 +78,67 @@ def test_wide_csv_epoch_and_iso_times_and_bad_rows(tmp_path):
         "ask_px_1": [10.01, 9.99, 20.1, 20.1], "ask_sz_1": [100, 100, 5, 5],
         "bid_px_2": [9.99, None, None, None], "bid_sz_2": [50, None, None, None],
     }).to_csv(p, index=False)
-    rows = read_wide(p).to_pylist()
+    (batch,) = list(read_wide(p))
+    rows = batch.raw.to_pylist()
     assert rows[0]["event_ts"] == dt.datetime(2025, 11, 24, 16, tzinfo=dt.UTC) == rows[0]["received_ts"]
     assert rows[1]["event_ts"] == dt.datetime(2025, 11, 24, 16, 0, 1, tzinfo=dt.UTC)
     assert rows[2]["event_ts"] == dt.datetime(2025, 11, 24, 16, 0, 0, 500000, tzinfo=dt.UTC)
-    assert rows[3]["event_ts"] is None and rows[0]["bid_px_2"] == 9.99 and rows[0]["source"] == "wide"
+    assert len(rows) == 3 and rows[0]["bid_px_2"] == 9.99 and rows[0]["source"] == "wide"
+    bad = batch.rejected.to_pylist()  # the unreadable time is quarantined, the good rows go in
+    assert [(r["symbol"], r["reason"], r["detail"]) for r in bad] == [("BBB", "unparseable_time", "ts='garbage'")]
+    pd.DataFrame({"symbol": ["A"], "bid_px_1": [1.0]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(FileFormatError, match="missing column"):
-        pd.DataFrame({"symbol": ["A"], "bid_px_1": [1.0]}).to_csv(tmp_path / "bad.csv", index=False)
-        read_wide(tmp_path / "bad.csv")
+        list(read_wide(tmp_path / "bad.csv"))
+    pd.DataFrame({"symbol": ["A"], "ts": [1], "bid_px_1": [1.0], "bid_px_11": [1.0]}).to_csv(
+        tmp_path / "b2.csv", index=False)
     with pytest.raises(FileFormatError, match="at most 10 levels"):
-        pd.DataFrame({"symbol": ["A"], "ts": [1], "bid_px_1": [1.0], "bid_px_11": [1.0]}).to_csv(
-            tmp_path / "b2.csv", index=False)
-        read_wide(tmp_path / "b2.csv")
+        list(read_wide(tmp_path / "b2.csv"))
+
+
+def test_backfill_times_per_value_implausible_quarantined_good_rows_kept(tmp_path):
+    from microstructure import lake
+    from microstructure.ingest import backfill
+
+    p = tmp_path / "mixed.csv"
+    secs = 1_764_000_000
+    ts = [str(secs), str((secs + 1) * 1000), "1970-01-01T00:00:05Z", str(4_102_444_800), "not a time",
+          "2025-11-24T16:00:03Z"]
+    pd.DataFrame({"symbol": ["A"] * 6, "ts": ts, "bid_px_1": [10.0] * 6, "bid_sz_1": [1] * 6,
+                  "ask_px_1": [10.01] * 6, "ask_sz_1": [1] * 6}).to_csv(p, index=False)
+    paths = lake.LakePaths(tmp_path / "d")
+    st_ = backfill(paths, read_wide(p))
+    # seconds and milliseconds in one column both land on 2025-11-24; 1970 and 2100 are implausible.
+    assert st_.written == 3 and st_.dates == {"2025-11-24"}
+    assert dict(st_.quarantined) == {"implausible_time": 2, "unparseable_time": 1}
+    assert [d.name for d in paths.dataset(lake.SNAPSHOTS).iterdir()] == ["date=2025-11-24"]
+    again = backfill(paths, read_wide(p))  # idempotent
+    assert again.written == 0 and again.duplicates == 3
+
+
+def test_lobster_out_of_time_order_is_an_error(tmp_path, lobster_dir):
+    import shutil
+
+    from microstructure.sources.lobster import read_lobster
+
+    for f in lobster_dir.glob("*.csv"):
+        shutil.copy(f, tmp_path / f.name)
+    msg = next(tmp_path.glob("*_message_*.csv"))
+    book = next(tmp_path.glob("*_orderbook_*.csv"))
+    for f in (msg, book):
+        lines = f.read_text().splitlines()
+        f.write_text("\n".join(lines[:50][::-1]) + "\n")
+    with pytest.raises(ValueError, match="times go backwards"):
+        read_lobster(msg)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(min_value=946_684_800, max_value=4_102_444_800), st.integers(0, 999_999),
+@given(st.integers(min_value=946_684_800, max_value=1_764_000_000), st.integers(0, 999_999),
        st.sampled_from(["s", "ms", "us", "ns"]))
 def test_epoch_units_are_told_apart_by_magnitude(secs, micros, unit):
     mult = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[unit]
     frac = {"s": 0, "ms": micros // 1000 * 1000, "us": micros, "ns": micros}[unit]
     v = secs * mult + (frac * mult // 1_000_000)
-    got = parse_ts(pd.Series([v], dtype="int64"))[0].as_py()
+    got = parse_ts(pd.Series([v], dtype="int64"))[0][0].as_py()
     want = dt.datetime.fromtimestamp(secs, dt.UTC) + dt.timedelta(microseconds=frac)
     assert got == want
 

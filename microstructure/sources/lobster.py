@@ -50,6 +50,13 @@ def read_lobster(path: Path, cadence_s: float = 1.0, symbol: str | None = None) 
     levels = min(books.shape[1] // 4, MAX_LEVELS)
     midnight = dt.datetime.combine(day, dt.time(), NY).astimezone(dt.UTC)
     t = msgs["time"].to_numpy()
+    back = np.flatnonzero(np.diff(t) < 0)
+    if len(back):
+        i = int(back[0]) + 1
+        raise ValueError(f"{msg_f.name}: times go backwards at row {i + 1} ({t[i - 1]} then {t[i]}); a LOBSTER "
+                         "message file is in time order")
+    if len(t) == 0:
+        raise ValueError(f"{msg_f.name}: no messages")
     halt_msgs = msgs["type"].to_numpy() == 7
     halted_state = np.zeros(len(msgs), dtype=bool)
     state = False
