@@ -1,4 +1,5 @@
-"""Serve the poller on a schedule: one long-running run per US session (09:30 America/New_York, Mon-Fri).
+"""Serve the poller on a schedule: one long-running run per US session (09:30 America/New_York, Mon-Fri);
+the flow itself asks the exchange calendar whether there is a session today and when it closes.
 
     python -m flows.serve --data-dir /srv/microstructure/data
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from prefect import serve
+from prefect.schedules import Cron
 
 from flows.pipeline import build_features_flow, poll_flow
 
@@ -20,12 +22,11 @@ def main() -> None:
     args = ap.parse_args()
     poller = poll_flow.to_deployment(
         name="us-session",
-        cron="30 9 * * 1-5",
-        timezone="America/New_York",
-        parameters={"data_dir": args.data_dir, "cycles": 11_700, "interval": 2.0},
+        schedules=[Cron("30 9 * * 1-5", timezone="America/New_York")],
+        parameters={"data_dir": args.data_dir, "session": True, "interval": 2.0},
     )
     nightly = build_features_flow.to_deployment(
-        name="nightly-rebuild", cron="30 17 * * 1-5", timezone="America/New_York",
+        name="nightly-rebuild", schedules=[Cron("30 17 * * 1-5", timezone="America/New_York")],
         parameters={"data_dir": args.data_dir},
     )
     serve(poller, nightly)

@@ -31,6 +31,21 @@ def test_main_flow_end_to_end(harness, data_dir):
     assert n == d > 50
 
 
+def test_session_flow_exits_at_once_without_a_session(harness, tmp_path, capfd):
+    """The scheduled poller asks the exchange calendar: on a holiday, a weekend or after the close it returns
+    at once with the reason in its log; never polls past the close."""
+    from flows.pipeline import poll_flow
+    from microstructure.session import poll_window
+
+    window = poll_window()
+    if not isinstance(window, str):
+        pytest.skip("the exchange trades later today: the session flow would poll until the close")
+    out = poll_flow(str(tmp_path / "d"), symbols=3)
+    assert out == {"polled": False, "reason": window}
+    assert f"nothing to poll: {window}" in capfd.readouterr().err  # the flow run's log
+    assert not (tmp_path / "d" / "lake").exists()
+
+
 def test_vendor_poll_flow_keeps_keys_out_of_prefect(harness, env, tmp_path):
     """Poll the fallback chain through Prefect; no key in the flow's parameters, results, states or logs."""
     from prefect.client.orchestration import get_client
