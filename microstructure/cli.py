@@ -486,26 +486,28 @@ def training_set_cmd(entities: Annotated[Path, typer.Option(help="CSV or Parquet
 
 
 @app.command()
-def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapshots, features, quarantine.")] = None,
+def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapshots, features, quarantine, "
+                                                         "outcomes.")] = None,
         data_dir: DataDir = DEFAULT_DATA,
         as_json: JsonOut = False,
-        as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False) -> None:
-    """Ad-hoc DuckDB over the lake; without a query, open the DuckDB shell with the views loaded."""
+        as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+        allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Let queries write, attach and install "
+                                                                          "(read-only by default).")] = False) -> None:
+    """Ad-hoc DuckDB over the lake, read-only; without a query, a DuckDB prompt with the views loaded."""
+    from microstructure import shell
+
     paths = _paths(data_dir)
     if query is None:
-        _shell(paths)
+        shell.repl(paths, allow_writes)
         return
-    from microstructure.lake import with_retry
-
-    def run_query() -> Any:
-        rel = _connect(paths).sql(query)  # a fresh consistent listing if a compaction removed a file
-        return None if rel is None else rel.df()
-
-    df = with_retry(run_query)
+    try:
+        df = shell.run(paths, query, allow_writes)
+    except shell.NotAllowed as e:
+        raise UserError(str(e)) from None
     if df is None:
         return
     if as_json:
-        print(df.to_json(orient="records", date_format="iso"))
+        print(df.to_json(orient="records", date_format="iso", date_unit="us"))
     elif as_csv:
         print(df.to_csv(index=False), end="")
     else:
@@ -682,17 +684,6 @@ def _connect(paths: Any) -> Any:
     from microstructure.lake import connect
 
     return connect(paths)
-
-
-def _shell(paths: Any) -> None:
-    import shutil
-
-    from microstructure.transforms import TRANSFORMS_DIR
-
-    exe = shutil.which("duckdb")
-    if exe is None:
-        raise UserError("the duckdb shell is not installed (pip install duckdb-cli); pass a QUERY instead")
-    os.execv(exe, [exe, "-cmd", f"SET VARIABLE lake = '{paths.root}'", "-init", str(TRANSFORMS_DIR / "views.sql")])
 
 
 def _emit(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:

@@ -84,7 +84,7 @@ class LakePaths:
 
     def has(self, name: str) -> bool:
         d = self.dataset(name)
-        return d.exists() and any(d.glob("*/*.parquet"))
+        return d.exists() and any(d.glob("date=*/*.parquet"))
 
     def files(self, name: str, days: Iterable[dt.date] | None = None) -> list[str]:
         """A consistent list of the dataset's files (see :func:`partition_files`), optionally some dates."""
@@ -103,6 +103,24 @@ class LakePaths:
             return []
         parts = [p for p in d.glob("date=*") if any(p.glob("*.parquet"))]
         return sorted(dt.date.fromisoformat(p.name.split("=", 1)[1]) for p in parts)
+
+
+SCHEMA_DIR = "_schema"  # not a date partition: our listings skip it, folder globs see an empty, typed file
+
+
+def schema_file(paths: LakePaths, name: str) -> Path:
+    return paths.dataset(name) / SCHEMA_DIR / "empty.parquet"
+
+
+def ensure_schemas(paths: LakePaths) -> None:
+    """Give every dataset its zero-row schema file, so ``views.sql`` works in any DuckDB client on a lake
+    where a dataset has no rows yet (a folder glob that matches nothing is an error in DuckDB)."""
+    from microstructure.transforms import EMPTY
+
+    for name, schema in EMPTY.items():
+        f = schema_file(paths, name)
+        if not f.exists():
+            atomic_write_parquet(schema.empty_table(), f)
 
 
 def atomic_write_parquet(table: pa.Table, path: Path, row_group_size: int = ROW_GROUP_SIZE) -> None:
@@ -233,6 +251,7 @@ class PartitionWriter:
         self._floor: dict[dt.date, int] = {}  # keys older than this may be on disk only
         self._newest: dict[tuple, tuple] = {}  # key without its time -> newest key written
         self._pruned_at: dict[dt.date, int] = {}
+        ensure_schemas(paths)
         self.small_files: dict[dt.date, int] = {}  # files this writer added since the last compaction
 
     def _state_for(self, day: dt.date) -> dict[tuple, int]:

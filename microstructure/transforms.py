@@ -98,19 +98,18 @@ def load_views(con: duckdb.DuckDBPyConnection, paths: LakePaths) -> None:
 
     Each view reads the dataset's files as one consistent list (``LakePaths.files``: never a compacted file
     beside the files it replaced) instead of ``views.sql``'s folder glob, which a plain DuckDB client uses.
-    A dataset with no files yet gets an empty view of the right shape, so queries still run.
+    A dataset with no files yet reads its zero-row schema file, so queries still run.
     """
+    from microstructure.lake import ensure_schemas, schema_file
+
+    ensure_schemas(paths)
     con.execute("SET VARIABLE lake = ?", [str(paths.root)])
     text = "\n".join(line for line in sql("views").splitlines() if not line.strip().startswith("--"))
     for body in filter(None, (s.strip() for s in text.split(";"))):
         name = re.search(r"VIEW\s+(\w+)", body, re.I).group(1)  # type: ignore[union-attr]
-        files = paths.files(name)
-        if files:
-            glob = f"getvariable('lake') || '/{name}/*/*.parquet'"
-            if glob not in body:
-                raise ValueError(f"views.sql: view {name} does not read {glob}")
-            con.execute(f"SET VARIABLE {name}_files = ?", [files])
-            con.execute(body.replace(glob, f"getvariable('{name}_files')"))
-        else:
-            con.register(f"_empty_{name}", EMPTY[name].empty_table())
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _empty_{name}")
+        glob = f"coalesce(getvariable('lake'), 'data/lake') || '/{name}/*/*.parquet'"
+        if glob not in body:
+            raise ValueError(f"views.sql: view {name} does not read {glob}")
+        files = paths.files(name) or [str(schema_file(paths, name))]
+        con.execute(f"SET VARIABLE {name}_files = ?", [files])
+        con.execute(body.replace(glob, f"getvariable('{name}_files')"))
