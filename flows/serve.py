@@ -1,7 +1,7 @@
 """Serve the poller on a schedule: one long-running run per US session (09:30 America/New_York, Mon-Fri);
 the flow itself asks the exchange calendar whether there is a session today and when it closes.
 
-    python -m flows.serve --data-dir /srv/microstructure/data
+    python -m microstructure.flows.serve --data-dir /srv/microstructure/data
 
 The sub-10-second cadence is the flow's inner loop (``interval``), not the schedule.
 """
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 
+from microstructure.flows.pipeline import build_features_flow, poll_flow
 from prefect import serve
 from prefect.schedules import Cron
-
-from flows.pipeline import build_features_flow, poll_flow
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
 import os
 import sys
@@ -14,7 +15,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from microstructure.output import dumps
+
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Order-book features for intraday signals: poll -> lake -> DuckDB -> GE -> Feast.")
 out = Console()
 err = Console(stderr=True)
@@ -25,13 +28,49 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 DEFAULT_DATA = Path("data")
 
 
+class Source(enum.StrEnum):
+    simulated = "simulated"
+    polygon = "polygon"
+    alpaca = "alpaca"
+    chain = "chain"
+
+
+class Format(enum.StrEnum):
+    snapshots = "snapshots"
+    wide = "wide"
+    lobster = "lobster"
+    iex_deep = "iex-deep"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        import duckdb
+
+        print(f"microstructure {version('microstructure')} (duckdb {duckdb.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Order-book features for intraday signals: poll -> lake -> DuckDB -> GE -> Feast."""
+
+
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
-def _paths(data_dir: Path) -> Any:
+def _paths(data_dir: Path, must_exist: bool = False) -> Any:
+    """The lake of ``data_dir``. Read commands pass ``must_exist``: a mistyped data dir is an error, never
+    silently created and answered with "not found"."""
     from microstructure.lake import LakePaths
 
+    if must_exist and not (data_dir / "lake").exists():
+        hint = "no such folder" if not data_dir.exists() else "it holds no lake"
+        raise UserError(f"{data_dir} is not a data dir ({hint}): run `microstructure run` or `poll` first, or "
+                        "pass --data-dir / MICROSTRUCTURE_DATA_DIR")
     return LakePaths(data_dir.resolve())
 
 
@@ -44,23 +83,30 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c, overflow="fold")
-    for r in rows:
-        t.add_row(*[_fmt(v) for v in r])
-    return t
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
+    """A table, numbers right-aligned at full precision; when it would not fit the terminal (80 columns
+    included) it folds into a vertical layout: one block per row, a ``column  value`` line per column."""
+    from rich.console import Group
+    from rich.text import Text
 
+    from microstructure.output import cell, is_numeric
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    if isinstance(v, dt.datetime):
-        return v.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    return str(v)
+    texts = [[cell(v) for v in r] for r in rows]
+    numeric = [is_numeric([r[i] for r in rows]) for i in range(len(columns))]
+    width = sum(max([len(c), *(len(t[i]) for t in texts)]) + 3 for i, c in enumerate(columns)) + 1
+    if width <= out.width or len(columns) <= 2:
+        t = Table(title=title or None, title_justify="left")
+        for c, num in zip(columns, numeric, strict=True):
+            t.add_column(c, justify="right" if num else "left", overflow="fold")
+        for r in texts:
+            t.add_row(*r)
+        return t
+    name_w = max(len(c) for c in columns)
+    blocks: list[Any] = [Text(title, style="italic")] if title else []
+    for k, r in enumerate(texts):
+        blocks.append(Text(f"-- {k + 1} " + "-" * max(0, min(out.width, 60) - 5 - len(str(k + 1))), style="dim"))
+        blocks += [Text(f"{c:<{name_w}}  {v}") for c, v in zip(columns, r, strict=True)]
+    return Group(*blocks)
 
 
 def _progress(total: int | None, label: str, enabled: bool) -> Any:
@@ -196,7 +242,7 @@ def run(
     paths = _paths(data_dir)
     if prefect:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from flows.pipeline import main_flow
+        from microstructure.flows.pipeline import main_flow
 
         summary = main_flow(str(paths.data_dir), cycles, interval, step, symbols, seed, fresh)
     else:
@@ -243,7 +289,7 @@ def _online_sample_for(data_dir: Path, symbols: list[str], k: int = 5) -> dict[s
 
 def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary, default=str, indent=2))
+        print(dumps(summary))
         return
     p = summary["poll"]
     rows = [
@@ -277,8 +323,8 @@ def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> No
 @app.command("poll")
 def poll_cmd(
     data_dir: DataDir = DEFAULT_DATA,
-    source: Annotated[str, typer.Option(help="simulated, polygon, alpaca, or chain (the fallback chain of "
-                                             "--sources-config).")] = "simulated",
+    source: Annotated[Source, typer.Option(help="simulated, a vendor, or chain (the fallback chain of "
+                                                "--sources-config).")] = Source.simulated,
     cycles: Annotated[int | None, typer.Option(help="Poll cycles (default 30 unless --until/--session).")] = None,
     until: Annotated[str | None, typer.Option(help="Live: stop at HH:MM New York time today.")] = None,
     session: Annotated[bool, typer.Option("--session", help="Live: poll today's exchange session (open to "
@@ -319,11 +365,11 @@ def poll_cmd(
     if cycles is None and end is None:
         cycles = 30
     stats = _do_poll(data_dir, cycles, interval, step, symbols, seed, fresh=fresh, online=online,
-                     show_progress=not as_json, ack_log=ack_log, start=start_ts, source_kind=source,
+                     show_progress=not as_json, ack_log=ack_log, start=start_ts, source_kind=Source(source).value,
                      symbol_list=syms or None, sources_config=sources_config, until=end or None)
     d = stats.as_dict()
     if as_json:
-        print(json.dumps(d, indent=2))
+        print(dumps(d))
     else:
         out.print(_table("poll", ["", "value"], [[k, v] for k, v in d.items()]))
 
@@ -350,7 +396,7 @@ def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) 
         return None
     window = sess.poll_window(now)
     if isinstance(window, str):
-        print(json.dumps({"polled": False, "reason": window}) if as_json else f"nothing to poll: {window}")
+        print(dumps({"polled": False, "reason": window}) if as_json else f"nothing to poll: {window}")
         return False
     start, end = window
     if start > now:
@@ -367,11 +413,18 @@ def _parse_ts(s: str) -> dt.datetime:
     return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
+def _date(s: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(s)
+    except ValueError:
+        raise UserError(f"not a date (YYYY-MM-DD): {s!r}") from None
+
+
 def _days(paths: Any, dates: list[str] | None) -> list[dt.date]:
     from microstructure.lake import SNAPSHOTS
 
     if dates:
-        return [dt.date.fromisoformat(d) for d in dates]
+        return [_date(d) for d in dates]
     days = paths.dates(SNAPSHOTS)
     if not days:
         raise UserError(f"the lake at {paths.root} has no snapshots yet: run `microstructure poll` or `run` first")
@@ -387,7 +440,7 @@ def build_features_cmd(data_dir: DataDir = DEFAULT_DATA,
     from microstructure import pipeline
     from microstructure.checks import Checker
 
-    paths = _paths(data_dir)
+    paths = _paths(data_dir, must_exist=True)
     res = pipeline.build_and_publish(paths, _days(paths, date), Checker(paths.data_dir / "gx"))
     _emit([r.as_dict() for r in res], "feature batches", as_json)
     if not all(r.published for r in res):
@@ -402,7 +455,7 @@ def validate(data_dir: DataDir = DEFAULT_DATA,
     _quiet_libraries()
     from microstructure.checks import Checker
 
-    paths = _paths(data_dir)
+    paths = _paths(data_dir, must_exist=True)
     checker = Checker(paths.data_dir / "gx")
     con = _connect(paths)
     results = []
@@ -415,8 +468,8 @@ def validate(data_dir: DataDir = DEFAULT_DATA,
     reasons = con.sql("SELECT reason, count(*) AS n FROM quarantine GROUP BY ALL ORDER BY n DESC").fetchall()
     batches = [json.loads(f.read_text()) for f in sorted(paths.dataset("features_quarantine").glob("*/*.json"))]
     if as_json:
-        print(json.dumps({"checks": results, "quarantine": dict(reasons), "quarantined_feature_batches": batches,
-                          "data_docs": str(checker.docs_index())}, indent=2))
+        print(dumps({"checks": results, "quarantine": dict(reasons), "quarantined_feature_batches": batches,
+                     "data_docs": str(checker.docs_index())}))
     else:
         out.print(_table("checks", ["date", "suite", "rows", "success", "reason"],
                          [list(r.values()) for r in results]))
@@ -436,7 +489,7 @@ def compact(data_dir: DataDir = DEFAULT_DATA,
     """Merge each date's small snapshot files into one sorted file with large row groups."""
     from microstructure import pipeline
 
-    paths = _paths(data_dir)
+    paths = _paths(data_dir, must_exist=True)
     res = pipeline.compact_all(paths, _days(paths, date))
     _emit([{"partition": k, "files_before": v[0], "files_after": v[1]} for k, v in res.items()], "compaction", as_json)
 
@@ -450,9 +503,10 @@ def online(symbols: Annotated[list[str], typer.Argument(help="Symbols to look up
     _quiet_libraries()
     from microstructure.store import open_store, read_online
 
+    _paths(data_dir, must_exist=True)
     rows = [r.as_dict() for r in read_online(open_store(data_dir), symbols, freshness)]
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(dumps(rows))
         return
     cols = ["symbol", "found", "event_ts", "age_s", "stale", "source", "book_levels", "best_bid", "best_ask",
             "spread_bps", "order_imbalance", "depth_imbalance", "bid_depth", "ask_depth", "depth_dollars",
@@ -466,14 +520,12 @@ def training_set_cmd(entities: Annotated[Path, typer.Option(help="CSV or Parquet
                      data_dir: DataDir = DEFAULT_DATA) -> None:
     """Point-in-time-correct join of an entity file against the offline store, through Feast."""
     _quiet_libraries()
-    import pandas as pd
 
+    from microstructure.output import read_frame
     from microstructure.store import open_store, training_set
 
-    if not entities.exists():
-        raise UserError(f"no such entity file: {entities}")
-    df = pd.read_parquet(entities) if entities.suffix == ".parquet" else pd.read_csv(entities)
-    if not _paths(data_dir).has("features"):
+    df = read_frame(entities, "entity")
+    if not _paths(data_dir, must_exist=True).has("features"):
         raise UserError("no published features yet: run `microstructure run` or `build-features` first")
     res = training_set(open_store(data_dir), df)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -496,7 +548,7 @@ def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapsho
     """Ad-hoc DuckDB over the lake, read-only; without a query, a DuckDB prompt with the views loaded."""
     from microstructure import shell
 
-    paths = _paths(data_dir)
+    paths = _paths(data_dir, must_exist=True)
     if query is None:
         shell.repl(paths, allow_writes)
         return
@@ -514,13 +566,12 @@ def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapsho
         out.print(_table("", list(df.columns), df.astype(object).where(df.notna(), None).values.tolist()))
 
 
-BACKFILL_FORMATS = ("snapshots", "wide", "lobster", "iex-deep")
 
 
 @app.command()
 def backfill(path: Annotated[Path, typer.Argument(help="A recorded file (or LOBSTER / snapshot folder).")],
              data_dir: DataDir = DEFAULT_DATA,
-             fmt: Annotated[str, typer.Option("--format", help="snapshots, wide, lobster or iex-deep.")] = "lobster",
+             fmt: Annotated[Format, typer.Option("--format", help="What the file is.")] = Format.lobster,
              symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster) or select (iex-deep) the symbol.")]
              = None,
              cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots (lobster, iex-deep).")]
@@ -529,8 +580,7 @@ def backfill(path: Annotated[Path, typer.Argument(help="A recorded file (or LOBS
     """Load a recorded order-book file into the lake through the same validation and quarantine. Idempotent."""
     from microstructure.ingest import backfill as load
 
-    if fmt not in BACKFILL_FORMATS:
-        raise UserError(f"--format must be one of {', '.join(BACKFILL_FORMATS)}, not {fmt!r}")
+    fmt = Format(fmt).value
     if not path.exists():
         raise UserError(f"no such file or folder: {path}")
     if cadence <= 0:
@@ -579,10 +629,10 @@ def coverage(data_dir: DataDir = DEFAULT_DATA,
     """Per source and overall: symbols with L2 (>= 5 levels), shallow (2-4), L1 only, and none."""
     from microstructure.coverage import coverage as cov
 
-    paths = _paths(data_dir)
+    paths = _paths(data_dir, must_exist=True)
     res = cov(paths, _parse_ts(since) if since else None, _parse_ts(until) if until else None)
     if as_json:
-        print(json.dumps(res, default=str, indent=2))
+        print(dumps(res))
         return
     cols = ["source", "l2", "shallow", "l1_only", "snapshots", "failed_calls"]
     out.print(_table("coverage by source (symbols by the most levels served)", cols,
@@ -608,7 +658,7 @@ def evaluate(data_dir: DataDir = DEFAULT_DATA,
     from microstructure import report
     from microstructure.evaluate import evaluate as run_eval
 
-    paths = _paths(data_dir)
+    paths = _paths(data_dir, must_exist=True)
     if not paths.has("features"):
         raise UserError(f"no published features in {paths.root}: run `microstructure run` or `build-features`")
     if horizon <= 0 or order_notional <= 0:
@@ -619,8 +669,7 @@ def evaluate(data_dir: DataDir = DEFAULT_DATA,
         target = report.write_report(res, out_dir or paths.data_dir / "report")
         _save_model(res, paths)
     if as_json:
-        print(json.dumps({"data": res["data"]["label"], "report": str(target), "headline": res["headline"]},
-                         default=str, indent=2))
+        print(dumps({"data": res["data"]["label"], "report": str(target), "headline": res["headline"]}))
         return
     out.print(f"data: {res['data']['label']}")
     out.print(_table("roadmap claims", ["claim", "target", "measured", "95% CI", "verdict"],
@@ -669,7 +718,7 @@ def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON o
             raise UserError(str(e)) from None
     summ = pk.summary(res)
     if as_json:
-        print(json.dumps({"summary": summ, "picks": res}, default=str, indent=2))
+        print(dumps({"summary": summ, "picks": res}))
         return
     cols = ["symbol", "side", "mode", "status", "filter", "reason", "microstructure_risky", "spread_bps",
             "depth_dollars", "order_imbalance", *(["model_p_up", "model_score"] if score else [])]
@@ -688,7 +737,7 @@ def _connect(paths: Any) -> Any:
 
 def _emit(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(dumps(rows))
     elif rows:
         out.print(_table(title, list(rows[0].keys()), [list(r.values()) for r in rows]))
     else:
@@ -696,10 +745,12 @@ def _emit(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
 
 
 def main() -> None:
+    from microstructure.output import InputError
+
     try:
         app()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, InputError) as e:
+        print(f"error: {e}".splitlines()[0], file=sys.stderr)
         sys.exit(2)
     except SystemExit:
         raise

@@ -25,14 +25,19 @@ SHOWN = ["spread_bps", "depth_dollars", "order_imbalance", "depth_imbalance", "b
          "book_levels", "age_s"]
 
 
+REQUIRED = ("symbol", "side", "score")
+
+
 def read_picks(path: Path) -> pd.DataFrame:
-    if not path.exists():
-        raise FileNotFoundError(f"no such picks file: {path}")
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix == ".json":
-        return pd.read_json(path)
-    return pd.read_csv(path)
+    """The picks file, or one InputError for the file (missing columns are a file problem, not a row's)."""
+    from microstructure.output import InputError, read_frame
+
+    df = read_frame(path, "picks")
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise InputError(f"picks file {path} lacks column(s) {missing}; a picks file has symbol, side, score "
+                         "(and optional mode, notional, as_of)")
+    return df
 
 
 def _check_row(r: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
@@ -50,6 +55,8 @@ def _check_row(r: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         score = float(r.get("score"))
     except (TypeError, ValueError):
         return None, f"score {r.get('score')!r} is not a number"
+    if not math.isfinite(score):
+        return None, f"score {r.get('score')!r} is not a finite number"
     notional = r.get("notional")
     if notional is not None and not (isinstance(notional, float) and math.isnan(notional)):
         try:

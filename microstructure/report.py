@@ -203,7 +203,9 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     public = {k: v for k, v in res.items() if not k.startswith("_")}
-    (out / "results.json").write_text(json.dumps(public, indent=2, default=str))
+    from microstructure.output import dumps
+
+    (out / "results.json").write_text(dumps(public))  # strict JSON: NaN is null
     missing = [i for i in images if not (out / i).exists()]
     if missing:
         raise RuntimeError(f"plots not written: {missing}")

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import pyarrow as pa
 
+from microstructure.transforms import _package_dir
+
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-FEATURE_REPO = Path(__file__).resolve().parents[1] / "feature_repo"
+FEATURE_REPO = _package_dir("microstructure.feature_repo")
 PUSH_SOURCE = "order_book_push"
 FEATURE_VIEW = "order_book"
 FRESHNESS_S = 10.0  # an online row older than this (by its event_ts) is reported stale
@@ -124,12 +126,15 @@ def normalise_entities(entities: pd.DataFrame) -> pd.DataFrame:
     df = entities.copy()
     if "event_timestamp" not in df and "timestamp" in df:
         df = df.rename(columns={"timestamp": "event_timestamp"})
+    from microstructure.output import InputError
+
     missing = {"symbol", "event_timestamp"} - set(df.columns)
     if missing:
-        raise ValueError(f"entity file lacks column(s) {sorted(missing)}; needs symbol and event_timestamp")
-    ts = pd.to_datetime(df["event_timestamp"], utc=True, format="mixed")
+        raise InputError(f"entity file lacks column(s) {sorted(missing)}; needs symbol and event_timestamp")
+    ts = pd.to_datetime(df["event_timestamp"], utc=True, format="mixed", errors="coerce")
     if ts.isna().any():
-        raise ValueError(f"{int(ts.isna().sum())} entity row(s) have no parseable event_timestamp")
+        bad = df["event_timestamp"][ts.isna()].iloc[0]
+        raise InputError(f"{int(ts.isna().sum())} entity row(s) have no readable event_timestamp (first: {bad!r})")
     df["event_timestamp"] = ts.dt.floor("us").astype("datetime64[us, UTC]")
     df["symbol"] = df["symbol"].astype(str)
     return df

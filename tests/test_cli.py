@@ -79,4 +79,61 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path):
             tmp_path, check=False)
     assert p.returncode != 0 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
     p = cli("build-features", "--data-dir", tmp_path / "empty", check=False)
-    assert p.returncode == 2 and "no snapshots yet" in p.stderr
+    assert p.returncode == 2 and "not a data dir" in p.stderr
+    assert not (tmp_path / "empty").exists()  # a read command never creates a mistyped data dir
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is empty"),
+    (b"symbol,score\nAAA,1\n", "lacks column(s) ['side']"),
+    (b"\x1f\x8b\x08\x00\x00\x00", "truncated"),
+])
+def test_unusable_files_are_one_plain_error_with_exit_2(ran, tmp_path, content, expected):
+    d, _ = ran
+    f = tmp_path / ("picks.csv.gz" if content.startswith(b"\x1f") else "picks.csv")
+    f.write_bytes(content)
+    p = cli("picks", "--in", f, "--data-dir", d, check=False)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error:") and p.stderr.count("\n") == 1 and expected in p.stderr, p.stderr
+    for name in ("EmptyDataError", "ArrowInvalid", "DateParseError", "Traceback"):
+        assert name not in p.stderr
+
+
+def test_bad_values_are_plain_errors(ran, tmp_path):
+    d, _ = ran
+    p = cli("build-features", "--data-dir", d, "--date", "2026-13-01", check=False)
+    assert p.returncode == 2 and p.stderr == "error: not a date (YYYY-MM-DD): '2026-13-01'\n"
+    p = cli("poll", "--data-dir", d, "--source", "bloomberg", check=False)
+    assert p.returncode == 2 and "bloomberg" in p.stderr  # a choice, checked by the parser
+    ent = tmp_path / "e.csv"
+    ent.write_text("symbol,event_timestamp\nMEGA01,not-a-time\n")
+    p = cli("training-set", "--entities", ent, "--out", tmp_path / "o.csv", "--data-dir", d, check=False)
+    assert p.returncode == 2 and "no readable event_timestamp (first: 'not-a-time')" in p.stderr
+    assert cli("--version").stdout.startswith("microstructure ")
+
+
+def test_picks_nan_scores_are_row_errors_and_output_is_strict_json(ran, tmp_path):
+    d, _ = ran
+    f = tmp_path / "p.csv"
+    f.write_text("symbol,side,score,mode\nMEGA01,buy,0.5,SAFE\nMEGA02,buy,nan,SAFE\nMEGA03,sell,inf,SAFE\n")
+    p = cli("picks", "--in", f, "--data-dir", d, "--json")
+    out = json.loads(p.stdout)  # strict: the parser rejects bare NaN
+    status = {r["symbol"]: r["status"] for r in out["picks"]}
+    assert status["MEGA02"] == "error" and status["MEGA03"] == "error" and status["MEGA01"] != "error"
+    assert "NaN" not in p.stdout and "Infinity" not in p.stdout
+
+
+def test_tables_keep_full_precision_and_fold_at_80_columns(ran):
+    import os
+
+    from microstructure.output import cell, dumps, number
+
+    assert number(328.29) == "328.29" and number(328.3) == "328.3" and number(1234567.5) == "1,234,567.5"
+    assert cell({"l2": 150, "none": 0}) == "l2 150, none 0"
+    assert json.loads(dumps({"x": float("nan"), "y": [float("inf")]})) == {"x": None, "y": [None]}
+    d, _ = ran
+    p = subprocess.run([sys.executable, "-m", "microstructure", "online", "MEGA01", "LRG01", "--data-dir", str(d)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"})
+    assert p.returncode == 0, p.stderr
+    assert max(len(line) for line in p.stdout.splitlines()) <= 80
+    assert any(line.startswith("spread_bps") for line in p.stdout.splitlines())  # folded: one line per column

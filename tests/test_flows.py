@@ -14,7 +14,8 @@ def harness():
 
 
 def test_main_flow_end_to_end(harness, data_dir):
-    from flows.pipeline import build_features_flow, main_flow, poll_flow
+    from microstructure.flows.pipeline import build_features_flow, main_flow, poll_flow
+
     from microstructure import lake
 
     s = main_flow(str(data_dir), cycles=20, interval=0, step=2.0, symbols=5, seed=1)
@@ -34,7 +35,8 @@ def test_main_flow_end_to_end(harness, data_dir):
 def test_session_flow_exits_at_once_without_a_session(harness, tmp_path, capfd):
     """The scheduled poller asks the exchange calendar: on a holiday, a weekend or after the close it returns
     at once with the reason in its log; never polls past the close."""
-    from flows.pipeline import poll_flow
+    from microstructure.flows.pipeline import poll_flow
+
     from microstructure.session import poll_window
 
     window = poll_window()
@@ -48,10 +50,10 @@ def test_session_flow_exits_at_once_without_a_session(harness, tmp_path, capfd):
 
 def test_vendor_poll_flow_keeps_keys_out_of_prefect(harness, env, tmp_path):
     """Poll the fallback chain through Prefect; no key in the flow's parameters, results, states or logs."""
+    from microstructure.flows.pipeline import poll_flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import LogSort, TaskRunSort
 
-    from flows.pipeline import poll_flow
     from tests.vendor_server import (
         ALPACA_STOCKS,
         POLY_STOCKS,
