@@ -119,105 +119,17 @@ def _progress(total: int | None, label: str, enabled: bool) -> Any:
 
 # ---- poll / run --------------------------------------------------------------------------------
 def _do_poll(data_dir: Path, cycles: int | None, interval: float, step: float | None, symbols: int,
-             seed: int | None, fresh: bool, online: bool, show_progress: bool, ack_log: Path | None = None,
-             start: dt.datetime | None = None, source_kind: str = "simulated", symbol_list: list[str] | None = None,
-             sources_config: Path | None = None, until: dt.datetime | None = None) -> Any:
-    """Poll into the lake: live on the wall clock when ``interval > 0``, else a replay on a simulated clock.
+             seed: int | None, fresh: bool, online: bool, show_progress: bool, **kw: Any) -> Any:
+    """``runner.poll`` with a progress bar; its PollError is a user error (one line, exit 2)."""
+    from microstructure import runner
 
-    Live: ``cycles`` and/or ``until`` end the poll (the first reached). A replay needs ``cycles``.
-    """
-    from microstructure import pipeline
-
-    paths = _paths(data_dir)
-    live = interval > 0
-    step_s = interval if live else (step or 2.0)
-    if cycles is not None and cycles < 1:
-        raise UserError("--cycles must be at least 1")
-    if cycles is None and until is None:
-        raise UserError("give --cycles, --until or --session: the poll needs an end")
-    if not live and cycles is None:
-        raise UserError("a replay (--interval 0) needs --cycles")
-    if source_kind == "simulated":
-        from microstructure.sources.simulated import universe
-
-        if symbols < 1:
-            raise UserError("--symbols must be at least 1")
-        syms = symbol_list or universe()[:symbols]
+    with _progress(cycles, "polling", show_progress) as prog:
+        task = prog.add_task("poll", total=cycles)
         try:
-            source = pipeline.simulated_source(paths, seed, fresh)
-        except pipeline.MarketConflict as e:
+            return runner.poll(data_dir.resolve(), cycles, interval, step, symbols, seed, fresh, online,
+                               on_cycle=lambda i, s: prog.update(task, completed=i + 1), **kw)
+        except runner.PollError as e:
             raise UserError(str(e)) from None
-        source.live = live
-    else:
-        source, syms = _vendor_source(source_kind, symbol_list, sources_config, paths.data_dir)
-    times: Any
-    if live:
-        times = pipeline.LiveClock(step_s, cycles, until)
-        total = cycles
-    else:
-        assert cycles is not None
-        end_at_now = start is None
-        if start is None:
-            now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-            # A replay ends at about now, so its last cycle is what the online store should hold; a saved
-            # market continues from where it stopped, never earlier, and never past now.
-            start = now - dt.timedelta(seconds=step_s * (cycles - 1))
-            if getattr(source, "now", None) is not None:
-                start = max(start, dt.datetime.fromtimestamp(source.now, dt.UTC) + dt.timedelta(seconds=step_s))
-                cycles = min(cycles, int((now - start).total_seconds() // step_s) + 1)
-        total = cycles
-        times = pipeline.cycle_times(start, step_s, max(cycles, 0), 0, end_at_now)
-    publisher = None
-    if online:
-        from microstructure.checks import Checker
-        from microstructure.store import open_store
-
-        publisher = pipeline.OnlinePublisher(paths, open_store(paths.data_dir), Checker())
-    # Live: check and push every cycle. Replay: the same per-cycle features, checked and pushed in
-    # batches of 30 cycles (the checks cost ~0.2 s a batch; see README "Online path").
-    every = 1 if live else 30
-    saver = None
-    if source_kind == "simulated":
-        # The market's state is saved with every acknowledged cycle: a killed poller resumes this market.
-        def saver() -> None:
-            pipeline.save_simulated(paths.data_dir, source)
-    try:
-        with _progress(total or 0, "polling", show_progress and total is not None) as prog:
-            task = prog.add_task("poll", total=total)
-            stats = pipeline.poll(paths, source, syms, times, publisher=publisher, publish_every=every,
-                                  on_cycle=lambda i, s: prog.update(task, completed=i + 1), ack_log=ack_log,
-                                  after_ack=saver, compact_every=pipeline.COMPACT_EVERY if live else 0)
-    except Exception as e:
-        from microstructure.sources.vendor import ConfigError
-
-        if isinstance(e, ConfigError):
-            raise UserError(str(e)) from None
-        raise
-    finally:
-        if hasattr(source, "close"):
-            source.close()
-    return stats
-
-
-def _vendor_source(kind: str, symbol_list: list[str] | None, sources_config: Path | None,
-                   data_dir: Path) -> tuple[Any, list[str]]:
-    """A fallback chain from the sources file (``chain``) or one vendor's part of it (polygon, alpaca)."""
-    from microstructure.sources.chain import build_chain
-    from microstructure.sources.vendor import ConfigError
-
-    if kind not in ("chain", "polygon", "alpaca"):
-        raise UserError(f"--source must be simulated, polygon, alpaca or chain, not {kind!r}")
-    cfg = sources_config or (data_dir / "sources.toml")
-    try:
-        chain = build_chain(cfg if cfg.exists() or sources_config else None, symbol_list,
-                            only=None if kind == "chain" else kind)
-    except ConfigError as e:
-        raise UserError(str(e)) from None
-    syms = list(dict.fromkeys([*(symbol_list or []), *chain.symbols]))
-    if not syms:
-        chain.close()
-        raise UserError("no symbols: pass --symbol/--symbols-file or list them in the sources file")
-    return chain, syms
 
 
 @app.command()
@@ -275,16 +187,9 @@ class _null:
 
 
 def _online_sample_for(data_dir: Path, symbols: list[str], k: int = 5) -> dict[str, Any]:
-    """What the summary shows after the offline steps: features per symbol and a few online rows."""
-    from microstructure.store import open_store, read_online
+    from microstructure.runner import online_sample
 
-    paths = _paths(data_dir)
-    per_symbol = _connect(paths).sql(
-        "SELECT count(*) / greatest(count(DISTINCT symbol), 1) FROM features").fetchall()[0][0]
-    pick = symbols[:: max(1, len(symbols) // k)][:k]
-    sample = [r.as_dict() for r in read_online(open_store(data_dir), pick)] if pick else []
-    return {"features_per_symbol": round(float(per_symbol or 0), 1), "online_sample": sample,
-            "data_docs": str(data_dir / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html")}
+    return online_sample(data_dir, symbols, k)
 
 
 def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> None:
