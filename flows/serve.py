@@ -20,13 +20,15 @@ def main() -> None:
     ap.add_argument("--data-dir", default="data")
     args = ap.parse_args()
     poller = poll_flow.to_deployment(
-        name="us-session",
+        name="us-session-served",  # prefect.yaml's deployments (for workers) keep the plain names
         schedules=[Cron("30 9 * * 1-5", timezone="America/New_York")],
         parameters={"data_dir": args.data_dir, "session": True, "interval": 2.0},
+        concurrency_limit=1,
     )
     nightly = build_features_flow.to_deployment(
-        name="nightly-rebuild", schedules=[Cron("30 17 * * 1-5", timezone="America/New_York")],
+        name="nightly-rebuild-served", schedules=[Cron("30 17 * * 1-5", timezone="America/New_York")],
         parameters={"data_dir": args.data_dir},
+        concurrency_limit=1,
     )
     serve(poller, nightly)
 
