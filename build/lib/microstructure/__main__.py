@@ -1,0 +1,3 @@
+from microstructure.cli import main
+
+main()

@@ -1,0 +1,144 @@
+"""Great Expectations suites for raw snapshots and for features.
+
+Two guards use them:
+* the online path validates every cycle's feature rows before they are pushed (an ephemeral context,
+  no files written per cycle: a failing cycle is quarantined, never served);
+* the offline ``validate`` step checks a date's snapshots and its freshly built features before the
+  features are published to Feast, and writes Data Docs under ``<data-dir>/gx``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+MAX_LAG_S = 300.0  # received_ts - event_ts beyond this: the vendor handed us an old book
+
+
+def _expectations(kind: str) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    common = [
+        E.ExpectColumnValuesToNotBeNull(column="symbol"),
+        E.ExpectColumnValuesToNotBeNull(column="event_ts"),
+        E.ExpectColumnValuesToNotBeNull(column="received_ts"),
+        E.ExpectColumnValuesToNotBeNull(column="source"),
+        E.ExpectColumnValuesToBeBetween(column="book_levels", min_value=1, max_value=10),
+        # Freshness: how old the book was when it reached us (negative = clocks disagree).
+        E.ExpectColumnValuesToBeBetween(column="lag_s", min_value=-1.0, max_value=MAX_LAG_S),
+    ]
+    if kind == "snapshots":
+        return [
+            *common,
+            E.ExpectCompoundColumnsToBeUnique(column_list=["symbol", "event_ts", "source"]),
+            E.ExpectColumnValuesToBeBetween(column="bid_px_1", min_value=0, strict_min=True),
+            E.ExpectColumnValuesToBeBetween(column="ask_px_1", min_value=0, strict_min=True),
+            E.ExpectColumnValuesToBeBetween(column="bid_sz_1", min_value=0),
+            E.ExpectColumnValuesToBeBetween(column="ask_sz_1", min_value=0),
+            # Ordered levels: bids fall and asks rise away from the touch; the touch is not crossed.
+            E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="bid_px_1", column_B="bid_px_2",
+                                                       ignore_row_if="either_value_is_missing"),
+            E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="ask_px_2", column_B="ask_px_1",
+                                                       ignore_row_if="either_value_is_missing"),
+            E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="ask_px_1", column_B="bid_px_1", or_equal=True,
+                                                       ignore_row_if="either_value_is_missing"),
+        ]
+    return [
+        *common,
+        E.ExpectCompoundColumnsToBeUnique(column_list=["symbol", "event_ts"]),
+        E.ExpectColumnValuesToBeBetween(column="order_imbalance", min_value=-1, max_value=1),
+        E.ExpectColumnValuesToBeBetween(column="depth_imbalance", min_value=-1, max_value=1),
+        E.ExpectColumnValuesToBeBetween(column="spread_bps", min_value=0),
+        E.ExpectColumnValuesToBeBetween(column="bid_depth", min_value=0),
+        E.ExpectColumnValuesToBeBetween(column="ask_depth", min_value=0),
+        E.ExpectColumnValuesToBeBetween(column="depth_dollars", min_value=0),
+        E.ExpectColumnValuesToBeBetween(column="gap_pct", min_value=0),
+        E.ExpectColumnValuesToBeBetween(column="best_bid", min_value=0, strict_min=True),
+        E.ExpectColumnValuesToBeBetween(column="best_ask", min_value=0, strict_min=True),
+        E.ExpectColumnValuesToBeBetween(column="mid", min_value=0, strict_min=True),
+        E.ExpectColumnValuesToNotBeNull(column="spread_bps"),
+        E.ExpectColumnValuesToNotBeNull(column="order_imbalance"),
+        E.ExpectColumnValuesToNotBeNull(column="has_recent_halt"),
+    ]
+
+
+@dataclass
+class CheckResult:
+    suite: str
+    success: bool
+    rows: int
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.failures) if self.failures else "ok"
+
+
+def _frame(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df["lag_s"] = (df["received_ts"] - df["event_ts"]).dt.total_seconds()
+    return df
+
+
+class Checker:
+    """Holds a GE context and one validation definition per suite; reuse it across cycles."""
+
+    def __init__(self, docs_dir: Path | None = None) -> None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        logging.getLogger("great_expectations").setLevel(logging.ERROR)
+        if docs_dir is None:
+            self.ctx = gx.get_context(mode="ephemeral")
+        else:
+            docs_dir.mkdir(parents=True, exist_ok=True)
+            self.ctx = gx.get_context(mode="file", project_root_dir=str(docs_dir))
+        self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        self.docs = docs_dir is not None
+        ds = self.ctx.data_sources.add_or_update_pandas("microstructure")
+        self._defs: dict[str, Any] = {}
+        for kind in ("snapshots", "features"):
+            asset = ds.add_dataframe_asset(kind)
+            batch = asset.add_batch_definition_whole_dataframe(f"{kind}_batch")
+            suite = self.ctx.suites.add_or_update(gx.ExpectationSuite(name=f"{kind}_suite",
+                                                                      expectations=_expectations(kind)))
+            vd = gx.ValidationDefinition(data=batch, suite=suite, name=f"{kind}_validation")
+            vd = self.ctx.validation_definitions.add_or_update(vd)
+            if self.docs:
+                cp = gx.Checkpoint(name=f"{kind}_checkpoint", validation_definitions=[vd],
+                                   actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")])
+                self._defs[kind] = self.ctx.checkpoints.add_or_update(cp)
+            else:
+                self._defs[kind] = vd
+
+    def check(self, kind: str, df: pd.DataFrame) -> CheckResult:
+        if df.empty:
+            return CheckResult(kind, True, 0)
+        runner = self._defs[kind]
+        res = runner.run(batch_parameters={"dataframe": _frame(df)})
+        results = res.run_results.values() if self.docs else [res]
+        failures = []
+        for vr in results:
+            for r in vr.results:
+                if not r.success:
+                    cfg = r.expectation_config
+                    col = cfg.kwargs.get("column") or cfg.kwargs.get("column_list") or (
+                        f"{cfg.kwargs.get('column_A')}>{cfg.kwargs.get('column_B')}")
+                    n = (r.result or {}).get("unexpected_count")
+                    failures.append(f"{cfg.type}({col})" + (f": {n} rows" if n is not None else ""))
+        return CheckResult(kind, res.success, len(df), failures)
+
+    def docs_index(self) -> Path | None:
+        if not self.docs:
+            return None
+        root = Path(self.ctx.root_directory)
+        idx = root / "uncommitted" / "data_docs" / "local_site" / "index.html"
+        return idx if idx.exists() else None

@@ -1,0 +1,78 @@
+"""The catalogue of what we serve: the symbol entity, the order-book feature view and its consumers.
+
+The offline source is the published features in the lake (``lake/features/date=*/``), written by the
+``build_features`` flow from ``transforms/features.sql``. Every poll cycle pushes the same SQL's output for
+the fresh snapshots through ``order_book_push``, so the online store is as fresh as the last cycle.
+
+The timestamp Feast joins on is ``received_ts`` (when the snapshot reached us), not the vendor's
+``event_ts``: a training row at time T only sees books we actually had in hand at T.
+"""
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.data_format import ParquetFormat
+from feast.types import Bool, Float64, Int32, String, UnixTimestamp
+
+from microstructure.transforms import ML_FEATURES
+
+DATA_DIR = Path(os.environ.get("MICROSTRUCTURE_DATA_DIR", "data")).resolve()
+
+symbol = Entity(
+    name="symbol",
+    join_keys=["symbol"],
+    value_type=ValueType.STRING,
+    description="A traded instrument's ticker as the source spells it (AAPL, BTC/USD, MEGA01).",
+)
+
+order_book_source = FileSource(
+    name="order_book_features_source",
+    path=str(DATA_DIR / "lake" / "features" / "*" / "*.parquet"),
+    file_format=ParquetFormat(),
+    timestamp_field="received_ts",
+    description="Published feature rows, one per (symbol, event_ts); see transforms/features.sql.",
+)
+
+order_book_push = PushSource(name="order_book_push", batch_source=order_book_source)
+
+order_book = FeatureView(
+    name="order_book",
+    entities=[symbol],
+    # Offline: a training row sees no book older than this. Online reads ignore TTL (feast#6821);
+    # microstructure.store reports the age of every online row and flags stale ones itself.
+    ttl=timedelta(minutes=5),
+    schema=[
+        Field(name="event_ts", dtype=UnixTimestamp, description="Source time of the book"),
+        Field(name="source", dtype=String, description="Source that served the book"),
+        Field(name="book_levels", dtype=Int32, description="Levels the source really gave (1 = L1 only)"),
+        Field(name="halted", dtype=Bool, description="Source says trading is halted (null: unknown)"),
+        Field(name="locked", dtype=Bool, description="Best bid equals best ask"),
+        Field(name="best_bid", dtype=Float64),
+        Field(name="best_ask", dtype=Float64),
+        Field(name="bid_size", dtype=Float64, description="Shares at the best bid"),
+        Field(name="ask_size", dtype=Float64, description="Shares at the best ask"),
+        Field(name="mid", dtype=Float64),
+        Field(name="spread_bps", dtype=Float64, description="(ask - bid) / mid * 10000"),
+        Field(name="bid_depth", dtype=Float64, description="Shares on the top 5 bid levels"),
+        Field(name="ask_depth", dtype=Float64, description="Shares on the top 5 ask levels"),
+        Field(name="order_imbalance", dtype=Float64, description="(bid_size - ask_size) / (bid_size + ask_size)"),
+        Field(name="depth_imbalance", dtype=Float64, description="(bid_depth - ask_depth) / (bid_depth + ask_depth)"),
+        Field(name="bid_depth_dollars", dtype=Float64, description="Top-5 bid notional, USD"),
+        Field(name="ask_depth_dollars", dtype=Float64, description="Top-5 ask notional, USD"),
+        Field(name="depth_dollars", dtype=Float64, description="Top-5 notional, both sides, USD"),
+        Field(name="microprice", dtype=Float64, description="Size-weighted mid"),
+        Field(name="gap_pct", dtype=Float64, description="Mid range over trailing 5 min / its low"),
+        Field(name="has_recent_halt", dtype=Bool, description="A halt in the trailing 30 min"),
+    ],
+    online=True,
+    source=order_book_push,
+    description="Order-book features per symbol, fresh every poll cycle.",
+)
+
+# What a scoring model reads, in the order it expects.
+scoring = FeatureService(name="scoring", features=[order_book[ML_FEATURES]],
+                         description="The five microstructure features for ML scoring.")
+order_book_all = FeatureService(name="order_book_all", features=[order_book],
+                                description="Every order-book feature, for the service and filters.")

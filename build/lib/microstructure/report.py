@@ -1,0 +1,212 @@
+"""Render an ``evaluate`` result: report.md, PNG plots and the headline table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if unit == "fraction":
+        return f"{v:.1%}"
+    if unit in ("bps",):
+        return f"{v:+.2f} bps"
+    if unit == "AUC":
+        return f"{v:+.4f}"
+    if unit == "ratio":
+        return f"{v:.2f}×"
+    return f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
+
+
+def _ci(ci: Any, unit: str) -> str:
+    if not ci:
+        return "–"
+    return f"[{_fmt(ci[0], unit)}, {_fmt(ci[1], unit)}]"
+
+
+def headline_rows(res: dict[str, Any]) -> list[list[str]]:
+    return [[h["claim"], h["target"], _fmt(h["measured"], h["unit"]), _ci(h["ci"], h["unit"]), h["verdict"]]
+            for h in res["headline"]]
+
+
+def plots(res: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fr: pd.DataFrame = res["_frames"]["fr"]
+    feats: pd.DataFrame = res["_frames"]["feats"]
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, sig in zip(axes, ("order_imbalance", "depth_imbalance"), strict=True):
+        for h in (10, 30, 60):
+            d = fr[[sig, f"ret_{h}"]].dropna()
+            if len(d) < 20:
+                continue
+            bins = pd.cut(d[sig], np.linspace(-1, 1, 11), include_lowest=True)
+            m = d.groupby(bins, observed=True)[f"ret_{h}"].mean()
+            ax.plot([b.mid for b in m.index], m.to_numpy(), marker="o", label=f"{h} s")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel(sig)
+        ax.set_ylabel("mean forward mid return (bps)")
+        ax.legend()
+    fig.suptitle("Imbalance against forward return")
+    fig.tight_layout()
+    fig.savefig(out / "imbalance_vs_return.png", dpi=110)
+    plt.close(fig)
+    made.append("imbalance_vs_return.png")
+
+    size = res["params"]["order_notional"]
+    tiers = res["bad_fills"].get("sizes", {}).get(str(int(size)), {}).get("by_tier", [])
+    fig, ax = plt.subplots(figsize=(11, 4))
+    if tiers:
+        x = np.arange(len(tiers))
+        for i, (k, lab) in enumerate((("bad_rate_all", "all picks"), ("bad_rate_aggressive", "AGGRESSIVE kept"),
+                                      ("bad_rate_safe", "SAFE kept"))):
+            ax.bar(x + (i - 1) * 0.27, [t[k] if t[k] is not None else np.nan for t in tiers], 0.27, label=lab)
+        ax.set_xticks(x, [f"{t['tier']}\n(n={t['n']})" for t in tiers], fontsize=8)
+        ax.legend()
+    ax.set_ylabel("bad-fill rate")
+    ax.set_title(f"Bad fills (${size:,.0f} marketable orders, slippage > 20 bps or unfillable) by tier")
+    fig.tight_layout()
+    fig.savefig(out / "bad_fills_by_tier.png", dpi=110)
+    plt.close(fig)
+    made.append("bad_fills_by_tier.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if len(feats):
+        sp = feats["spread_bps"].clip(lower=1e-3)
+        axes[0].hist(np.log10(sp), bins=60)
+        axes[0].set_xlabel("log10 spread (bps)")
+        axes[0].axvline(np.log10(50), color="g", ls="--", label="SAFE 50 bps")
+        axes[0].axvline(np.log10(100), color="r", ls="--", label="AGGRESSIVE 100 bps")
+        axes[0].legend()
+        dd = feats["depth_dollars"].clip(lower=1)
+        axes[1].hist(np.log10(dd), bins=60)
+        axes[1].set_xlabel("log10 top-5 depth ($)")
+        axes[1].axvline(5, color="g", ls="--", label="SAFE $100k")
+        axes[1].axvline(np.log10(50_000), color="r", ls="--", label="AGGRESSIVE $50k")
+        axes[1].legend()
+    fig.suptitle("Spread and depth distributions (all feature rows)")
+    fig.tight_layout()
+    fig.savefig(out / "spread_depth.png", dpi=110)
+    plt.close(fig)
+    made.append("spread_depth.png")
+
+    cov = res["coverage"]["sources"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    if cov:
+        x = np.arange(len(cov))
+        bottom = np.zeros(len(cov))
+        for k in ("l2", "shallow", "l1_only"):
+            v = np.array([c[k] for c in cov], dtype=float)
+            ax.bar(x, v, bottom=bottom, label=k)
+            bottom += v
+        ax.set_xticks(x, [c["source"] for c in cov])
+        ax.legend()
+    ax.set_ylabel("symbols")
+    ax.set_title(f"Coverage by source and depth (none: {res['coverage']['overall']['none']} symbols)")
+    fig.tight_layout()
+    fig.savefig(out / "coverage.png", dpi=110)
+    plt.close(fig)
+    made.append("coverage.png")
+    return made
+
+
+def write_report(res: dict[str, Any], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    images = plots(res, out)
+    d = res["data"]
+    lines = ["# microstructure: do the roadmap's claims hold?", "",
+             f"**Data:** {d['label']} ({'real order-book data' if d['real'] else 'simulated order books'}; "
+             f"{d['features']:,} feature rows). Generated {res['generated']}; parameters "
+             f"`{json.dumps(res['params'])}`.", "",
+             "## Headline", "", "| claim | target | measured | 95% CI | verdict |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in headline_rows(res)]
+    if d["real"] and d["symbols"] < 20:
+        lines += ["", "With fewer than 20 symbol × 5-minute clusters the intervals resample rows, which treats "
+                  "serially correlated snapshots as independent: read them as too narrow."]
+    lines += ["", "Verdicts: *met* = the whole interval clears the target; *not met* = it lies below; "
+              "*inconclusive* = it straddles; *insufficient data* = too few observations for an interval. "
+              "Intervals are cluster bootstraps (symbol × 5-minute blocks, 1,000 replicates; rows when fewer than "
+              "20 clusters; the ML interval resamples test rows).", ""]
+    bf = res["bad_fills"]
+    lines += ["## Bad fills", ""]
+    if bf.get("n"):
+        lines += [f"{bf['n']:,} liquidity-blind random picks (random symbol, time and side); each marketable order "
+                  f"walks the book of the first snapshot {bf['latency_s']:g} s after the decision. Bad = slippage "
+                  f"vs mid > {bf['bad_bps']:g} bps or not fillable from the visible book. Filter pass rates: "
+                  + ", ".join(f"{m} {v:.0%}" for m, v in bf["pass_rate"].items()) + ".", "",
+                  "| order | bad (all) | SAFE kept: bad | SAFE reduction [CI] | AGGRESSIVE kept: bad | "
+                  "AGGRESSIVE reduction [CI] | risky vs not: bad |", "|---|---|---|---|---|---|---|"]
+        for size, e in bf["sizes"].items():
+            rk = e["risky"]
+            lines.append(
+                f"| ${int(size):,} | {_fmt(e['bad_rate_all'], 'fraction')} | "
+                f"{_fmt(e['SAFE']['bad_rate_kept'], 'fraction')} | {_fmt(e['SAFE']['reduction'], 'fraction')} "
+                f"{_ci(e['SAFE']['ci'], 'fraction')} | {_fmt(e['AGGRESSIVE']['bad_rate_kept'], 'fraction')} | "
+                f"{_fmt(e['AGGRESSIVE']['reduction'], 'fraction')} {_ci(e['AGGRESSIVE']['ci'], 'fraction')} | "
+                f"{_fmt(rk['bad_rate_risky'], 'fraction')} vs {_fmt(rk['bad_rate_not_risky'], 'fraction')} |")
+        lines += ["", "Caveat: the filters read the same book the order then walks (one snapshot later), so on any "
+                  "data where books persist for seconds the reduction is largely mechanical: it shows the filters "
+                  "do what they say, not that they pick better trades.", "", "![bad fills](bad_fills_by_tier.png)", ""]
+    else:
+        lines += ["insufficient data: no feature rows.", ""]
+    lines += ["## Entry timing", "", "| signal | target | n | hit rate [CI] | rank corr [CI] |",
+              "|---|---|---|---|---|"]
+    for sig, targets in res["signals"].items():
+        for tgt, e in targets.items():
+            if "hit_rate" in e:
+                few = "" if e["enough"] else " (too few for a verdict)"
+                lines.append(f"| {sig} | {tgt} | {e['n']:,} | {_fmt(e['hit_rate'], 'fraction')} "
+                             f"{_ci(e['hit_ci'], 'fraction')}{few} | {e['rank_corr']:+.3f} "
+                             f"[{e['rank_corr_ci'][0]:+.3f}, {e['rank_corr_ci'][1]:+.3f}] |")
+            else:
+                lines.append(f"| {sig} | {tgt} | {e['n']:,} | insufficient data | – |")
+    t = res["timing"]
+    if "saving_bps" in t:
+        lines += ["", f"Timing rule: wait up to {t['k_s']} s for side × order_imbalance > {t['threshold']}, else enter "
+                  f"at the deadline ({t['n']:,} random picks; agreement came in {t['agreed_within_k']:.0%}). Entry at "
+                  f"the touch; cost vs the mid at signal time: at once {t['cost_now_bps']:.2f} bps, with the rule "
+                  f"{t['cost_rule_bps']:.2f} bps; saving {_fmt(t['saving_bps'], 'bps')} "
+                  f"{_ci(t['saving_ci'], 'bps')}" + ("." if t["enough"] else " (too few picks for a verdict).")]
+    else:
+        lines += ["", f"Timing rule: insufficient data ({t.get('n', 0)} picks with a full window)."]
+    lines += ["", "![imbalance vs return](imbalance_vs_return.png)", "", "## ML scoring", ""]
+    ml = res["ml"]
+    if ml.get("enough"):
+        lines += [f"{ml['n']:,} rows joined point-in-time through Feast (`training-set` path); label = sign of the "
+                  f"{ml['horizon_s']} s forward mid return; time-ordered split at {ml['split_at']} "
+                  f"({ml['n_train']:,} train / {ml['n_test']:,} test, {ml['test_up_rate']:.0%} up); {ml['model']}.", "",
+                  "| features | AUC | log-loss |", "|---|---|---|",
+                  f"| base (60 s return, 5 min volatility) | {ml['base']['auc']:.4f} | {ml['base']['log_loss']:.4f} |",
+                  f"| base + five microstructure | {ml['base+micro']['auc']:.4f} | "
+                  f"{ml['base+micro']['log_loss']:.4f} |", "",
+                  f"AUC gain {ml['auc_gain']:+.4f} [{ml['auc_gain_ci'][0]:+.4f}, {ml['auc_gain_ci'][1]:+.4f}]. "
+                  "A log-loss above ln 2 = 0.693 means the probabilities are worse calibrated than a coin; "
+                  "the ranking (AUC) is the claim here."]
+    else:
+        lines += [f"insufficient data ({ml.get('n', 0)} labelled rows; need {1000}+ with both outcomes in the test "
+                  "split)."]
+    cov = res["coverage"]["overall"]
+    lines += ["", "## Data and coverage", "", f"Symbols: {cov['symbols']} — L2 (≥ 5 levels) {cov['l2']}, shallow "
+              f"{cov['shallow']}, L1 only {cov['l1_only']}, none {cov['none']}.", "", "![coverage](coverage.png)", "",
+              "![spread and depth](spread_depth.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    public = {k: v for k, v in res.items() if not k.startswith("_")}
+    from microstructure.output import dumps
+
+    (out / "results.json").write_text(dumps(public))  # strict JSON: NaN is null
+    missing = [i for i in images if not (out / i).exists()]
+    if missing:
+        raise RuntimeError(f"plots not written: {missing}")
+    return path

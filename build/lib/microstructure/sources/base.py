@@ -1,0 +1,47 @@
+"""What every order-book source returns, so the poller can treat them alike."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyarrow as pa
+
+from microstructure.book import QUARANTINE_SCHEMA, RAW_SCHEMA, TS_TYPE
+
+# One row per symbol per cycle: who served it (or why nobody did). Lake dataset ``outcomes``.
+OUTCOMES_SCHEMA = pa.schema([
+    pa.field("cycle_ts", TS_TYPE, nullable=False),
+    pa.field("symbol", pa.string(), nullable=False),
+    pa.field("source", pa.string()),  # the source that served the book; NULL if none did
+    pa.field("book_levels", pa.int32()),  # the served snapshot's book_levels; 0 if none
+    pa.field("latency_ms", pa.float64()),  # time spent on this symbol's answering call(s)
+    pa.field("error_class", pa.string()),  # NULL when served; else why the symbol went without a book
+    pa.field("detail", pa.string()),  # every source tried, in order, with its result
+])
+OUTCOMES_KEY = ("symbol", "cycle_ts")
+
+
+@dataclass
+class PollResult:
+    """One source's answer for one cycle.
+
+    ``raw`` holds shaped but unvalidated snapshots; ``rejected`` holds answers that could not even be
+    shaped (unknown symbol, malformed payload) as quarantine rows, so nothing is dropped silently.
+    ``outcomes`` (OUTCOMES_SCHEMA) says per symbol who answered; sources that do not say are given one
+    by the poller from what validation kept.
+    """
+
+    raw: pa.Table = field(default_factory=RAW_SCHEMA.empty_table)
+    rejected: pa.Table = field(default_factory=QUARANTINE_SCHEMA.empty_table)
+    outcomes: pa.Table | None = None
+
+
+class Source(Protocol):
+    name: str
+
+    def poll(self, symbols: Sequence[str], at: dt.datetime) -> PollResult:
+        """Fetch the current book for ``symbols``; ``at`` is our receive time for this cycle."""
+        ...

@@ -1,0 +1,192 @@
+"""Polygon through ``polygon-api-client``.
+
+- US stocks: ``get_snapshot_all("stocks", tickers=...)``, one call for the whole group; its ``lastQuote``
+  is the NBBO, so rows have one level (``book_levels = 1``). Polygon has no stock depth endpoint.
+- Crypto: ``get_snapshot_crypto_book(ticker)``, one call per symbol, the aggregated L2 book. Polygon has
+  deprecated this endpoint since 2024-07-01: an error or an empty answer means "unavailable", never an
+  empty book.
+
+We call with ``raw=True`` and decode the body ourselves: the client turns undecodable JSON (and a body
+missing its result key) into ``[]``, which would make a broken answer look like "no data".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from microstructure.book import BookQuote
+from microstructure.sources.guard import (
+    CONNECTION,
+    MALFORMED,
+    SERVER_ERROR,
+    TIMEOUT,
+    UNAVAILABLE,
+    UNKNOWN_SYMBOL,
+    Guard,
+    Limits,
+    RateLimited,
+    SourceError,
+    parse_retry_after,
+)
+from microstructure.sources.vendor import ConfigError, Fetched, env_key, http_error_class, ns_to_dt, parse_json
+
+DEFAULT_BASE = "https://api.polygon.io"
+
+
+def polygon_ticker(symbol: str) -> str:
+    """Our crypto symbols are ``BASE/QUOTE`` (Alpaca's style); Polygon spells them ``X:BASEQUOTE``."""
+    return "X:" + symbol.replace("/", "") if "/" in symbol else symbol
+
+
+def _vendor_retry(total: int) -> Any:
+    """Polygon's own retry policy (same statuses and back-off), except that a 429 is not slept on inside the
+    client: it is raised at once as :class:`RateLimited` with its ``Retry-After``, so the guard backs the
+    whole source off instead of a worker thread sleeping through the cycle. A subclass of urllib3's
+    ``Retry`` is urllib3's documented way to change retry behaviour."""
+    from urllib3.util.retry import Retry
+
+    class _Retry(Retry):
+        def increment(self, method: Any = None, url: Any = None, response: Any = None, error: Any = None,
+                      _pool: Any = None, _stacktrace: Any = None) -> Retry:
+            if response is not None and response.status == 429:
+                raise RateLimited(parse_retry_after(response.headers.get("Retry-After")), "HTTP 429")
+            return super().increment(method, url, response, error, _pool, _stacktrace)
+
+    return _Retry(total=total, status_forcelist=[413, 429, 499, 500, 502, 503, 504], backoff_factor=0.1)
+
+
+def classify(e: BaseException) -> SourceError:
+    from polygon.exceptions import AuthError, BadResponse
+    from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError, ReadTimeoutError
+
+    if isinstance(e, SourceError):
+        return e
+    if isinstance(e, AuthError):
+        return SourceError("auth", str(e))
+    if isinstance(e, BadResponse):
+        # The client raises BadResponse(body) for any non-200 it does not retry; the status is not kept,
+        # so tell a rejected key (401/403) from other 4xx by Polygon's documented error body.
+        body = str(e)
+        low = body.lower()
+        if "api key" in low or "not_authorized" in low or "unauthorized" in low:
+            return SourceError("auth", "Polygon rejected the API key")
+        return SourceError("client_error", body[:200])
+    if isinstance(e, MaxRetryError):
+        # The client's own retries (429/5xx) are spent; the reason says which.
+        reason = str(e.reason)
+        if "429" in reason:
+            return SourceError("rate_limited", "429 after the client's retries")
+        if isinstance(e.reason, ReadTimeoutError):
+            return SourceError(TIMEOUT, "read timeout")
+        if isinstance(e.reason, NewConnectionError | ProtocolError):
+            return SourceError(CONNECTION, reason[:200])
+        return SourceError(SERVER_ERROR, reason[:200])
+    if isinstance(e, ReadTimeoutError | TimeoutError):
+        return SourceError(TIMEOUT, str(e)[:200])
+    if isinstance(e, OSError | ProtocolError):
+        return SourceError(CONNECTION, str(e)[:200])
+    return SourceError(SERVER_ERROR, f"{type(e).__name__}: {e}"[:200])
+
+
+class PolygonSource:
+    def __init__(self, name: str = "polygon", asset: str = "stocks", limits: Limits | None = None,
+                 base_url: str | None = None, retries: int = 1, lot_size: float = 1.0) -> None:
+        from polygon import RESTClient
+
+        if asset not in ("stocks", "crypto"):
+            raise ConfigError(f"{name}: asset must be stocks or crypto, not {asset!r}")
+        self.name, self.asset = name, asset
+        self.max_levels = 1 if asset == "stocks" else 10
+        self.limits = limits or Limits()
+        self.lot_size = lot_size
+        key = env_key("POLYGON_API_KEY", True, f"source {name!r} needs a Polygon API key in the environment")
+        base = base_url or env_key("MICROSTRUCTURE_POLYGON_BASE_URL", False, "") or DEFAULT_BASE
+        t = self.limits.timeout_s
+        self.client = RESTClient(api_key=key, base=base.rstrip("/"), connect_timeout=t, read_timeout=t,
+                                 retries=retries)
+        # polygon-api-client keeps its timeouts in ``self.timeout`` but never passes them to urllib3, so a
+        # vendor that stops answering holds the socket forever. Its urllib3 pool manager is public
+        # (``client.client``); its per-pool defaults carry our socket timeout and retry policy.
+        import urllib3
+
+        self.client.client.connection_pool_kw.update(timeout=urllib3.Timeout(connect=t, read=t),
+                                                     retries=_vendor_retry(retries))
+        self.client.client.clear()
+        self.guard = Guard(name, self.limits, classify)
+
+    def __repr__(self) -> str:  # the client holds the key; keep it out of any repr
+        return f"PolygonSource(name={self.name!r}, asset={self.asset!r})"
+
+    def _get(self, fn: Callable[..., Any], *args: Any) -> Any:
+        resp = fn(*args, raw=True)
+        if resp.status != 200:  # the client raises before this; kept in case a version stops doing so
+            raise SourceError(http_error_class(resp.status), f"HTTP {resp.status}")
+        return parse_json(resp.data, self.name)
+
+    def fetch(self, symbols: Sequence[str], at: dt.datetime, deadline: float | None = None) -> Fetched:
+        return self._stocks(symbols, at, deadline) if self.asset == "stocks" else self._crypto(symbols, at, deadline)
+
+    def _stocks(self, symbols: Sequence[str], at: dt.datetime, deadline: float | None) -> Fetched:
+        from polygon.rest.models import TickerSnapshot
+
+        body = self.guard.call(self._get, self.client.get_snapshot_all, "stocks", list(symbols), deadline=deadline)
+        received = dt.datetime.now(dt.UTC)  # when the answer was in our hands, not the cycle's slot
+        out = Fetched()
+        if not isinstance(body, dict) or not isinstance(body.get("tickers", []), list):
+            raise SourceError(MALFORMED, "snapshot body has no 'tickers' list")
+        seen = {}
+        for d in body.get("tickers") or []:
+            try:
+                snap = TickerSnapshot.from_dict(d)
+            except Exception:  # a row the model cannot read: keep it for quarantine
+                out.malformed.append((str(d.get("ticker") if isinstance(d, dict) else None), str(d)[:2000]))
+                continue
+            seen[snap.ticker] = snap
+        for s in symbols:
+            snap = seen.get(s)
+            if snap is None:
+                out.errors[s] = SourceError(UNKNOWN_SYMBOL, f"{self.name} has no snapshot for {s}")
+                continue
+            q = snap.last_quote
+            if q is None or (q.bid_price is None and q.ask_price is None):
+                out.errors[s] = SourceError(UNAVAILABLE, f"{self.name} snapshot for {s} has no quote")
+                continue
+            bids = [] if q.bid_price is None else [(q.bid_price, _size(q.bid_size, self.lot_size))]
+            asks = [] if q.ask_price is None else [(q.ask_price, _size(q.ask_size, self.lot_size))]
+            out.quotes.append(BookQuote(s, ns_to_dt(q.sip_timestamp or snap.updated, received), received, self.name,
+                                        bids, asks))
+        return out
+
+    def _crypto(self, symbols: Sequence[str], at: dt.datetime, deadline: float | None) -> Fetched:
+        from polygon.rest.models import SnapshotTickerFullBook
+
+        out = Fetched(calls_ok=0)
+        for s in symbols:
+            if deadline is not None and time.monotonic() >= deadline:
+                out.errors[s] = SourceError("deadline", "the cycle deadline passed")
+                continue
+            try:
+                body = self.guard.call(self._get, self.client.get_snapshot_crypto_book, polygon_ticker(s),
+                                       deadline=deadline)
+            except SourceError as e:
+                out.errors[s] = e  # one call per symbol: its failure is its own
+                continue
+            received = dt.datetime.now(dt.UTC)
+            out.calls_ok += 1
+            data = body.get("data") if isinstance(body, dict) else None
+            book = SnapshotTickerFullBook.from_dict(data) if isinstance(data, dict) else None
+            if book is None or not (book.bids or book.asks):
+                # Deprecated endpoint: an empty answer is "no data from this source", not an empty book.
+                out.errors[s] = SourceError(UNAVAILABLE, f"{self.name} crypto book empty or deprecated for {s}")
+                continue
+            bids = [(b.price, sum((b.exchange_shares or {}).values())) for b in book.bids or []]
+            asks = [(a.price, sum((a.exchange_shares or {}).values())) for a in book.asks or []]
+            out.quotes.append(BookQuote(s, ns_to_dt(book.updated, received), received, self.name, bids, asks))
+        return out
+
+
+def _size(v: float | None, lot: float) -> float | None:
+    return None if v is None else float(v) * lot
