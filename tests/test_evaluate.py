@@ -131,12 +131,22 @@ def test_evaluate_on_real_lobster_says_insufficient_data(tmp_path, lobster_dir):
     d = tmp_path / "lob"
     cli("backfill", lobster_dir, "--format", "lobster", "--cadence", "0.1", "--data-dir", d, "--json")
     cli("build-features", "--data-dir", d, "--json")
-    res = json.loads(cli("evaluate", "--data-dir", d, "--json").stdout)
+    def strict(text: str) -> object:  # json.loads accepts bare NaN; real JSON parsers do not
+        def refuse(c: str) -> None:
+            raise ValueError(f"not JSON: {c}")
+
+        return json.loads(text, parse_constant=refuse)
+
+    res = strict(cli("evaluate", "--data-dir", d, "--json").stdout)
+    strict((d / "report" / "results.json").read_text())
     assert res["data"].startswith("real lobster: 1 symbols")
     assert {h["verdict"] for h in res["headline"][:-1]} == {"insufficient data"}
     assert (d / "report" / "report.md").exists()
 
 
 def test_evaluate_without_features_is_a_one_line_error(tmp_path):
+    r = cli("evaluate", "--data-dir", tmp_path / "nowhere", check=False)
+    assert r.returncode == 2 and "not a data dir" in r.stderr and r.stderr.count("\n") == 1
+    (tmp_path / "empty" / "lake").mkdir(parents=True)
     r = cli("evaluate", "--data-dir", tmp_path / "empty", check=False)
     assert r.returncode == 2 and "no published features" in r.stderr and r.stderr.count("\n") == 1

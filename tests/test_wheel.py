@@ -32,6 +32,7 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     venv = tmp_path / "venv"
     sh(sys.executable, "-m", "venv", venv)
     py = venv / "bin" / "python"
+    sh(py, "-m", "pip", "install", "-q", "-U", "pip")  # as the README's first command does
     sh(py, "-m", "pip", "install", "-q", "--require-hashes", "-r", ROOT / "requirements.lock")
     sh(py, "-m", "pip", "install", "-q", "--no-deps", wheel)
     empty = tmp_path / "empty"
