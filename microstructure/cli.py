@@ -367,7 +367,7 @@ def validate(data_dir: DataDir = DEFAULT_DATA,
     for day in _days(paths, date):
         for kind in ("snapshots", "features"):
             df = con.sql(f"SELECT * EXCLUDE (date) FROM {kind} WHERE date = ?", params=[day]).df()
-            r = checker.check(kind, df)
+            r = checker.check(kind, df, batch=f"{kind} {day.isoformat()}")
             results.append({"date": day.isoformat(), "suite": kind, "rows": r.rows, "success": r.success,
                             "reason": r.reason})
     reasons = con.sql("SELECT reason, count(*) AS n FROM quarantine GROUP BY ALL ORDER BY n DESC").fetchall()
@@ -650,13 +650,28 @@ def _emit(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
 
 
 def main() -> None:
+    # Typer vendors its own click; its public names cover Exit/Abort, the usage errors live here.
+    from typer._click import exceptions as cx
+
     from microstructure.output import InputError
 
     try:
-        app()
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except (UserError, InputError) as e:
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         sys.exit(2)
+    except cx.NoArgsIsHelpError:
+        sys.exit(0)
+    except cx.UsageError as e:  # a bad option or choice: one line, with where to look
+        cmd = f"microstructure {e.ctx.info_name} --help" if e.ctx and e.ctx.parent else "microstructure --help"
+        print(f"error: {e.format_message()} (see `{cmd}`)".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
     except SystemExit:
         raise
     except Exception as e:  # one line for the user; MICROSTRUCTURE_DEBUG=1 for the traceback

@@ -119,11 +119,18 @@ class Checker:
             else:
                 self._defs[kind] = vd
 
-    def check(self, kind: str, df: pd.DataFrame) -> CheckResult:
+    def check(self, kind: str, df: pd.DataFrame, batch: str | None = None) -> CheckResult:
+        """Validate ``df`` against the ``kind`` suite. ``batch`` names what was validated (e.g. "snapshots
+        2026-11-25"): it is the run name Data Docs list the validation under."""
         if df.empty:
             return CheckResult(kind, True, 0)
         runner = self._defs[kind]
-        res = runner.run(batch_parameters={"dataframe": _frame(df)})
+        run_id = None
+        if batch is not None:
+            from great_expectations.core.run_identifier import RunIdentifier
+
+            run_id = RunIdentifier(run_name=batch)
+        res = runner.run(batch_parameters={"dataframe": _frame(df)}, run_id=run_id)
         results = res.run_results.values() if self.docs else [res]
         failures = []
         for vr in results:

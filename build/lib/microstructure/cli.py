@@ -367,7 +367,7 @@ def validate(data_dir: DataDir = DEFAULT_DATA,
     for day in _days(paths, date):
         for kind in ("snapshots", "features"):
             df = con.sql(f"SELECT * EXCLUDE (date) FROM {kind} WHERE date = ?", params=[day]).df()
-            r = checker.check(kind, df)
+            r = checker.check(kind, df, batch=f"{kind} {day.isoformat()}")
             results.append({"date": day.isoformat(), "suite": kind, "rows": r.rows, "success": r.success,
                             "reason": r.reason})
     reasons = con.sql("SELECT reason, count(*) AS n FROM quarantine GROUP BY ALL ORDER BY n DESC").fetchall()

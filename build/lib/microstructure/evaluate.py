@@ -94,6 +94,14 @@ def tier_label(symbol: str, source: str) -> str:
     return (tier_of(symbol) or symbol) if source == "simulated" else f"{source}:{symbol}"
 
 
+def tier_rank(label: str) -> tuple[int, str]:
+    """Liquidity order (mega-caps first, then large, mid, small, micro; real symbols after, by name)."""
+    from microstructure.sources.simulated import TIERS
+
+    names = [t.name for t in TIERS]
+    return (names.index(label), "") if label in names else (len(names), label)
+
+
 def load(paths: lake.LakePaths, source: str | None) -> tuple[Any, pd.DataFrame, dict[str, Any]]:
     con = lake.connect(paths)
     where = "" if source is None else f"WHERE source = '{source.replace(chr(39), '')}'"
@@ -172,7 +180,7 @@ def bad_fill_study(con: Any, feats: pd.DataFrame, t: Thresholds, sizes: list[flo
                           "ci": boot.ci(ratio) if risky.sum() >= 30 and calm.sum() >= 30 and bad.sum() >= MIN_BAD
                           else None}
         by_tier = []
-        for tier, g in p.groupby("tier", sort=True):
+        for tier, g in sorted(p.groupby("tier", sort=False), key=lambda kv: tier_rank(kv[0])):
             ix = g.index.to_numpy()
             by_tier.append({"tier": tier, "n": len(ix), "bad_rate_all": float(bad[ix].mean()),
                             **{f"bad_rate_{m.lower()}": float(bad[ix][passes[m][ix]].mean())

@@ -26,6 +26,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -51,6 +52,7 @@ SMALL_PREFIX = "part-"
 MERGED_PREFIX = "compacted-"
 DEDUP_HORIZON = dt.timedelta(minutes=15)  # keys newer than this stay in memory; older ones are checked on disk
 READ_RETRIES = 8
+COMPACT_MEMORY = "256MB"  # DuckDB's limit for one compaction; it spills beyond
 T = TypeVar("T")
 
 
@@ -406,16 +408,8 @@ def compact(paths: LakePaths, dataset: str, day: dt.date, key: Iterable[str], or
         name = f"{MERGED_PREFIX}{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
         file_list = ", ".join(f"'{f}'" for f in files)
         key_s, order_s = ", ".join(key), ", ".join(order)
-        con = duckdb.connect()
-        con.execute("SET TimeZone='UTC'")
-        from microstructure.transforms import to_arrow
-
         schema = pq.read_schema(files[0])
         first = "received_ts" if "received_ts" in schema.names else list(order)[-1]  # keep the first arrival
-        table = to_arrow(con.sql(
-            f"SELECT * FROM read_parquet([{file_list}], union_by_name=true) "
-            f"QUALIFY row_number() OVER (PARTITION BY {key_s} ORDER BY {first}) = 1 ORDER BY {order_s}"
-        ))
         staging = part / STAGING
         staging.mkdir(exist_ok=True)
         _bump_gen(part)  # odd: a compaction is under way
@@ -423,7 +417,19 @@ def compact(paths: LakePaths, dataset: str, day: dt.date, key: Iterable[str], or
                            staging / "plan.json")
         _fsync_dir(staging)
         _crash_point("after_plan")
-        atomic_write_parquet(table.select(schema.names).cast(schema), staging / name)
+        # DuckDB streams the merge straight into the file under a memory limit (spilling to the staging
+        # folder if it must): a whole day's partition never sits in this process's memory.
+        con = duckdb.connect(config={"threads": 1, "memory_limit": COMPACT_MEMORY,
+                                     "temp_directory": str(staging / "spill"), "preserve_insertion_order": False})
+        con.execute("SET TimeZone='UTC'")
+        cols = ", ".join(f'"{c}"' for c in schema.names)
+        con.execute(
+            f"COPY (SELECT {cols} FROM read_parquet([{file_list}], union_by_name=true) "
+            f"QUALIFY row_number() OVER (PARTITION BY {key_s} ORDER BY {first}) = 1 ORDER BY {order_s}) "
+            f"TO '{staging / name}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+        con.close()
+        with open(staging / name, "rb") as fh:
+            os.fsync(fh.fileno())
         _crash_point("after_merged_written")
         os.replace(staging / name, part / name)  # commit point
         _fsync_dir(part)
@@ -449,9 +455,7 @@ def _finish(part: Path, plan: dict, crash_midway: bool = False) -> None:
 def _clear_staging(part: Path) -> None:
     staging = part / STAGING
     if staging.exists():
-        for f in staging.iterdir():
-            f.unlink()
-        staging.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
     # A crashed writer's temporary files; a live writer's are seconds old and must be left alone.
     for f in part.glob(".*.tmp"):
         try:

@@ -320,7 +320,7 @@ def build_and_publish(paths: lake.LakePaths, days: Sequence[dt.date] | None = No
         reasons: list[str] = []
         if checker is not None:
             for kind, table in (("snapshots", snaps), ("features", feats)):
-                res = checker.check(kind, table.to_pandas())
+                res = checker.check(kind, table.to_pandas(), batch=f"{kind} {day.isoformat()}")
                 if not res.success:
                     reasons.append(f"{kind}: {res.reason}")
         target = paths.partition(lake.FEATURES, day) / "features.parquet"

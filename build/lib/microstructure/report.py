@@ -40,10 +40,17 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     made = []
     fr: pd.DataFrame = res["_frames"]["fr"]
     feats: pd.DataFrame = res["_frames"]["feats"]
+    d = res["data"]
+    # Every figure names its data: simulated or real, and which.
+    data_name = f"{'real' if d['real'] else 'SIMULATED'} data: {d['label']}"
+
+    def stamp(fig: Any) -> None:
+        fig.text(0.995, 0.005, data_name, ha="right", va="bottom", fontsize=7, color="dimgrey")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, sig in zip(axes, ("order_imbalance", "depth_imbalance"), strict=True):
@@ -52,13 +59,16 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
             if len(d) < 20:
                 continue
             bins = pd.cut(d[sig], np.linspace(-1, 1, 11), include_lowest=True)
-            m = d.groupby(bins, observed=True)[f"ret_{h}"].mean()
-            ax.plot([b.mid for b in m.index], m.to_numpy(), marker="o", label=f"{h} s")
+            g = d.groupby(bins, observed=True)[f"ret_{h}"]
+            m, se, n = g.mean(), g.sem(), g.size()
+            ax.errorbar([b.mid for b in m.index], m.to_numpy(), yerr=1.96 * se.fillna(0).to_numpy(), marker="o",
+                        capsize=2, label=f"{h} s (n={int(n.sum()):,})")
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xlabel(sig)
-        ax.set_ylabel("mean forward mid return (bps)")
-        ax.legend()
+        ax.set_xlabel(f"{sig} (bins of 0.2)")
+        ax.set_ylabel("mean forward mid return (bps), ±95% (rows)")
+        ax.legend(fontsize=8)
     fig.suptitle("Imbalance against forward return")
+    stamp(fig)
     fig.tight_layout()
     fig.savefig(out / "imbalance_vs_return.png", dpi=110)
     plt.close(fig)
@@ -71,11 +81,21 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
         x = np.arange(len(tiers))
         for i, (k, lab) in enumerate((("bad_rate_all", "all picks"), ("bad_rate_aggressive", "AGGRESSIVE kept"),
                                       ("bad_rate_safe", "SAFE kept"))):
-            ax.bar(x + (i - 1) * 0.27, [t[k] if t[k] is not None else np.nan for t in tiers], 0.27, label=lab)
+            xs = x + (i - 1) * 0.27
+            vals = [t[k] for t in tiers]
+            bars = ax.bar(xs, [v if v is not None else 0 for v in vals], 0.27, label=lab)
+            for xi, v, b in zip(xs, vals, bars, strict=True):
+                if v is None:  # no pick kept: not a 0% rate, say so
+                    b.set_alpha(0)
+                    ax.text(xi, 0.01, "no\ndata", ha="center", va="bottom", fontsize=6, color="dimgrey")
+                elif v == 0:
+                    ax.text(xi, 0.005, "0%", ha="center", va="bottom", fontsize=6)
         ax.set_xticks(x, [f"{t['tier']}\n(n={t['n']})" for t in tiers], fontsize=8)
         ax.legend()
-    ax.set_ylabel("bad-fill rate")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_ylabel("bad-fill rate (tiers in liquidity order)")
     ax.set_title(f"Bad fills (${size:,.0f} marketable orders, slippage > 20 bps or unfillable) by tier")
+    stamp(fig)
     fig.tight_layout()
     fig.savefig(out / "bad_fills_by_tier.png", dpi=110)
     plt.close(fig)
@@ -83,19 +103,26 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if len(feats):
-        sp = feats["spread_bps"].clip(lower=1e-3)
-        axes[0].hist(np.log10(sp), bins=60)
-        axes[0].set_xlabel("log10 spread (bps)")
-        axes[0].axvline(np.log10(50), color="g", ls="--", label="SAFE 50 bps")
-        axes[0].axvline(np.log10(100), color="r", ls="--", label="AGGRESSIVE 100 bps")
-        axes[0].legend()
+        sp = feats["spread_bps"].clip(lower=1e-2)
+        axes[0].hist(sp, bins=np.logspace(np.log10(sp.min()), np.log10(sp.max()) + 1e-9, 60))
+        axes[0].set_xscale("log")
+        axes[0].set_xlabel("spread (bps, log scale)")
+        axes[0].set_ylabel(f"feature rows (of {len(sp):,})")
+        axes[0].axvline(50, color="g", ls="--", label="SAFE 50 bps")
+        axes[0].axvline(100, color="r", ls="--", label="AGGRESSIVE 100 bps")
+        axes[0].legend(fontsize=8)
         dd = feats["depth_dollars"].clip(lower=1)
-        axes[1].hist(np.log10(dd), bins=60)
-        axes[1].set_xlabel("log10 top-5 depth ($)")
-        axes[1].axvline(5, color="g", ls="--", label="SAFE $100k")
-        axes[1].axvline(np.log10(50_000), color="r", ls="--", label="AGGRESSIVE $50k")
-        axes[1].legend()
+        axes[1].hist(dd, bins=np.logspace(np.log10(dd.min()), np.log10(dd.max()) + 1e-9, 60))
+        axes[1].set_xscale("log")
+        axes[1].xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"${v / 1e6:g}M" if v >= 1e6 else f"${v / 1e3:g}k" if v >= 1e3 else f"${v:g}"))
+        axes[1].set_xlabel("top-5 depth, both sides (USD, log scale)")
+        axes[1].set_ylabel(f"feature rows (of {len(dd):,})")
+        axes[1].axvline(100_000, color="g", ls="--", label="SAFE $100k")
+        axes[1].axvline(50_000, color="r", ls="--", label="AGGRESSIVE $50k")
+        axes[1].legend(fontsize=8)
     fig.suptitle("Spread and depth distributions (all feature rows)")
+    stamp(fig)
     fig.tight_layout()
     fig.savefig(out / "spread_depth.png", dpi=110)
     plt.close(fig)
@@ -114,6 +141,7 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
         ax.legend()
     ax.set_ylabel("symbols")
     ax.set_title(f"Coverage by source and depth (none: {res['coverage']['overall']['none']} symbols)")
+    stamp(fig)
     fig.tight_layout()
     fig.savefig(out / "coverage.png", dpi=110)
     plt.close(fig)

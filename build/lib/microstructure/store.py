@@ -39,11 +39,41 @@ def _definitions(data_dir: Path) -> Any:
 
 def feast_objects(data_dir: Path) -> list[Any]:
     mod = _definitions(data_dir)
-    return [mod.symbol, mod.order_book_source, mod.order_book_push, mod.order_book, mod.scoring, mod.order_book_all]
+    return [mod.symbol, mod.order_book_source, mod.order_book_push, mod.order_book, mod.scoring, mod.order_book_all,
+            mod.freshness, mod.order_book_live]
+
+
+def store_yaml(data_dir: Path) -> Path:
+    """``<data-dir>/feast/feature_store.yaml``: the repo's file with its relative paths made absolute for this
+    data dir (one definition; the Feast CLI can use it with ``-f``)."""
+    import yaml
+
+    cfg = yaml.safe_load((FEATURE_REPO / "feature_store.yaml").read_text())
+    for section in ("registry", "online_store"):
+        rel = Path(cfg[section]["path"])
+        if not rel.is_absolute():  # ../data/feast/x.db -> <data-dir>/feast/x.db
+            cfg[section]["path"] = str(data_dir / "feast" / rel.name)
+    out = data_dir / "feast" / "feature_store.yaml"
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if not out.exists() or out.read_text() != text:
+        from microstructure.lake import atomic_write_bytes
+
+        atomic_write_bytes(text.encode(), out)
+    return out
+
+
+def _definitions_hash() -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in ("definitions.py", "feature_store.yaml"):
+        h.update((FEATURE_REPO / f).read_bytes())
+    return h.hexdigest()
 
 
 def open_store(data_dir: Path, apply: bool = True) -> FeatureStore:
-    """The Feast store for ``data_dir``, with the repo applied once (registry under ``<data-dir>/feast``)."""
+    """The Feast store for ``data_dir``. The repo is applied when the registry is new or the definitions
+    changed since it was applied (a hash kept beside the registry), so edits never go unseen."""
     data_dir = data_dir.resolve()
     if data_dir in _stores:
         return _stores[data_dir]
@@ -51,9 +81,17 @@ def open_store(data_dir: Path, apply: bool = True) -> FeatureStore:
     (data_dir / "feast").mkdir(parents=True, exist_ok=True)
     from feast import FeatureStore
 
-    store = FeatureStore(repo_path=str(FEATURE_REPO))
-    if apply and not (data_dir / "feast" / "registry.db").exists():
-        store.apply(feast_objects(data_dir))
+    store = FeatureStore(repo_path=str(FEATURE_REPO), fs_yaml_file=store_yaml(data_dir))
+    stamp = data_dir / "feast" / "applied.sha256"
+    digest = _definitions_hash()
+    if apply and (not (data_dir / "feast" / "registry.db").exists() or not stamp.exists()
+                  or stamp.read_text() != digest):
+        import warnings
+
+        with warnings.catch_warnings():  # Feast warns that on-demand views are "experimental" on every apply
+            warnings.simplefilter("ignore")
+            store.apply(feast_objects(data_dir))
+        stamp.write_text(digest)
     _stores[data_dir] = store
     return store
 

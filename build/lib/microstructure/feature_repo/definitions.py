@@ -14,11 +14,14 @@ from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.data_format import ParquetFormat
+from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Bool, Float64, Int32, String, UnixTimestamp
 
 from microstructure.transforms import ML_FEATURES
 
-DATA_DIR = Path(os.environ.get("MICROSTRUCTURE_DATA_DIR", "data")).resolve()
+# The data dir: $MICROSTRUCTURE_DATA_DIR, else the checkout's ./data beside this folder (where the Feast CLI,
+# run from feature_repo/, finds the registry and online store of feature_store.yaml).
+DATA_DIR = Path(os.environ.get("MICROSTRUCTURE_DATA_DIR") or Path(__file__).resolve().parents[1] / "data").resolve()
 
 symbol = Entity(
     name="symbol",
@@ -71,8 +74,33 @@ order_book = FeatureView(
     description="Order-book features per symbol, fresh every poll cycle.",
 )
 
-# What a scoring model reads, in the order it expects.
+# What a scoring model reads. Feast answers with features by name (a map), not by position: clients read
+# them by name; ML_FEATURES (order_imbalance, bid_depth, ask_depth, spread_bps, depth_imbalance) is the
+# documented model order, and microstructure.scoring.ml_features returns them in it.
 scoring = FeatureService(name="scoring", features=[order_book[ML_FEATURES]],
-                         description="The five microstructure features for ML scoring.")
+                         description="The five microstructure features for ML scoring; read them by name.")
 order_book_all = FeatureService(name="order_book_all", features=[order_book],
                                 description="Every order-book feature, for the service and filters.")
+
+
+@on_demand_feature_view(
+    sources=[order_book[["event_ts"]]],
+    # No field descriptions: Feast matches these against the fields it infers from a trial call.
+    schema=[Field(name="age_s", dtype=Float64), Field(name="stale", dtype=Bool)],
+    mode="pandas",
+    description="How old each online book is when it is read (age_s: seconds since its event_ts; stale: no book "
+                "or older than 10 s). Feast ignores TTL online (feast#6821), so every `feast serve` client gets "
+                "the age and the stale flag from Feast itself.",
+)
+def freshness(inputs):  # type: ignore[no-untyped-def]
+    import pandas as pd
+
+    col = next(c for c in inputs.columns if c.endswith("event_ts"))
+    ts = pd.to_datetime(inputs[col], utc=True, errors="coerce")
+    age = (pd.Timestamp.now(tz="UTC") - ts).dt.total_seconds()
+    return pd.DataFrame({"age_s": age.astype("float64"), "stale": (age.isna() | (age > 10.0)).astype(bool)})
+
+
+# For online clients (`feast serve`): every feature plus its age and stale flag, computed when read.
+order_book_live = FeatureService(name="order_book_live", features=[order_book, freshness],
+                                 description="Every order-book feature with its age and stale flag (online).")
