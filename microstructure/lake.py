@@ -50,6 +50,9 @@ GEN = ".gen"
 STAGING = ".compacting"
 SMALL_PREFIX = "part-"
 MERGED_PREFIX = "compacted-"
+# Rolling compaction's levels: level-1 files merge writers' small files, level-2 files merge level-1 files and
+# are not merged again during the session, so no merge ever grows with the day (a full `compact` merges all).
+LEVEL_PREFIX = {0: SMALL_PREFIX, 1: f"{MERGED_PREFIX}L1-", 2: f"{MERGED_PREFIX}L2-"}
 DEDUP_HORIZON = dt.timedelta(minutes=15)  # keys newer than this stay in memory; older ones are checked on disk
 READ_RETRIES = 8
 COMPACT_MEMORY = "256MB"  # DuckDB's limit for one compaction; it spills beyond
@@ -379,12 +382,13 @@ class _PartitionLock:
 
 
 def compact(paths: LakePaths, dataset: str, day: dt.date, key: Iterable[str], order: Iterable[str],
-            small_only: bool = False, min_files: int = 2) -> tuple[int, int]:
+            level: int | None = None, min_files: int = 2) -> tuple[int, int]:
     """Merge a date's files into one sorted file with large row groups. Crash-safe, and safe beside readers
     and writers (new files written meanwhile are left alone).
 
-    ``small_only`` merges only the writers' small ``part-*`` files (the rolling compaction during a
-    session: cost proportional to what is new); otherwise every file of the date is merged.
+    ``level`` (rolling compaction during a session) merges only the files of that level into one file of the
+    next: 0 = the writers' small ``part-*`` files, 1 = level-1 merges; cost bounded by the level's size, not
+    the day's. Without it every file of the date is merged (end of day, ``microstructure compact``).
 
     Steps: bump the generation and record the plan (merged file, files it replaces); write the merged file
     in a hidden staging folder; rename it into the partition (the commit point); delete the replaced
@@ -402,10 +406,11 @@ def compact(paths: LakePaths, dataset: str, day: dt.date, key: Iterable[str], or
     try:
         recover(part)
         every = sorted(part.glob("*.parquet"))
-        files = [f for f in every if f.name.startswith(SMALL_PREFIX)] if small_only else every
+        files = every if level is None else [f for f in every if f.name.startswith(LEVEL_PREFIX[level])]
         if len(files) < max(2, min_files):
             return len(every), len(every)
-        name = f"{MERGED_PREFIX}{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
+        prefix = MERGED_PREFIX if level is None else LEVEL_PREFIX[level + 1]
+        name = f"{prefix}{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
         file_list = ", ".join(f"'{f}'" for f in files)
         key_s, order_s = ", ".join(key), ", ".join(order)
         schema = pq.read_schema(files[0])

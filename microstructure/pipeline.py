@@ -342,14 +342,16 @@ class RollingCompactor:
     """Keeps a live session's partitions at a bounded number of files, off the polling thread.
 
     Every check, for each of the session's dates and datasets: when the writers' small ``part-*`` files
-    reach ``SMALL_MAX`` they are merged into one ``compacted-*`` file (cost proportional to what is new);
-    when ``MERGED_MAX`` such files pile up, the whole partition is merged into one. A partition so never
-    holds much more than SMALL_MAX + MERGED_MAX files. One compaction runs at a time, on a daemon thread;
-    readers and the writer carry on (see ``lake.compact``).
+    reach ``SMALL_MAX`` they are merged into one level-1 file; when ``LEVEL1_MAX`` level-1 files pile up they
+    are merged into one level-2 file, which is not merged again during the session. Every merge is bounded
+    (64 cycles, or 8 x 64 cycles, of rows), never the whole day, so its time and memory do not grow as the day
+    goes on. A partition holds at most SMALL_MAX + LEVEL1_MAX files plus one level-2 file per ~512 cycles
+    (~23 in a 11,700-cycle session). One compaction runs at a time, on a daemon thread; readers and the
+    writer carry on (see ``lake.compact``).
     """
 
     SMALL_MAX = 64
-    MERGED_MAX = 8
+    LEVEL1_MAX = 8
 
     def __init__(self, paths: lake.LakePaths) -> None:
         self.paths = paths
@@ -372,13 +374,13 @@ class RollingCompactor:
                     if not part.exists():
                         continue
                     names = [f.name for f in lake.partition_files(part)]
-                    small = sum(n.startswith(lake.SMALL_PREFIX) for n in names)
-                    merged = len(names) - small
-                    if merged >= self.MERGED_MAX:
-                        lake.compact(self.paths, name, day, key, order)
+                    small = sum(n.startswith(lake.LEVEL_PREFIX[0]) for n in names)
+                    level1 = sum(n.startswith(lake.LEVEL_PREFIX[1]) for n in names)
+                    if small >= self.SMALL_MAX:
+                        lake.compact(self.paths, name, day, key, order, level=0)
                         self.runs += 1
-                    elif small >= self.SMALL_MAX:
-                        lake.compact(self.paths, name, day, key, order, small_only=True)
+                    if level1 + (small >= self.SMALL_MAX) >= self.LEVEL1_MAX:
+                        lake.compact(self.paths, name, day, key, order, level=1)
                         self.runs += 1
         except Exception as e:  # never kill the poll; the next kick tries again, the error is kept
             self.error = e

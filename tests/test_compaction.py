@@ -130,9 +130,9 @@ def test_concurrent_writer_compactor_and_readers(tmp_path):
 
     def compact_loop() -> None:
         while not stop.is_set():
-            for small in (True, False):
+            for level in (0, 1, None):
                 lake.compact(paths, lake.SNAPSHOTS, T0.date(), ("symbol", "event_ts", "source"),
-                             ("symbol", "event_ts"), small_only=small)
+                             ("symbol", "event_ts"), level=level, min_files=2)
                 stop.wait(0.01)
 
     threads = [threading.Thread(target=read), threading.Thread(target=compact_loop)]
