@@ -163,9 +163,10 @@ def test_live_times_are_the_clock_and_overruns_skip_slots(tmp_path):
         assert r["event_ts"] <= r["received_ts"]
         assert r["received_ts"] <= max(writes)
     # Online rows are as young as the poll: one cycle (the slow call makes each overrun its 0.25 s slot)
-    # plus 1 s, never the schedule's backlog.
+    # plus 1 s, plus up to 1 s because Feast keeps online timestamps to the whole second; never the
+    # schedule's backlog (which grew by a slot every cycle before).
     cycle = max(b - a for a, b in itertools.pairwise(writes)).total_seconds()
-    assert max(ages) <= cycle + 1.0, (max(ages), cycle)
+    assert max(ages) <= cycle + 1.0 + 1.0, (max(ages), cycle)
 
 
 def test_live_clock_starts_when_first_asked_and_skips_missed_slots():
