@@ -1,3 +1,0 @@
-from microstructure.cli import main
-
-main()
