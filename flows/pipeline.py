@@ -86,20 +86,14 @@ def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float
     alpaca / chain (keys from the environment)."""
     from prefect import get_run_logger
 
-    from microstructure.session import poll_window
+    from microstructure.session import await_session
 
     until = None
     if session:
-        window = poll_window()
-        if isinstance(window, str):  # a holiday, a weekend, or the session is over: not a failure
-            get_run_logger().info("nothing to poll: %s", window)
-            return {"polled": False, "reason": window}
-        start, end = window
-        wait = (start - dt.datetime.now(dt.UTC)).total_seconds()
-        if wait > 0:
-            import time
-
-            time.sleep(wait)
+        end = await_session(on_wait=lambda start: get_run_logger().info("waiting for the open at %s", start))
+        if isinstance(end, str):  # a holiday, a weekend, or the session is over: not a failure
+            get_run_logger().info("nothing to poll: %s", end)
+            return {"polled": False, "reason": end}
         until = end.isoformat()
     stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
                       symbol_list=symbol_list, sources_config=sources_config, until=until)

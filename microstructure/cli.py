@@ -7,7 +7,6 @@ import enum
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -164,7 +163,9 @@ def run(
         summary["poll"] = stats.as_dict()
         summary["symbols"] = symbols
         online_syms = [] if stats.last_features is None else stats.last_features.column("symbol").to_pylist()
-        summary.update(_online_sample_for(paths.data_dir, online_syms))
+        from microstructure.runner import online_sample
+
+        summary.update(online_sample(paths.data_dir, online_syms))
     _print_summary(summary, data_dir, as_json)
 
 
@@ -184,12 +185,6 @@ class _null:
 
     def __exit__(self, *a: object) -> None:
         return None
-
-
-def _online_sample_for(data_dir: Path, symbols: list[str], k: int = 5) -> dict[str, Any]:
-    from microstructure.runner import online_sample
-
-    return online_sample(data_dir, symbols, k)
 
 
 def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> None:
@@ -299,14 +294,10 @@ def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) 
         return end
     if not session:
         return None
-    window = sess.poll_window(now)
-    if isinstance(window, str):
-        print(dumps({"polled": False, "reason": window}) if as_json else f"nothing to poll: {window}")
+    end = sess.await_session(now, on_wait=lambda start: err.print(f"waiting for the open at {start:%H:%M} UTC"))
+    if isinstance(end, str):
+        print(dumps({"polled": False, "reason": end}) if as_json else f"nothing to poll: {end}")
         return False
-    start, end = window
-    if start > now:
-        err.print(f"waiting for the open at {start:%H:%M} UTC")
-        time.sleep((start - now).total_seconds())
     return end
 
 

@@ -252,6 +252,8 @@ class PartitionWriter:
         self.ts_col = next(k for k in key if k.endswith("_ts"))
         self.ts_pos = key.index(self.ts_col)
         self.horizon_us = int(horizon.total_seconds() * 1e6)
+        # The key as DuckDB selects it (timestamps as epoch µs), to compare with _keys() tuples.
+        self._key_sql = ", ".join(f"epoch_us({k})" if k.endswith("_ts") else k for k in key)
         self._seen: dict[dt.date, dict[tuple, int]] = {}  # key -> its timestamp (epoch us)
         self._floor: dict[dt.date, int] = {}  # keys older than this may be on disk only
         self._newest: dict[tuple, tuple] = {}  # key without its time -> newest key written
@@ -266,7 +268,7 @@ class PartitionWriter:
                 del self._seen[oldest], self._floor[oldest]
                 self._pruned_at.pop(oldest, None)
             part = self.paths.partition(self.dataset, day)
-            cols = ", ".join(f"epoch_us({k})" if k.endswith("_ts") else k for k in self.key)
+            cols = self._key_sql
 
             def load() -> list[tuple] | None:
                 files = [str(f) for f in partition_files(part)]  # listed again on every retry
@@ -293,7 +295,7 @@ class PartitionWriter:
         if not keys:
             return set()
         ts = [k[self.ts_pos] for k in keys]
-        cols = ", ".join(f"epoch_us({k})" if k.endswith("_ts") else k for k in self.key)
+        cols = self._key_sql
         part = self.paths.partition(self.dataset, day)
 
         def look() -> set[tuple]:

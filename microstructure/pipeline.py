@@ -435,12 +435,12 @@ def simulated_source(paths: lake.LakePaths, seed: int | None, fresh: bool) -> An
 
 
 def _has_source(paths: lake.LakePaths, source: str) -> bool:
-    files = paths.files(lake.SNAPSHOTS)
-    if not files:
-        return False
-    return lake.with_retry(lambda: bool(duckdb.sql(
-        f"SELECT 1 FROM read_parquet({paths.files(lake.SNAPSHOTS)!r}) WHERE source = ? LIMIT 1",
-        params=[source]).fetchall()))
+    def look() -> bool:
+        files = paths.files(lake.SNAPSHOTS)  # listed again if a retry follows a compaction
+        return bool(files) and bool(duckdb.sql(f"SELECT 1 FROM read_parquet({files!r}) WHERE source = ? LIMIT 1",
+                                               params=[source]).fetchall())
+
+    return lake.with_retry(look)
 
 
 def save_simulated(data_dir: Path, source: Any) -> None:

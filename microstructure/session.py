@@ -8,6 +8,8 @@ only is bounded by ``--until`` or ``--cycles``, never by an exchange calendar.
 from __future__ import annotations
 
 import datetime as dt
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
@@ -68,3 +70,20 @@ def poll_window(now: dt.datetime | None = None, calendar: str = CALENDAR) -> tup
     if today.close <= now:
         return f"today's session is over ({today.reason})"
     return max(now, today.open), today.close
+
+
+def await_session(now: dt.datetime | None = None, calendar: str = CALENDAR,
+                  sleep: Callable[[float], None] = time.sleep,
+                  on_wait: Callable[[dt.datetime], None] | None = None) -> dt.datetime | str:
+    """Start a session poll: wait for the open if it is still to come, and return the close (UTC); or,
+    when there is nothing to poll today, return the reason (no wait). The CLI and the flow both use it."""
+    now = now or dt.datetime.now(dt.UTC)
+    window = poll_window(now, calendar)
+    if isinstance(window, str):
+        return window
+    start, end = window
+    if start > now:
+        if on_wait is not None:
+            on_wait(start)
+        sleep((start - now).total_seconds())
+    return end

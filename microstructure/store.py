@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import pyarrow as pa
 
-from microstructure.transforms import _package_dir
+from microstructure.transforms import package_dir
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-FEATURE_REPO = _package_dir("microstructure.feature_repo")
+FEATURE_REPO = package_dir("microstructure.feature_repo")
 PUSH_SOURCE = "order_book_push"
 FEATURE_VIEW = "order_book"
 FRESHNESS_S = 10.0  # an online row older than this (by its event_ts) is reported stale

@@ -17,7 +17,7 @@ from microstructure.sources.base import OUTCOMES_SCHEMA
 if TYPE_CHECKING:
     from microstructure.lake import LakePaths
 
-def _package_dir(name: str) -> Path:
+def package_dir(name: str) -> Path:
     """Where an installed data package lives (``transforms/`` and ``feature_repo/`` install as
     ``microstructure.sql`` and ``microstructure.feature_repo``; a checkout's editable install maps them)."""
     import importlib
@@ -25,7 +25,7 @@ def _package_dir(name: str) -> Path:
     return Path(importlib.import_module(name).__file__ or "").resolve().parent
 
 
-TRANSFORMS_DIR = _package_dir("microstructure.sql")
+TRANSFORMS_DIR = package_dir("microstructure.sql")
 
 # The trailing windows the feature SQL looks back over (w5 and w30 in features.sql). The online buffer and
 # the offline per-date build must carry at least this much history for the windows to see it all.

@@ -39,13 +39,14 @@ class Batch:
     rejected: pa.Table  # QUARANTINE_SCHEMA rows whose time could not be read or is implausible
 
 
-def _epoch_to_ns(v: np.ndarray) -> np.ndarray:
-    """Epoch numbers to ns, the unit decided per value by magnitude (a column may mix s and ms)."""
+def _ns_per_unit(v: np.ndarray) -> np.ndarray:
+    """Nanoseconds per unit of each epoch number, the unit decided per value by magnitude (s, ms, us, ns):
+    a column may mix seconds and milliseconds."""
     a = np.abs(v)
-    scale = np.where(a < 1e11, 1e9, np.where(a < 1e14, 1e6, np.where(a < 1e17, 1e3, 1.0)))
-    with np.errstate(invalid="ignore"):
-        out = np.where(np.isfinite(v), v * scale, np.nan)
-    return out
+    return np.where(a < 1e11, 10**9, np.where(a < 1e14, 10**6, np.where(a < 1e17, 10**3, 1))).astype("int64")
+
+
+TOO_LATE = pd.Timestamp("2262-01-01", tz="UTC")  # beyond int64 nanoseconds: implausible by definition
 
 
 def parse_ts(col: pd.Series, now: pd.Timestamp | None = None) -> tuple[pa.Array, np.ndarray]:
@@ -61,19 +62,14 @@ def parse_ts(col: pd.Series, now: pd.Timestamp | None = None) -> tuple[pa.Array,
         is_num = num.notna().to_numpy()
         ts = pd.Series(pd.NaT, index=col.index, dtype="datetime64[ns, UTC]")
         if is_num.any():
-            if pd.api.types.is_integer_dtype(num):
-                # Integers stay integers: float64 cannot hold epoch nanoseconds exactly.
-                v = num[is_num].to_numpy(dtype="int64")
-                a = np.abs(v)
-                mult = np.where(a < 10**11, 10**9, np.where(a < 10**14, 10**6, np.where(a < 10**17, 10**3, 1)))
-                fits = np.abs(v.astype("float64") * mult) < 9.2e18  # beyond int64 ns: year > 2262, implausible
-                idx = np.flatnonzero(is_num)
-                ts.iloc[idx[fits]] = pd.to_datetime(v[fits] * mult[fits], utc=True)
-                ts.iloc[idx[~fits]] = pd.Timestamp("2262-01-01", tz="UTC")
-            else:
-                ns = _epoch_to_ns(num.to_numpy(dtype="float64"))
-                ok = is_num & np.isfinite(ns) & (np.abs(ns) < 9.2e18)
-                ts[ok] = pd.to_datetime(ns[ok].astype("int64"), utc=True)
+            # Integers stay integers: float64 cannot hold epoch nanoseconds exactly.
+            dtype = "int64" if pd.api.types.is_integer_dtype(num) else "float64"
+            v = num[is_num].to_numpy(dtype=dtype)
+            mult = _ns_per_unit(v)
+            fits = np.isfinite(v) & (np.abs(v.astype("float64") * mult) < 9.2e18)
+            idx = np.flatnonzero(is_num)
+            ts.iloc[idx[fits]] = pd.to_datetime((v[fits] * mult[fits]).astype("int64"), utc=True)
+            ts.iloc[idx[~fits & np.isfinite(v)]] = TOO_LATE
         text = ~is_num & col.notna().to_numpy()
         if text.any():
             # "mixed", not "ISO8601": with ISO8601 pandas applies one row's offset to naive rows after it.
