@@ -9,6 +9,7 @@ Two guards use them:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 from dataclasses import dataclass, field
@@ -112,12 +113,7 @@ class Checker:
                                                                       expectations=_expectations(kind)))
             vd = gx.ValidationDefinition(data=batch, suite=suite, name=f"{kind}_validation")
             vd = self.ctx.validation_definitions.add_or_update(vd)
-            if self.docs:
-                cp = gx.Checkpoint(name=f"{kind}_checkpoint", validation_definitions=[vd],
-                                   actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")])
-                self._defs[kind] = self.ctx.checkpoints.add_or_update(cp)
-            else:
-                self._defs[kind] = vd
+            self._defs[kind] = vd
 
     def check(self, kind: str, df: pd.DataFrame, batch: str | None = None) -> CheckResult:
         """Validate ``df`` against the ``kind`` suite. ``batch`` names what was validated (e.g. "snapshots
@@ -126,26 +122,47 @@ class Checker:
             return CheckResult(kind, True, 0)
         runner = self._defs[kind]
         run_id = None
-        if batch is not None:
+        if batch is not None or self.docs:
             from great_expectations.core.run_identifier import RunIdentifier
 
-            run_id = RunIdentifier(run_name=batch)
+            run_id = RunIdentifier(run_name=batch, run_time=dt.datetime.now(dt.UTC))
         res = runner.run(batch_parameters={"dataframe": _frame(df)}, run_id=run_id)
-        results = res.run_results.values() if self.docs else [res]
+        if self.docs:
+            self._publish(res, run_id, batch or kind)
         failures = []
-        for vr in results:
-            for r in vr.results:
-                if not r.success:
-                    cfg = r.expectation_config
-                    col = cfg.kwargs.get("column") or cfg.kwargs.get("column_list") or (
-                        f"{cfg.kwargs.get('column_A')}>{cfg.kwargs.get('column_B')}")
-                    n = (r.result or {}).get("unexpected_count")
-                    failures.append(f"{cfg.type}({col})" + (f": {n} rows" if n is not None else ""))
+        for r in res.results:
+            if not r.success:
+                cfg = r.expectation_config
+                col = cfg.kwargs.get("column") or cfg.kwargs.get("column_list") or (
+                    f"{cfg.kwargs.get('column_A')}>{cfg.kwargs.get('column_B')}")
+                n = (r.result or {}).get("unexpected_count")
+                failures.append(f"{cfg.type}({col})" + (f": {n} rows" if n is not None else ""))
         return CheckResult(kind, res.success, len(df), failures)
+
+    def _publish(self, res: Any, run_id: Any, batch: str) -> None:
+        """Store the result under the batch's name and rebuild Data Docs for offline reading.
+
+        A dataframe batch carries no ``data_asset_name`` in its batch spec, so GE's validation page says
+        "Data asset: None"; we name the batch (dataset and date) before storing the result."""
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+            ValidationResultIdentifier,
+        )
+
+        from microstructure.datadocs import make_offline
+
+        res.meta.setdefault("batch_spec", {})["data_asset_name"] = batch
+        key = ValidationResultIdentifier(expectation_suite_identifier=ExpectationSuiteIdentifier(name=res.suite_name),
+                                         run_id=run_id, batch_identifier=res.batch_id)
+        self.ctx.validation_results_store.set(key, res)
+        self.ctx.build_data_docs()
+        make_offline(self.site())
+
+    def site(self) -> Path:
+        return Path(self.ctx.root_directory) / "uncommitted" / "data_docs" / "local_site"
 
     def docs_index(self) -> Path | None:
         if not self.docs:
             return None
-        root = Path(self.ctx.root_directory)
-        idx = root / "uncommitted" / "data_docs" / "local_site" / "index.html"
+        idx = self.site() / "index.html"
         return idx if idx.exists() else None
