@@ -35,6 +35,8 @@ order_book_source = FileSource(
     path=str(DATA_DIR / "lake" / "features" / "*" / "*.parquet"),
     file_format=ParquetFormat(),
     timestamp_field="received_ts",
+    # Two books received in the same instant: the newer one (by the source's time) wins, in every store.
+    created_timestamp_column="event_ts",
     description="Published feature rows, one per (symbol, event_ts); see transforms/features.sql.",
 )
 

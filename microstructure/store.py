@@ -183,5 +183,7 @@ def training_set(store: FeatureStore, entities: pd.DataFrame, service: str = "or
     df = normalise_entities(entities)
     df["_row"] = range(len(df))
     out = store.get_historical_features(entity_df=df, features=store.get_feature_service(service)).to_df()
-    # Feast returns rows in its own order; give them back in the caller's.
-    return out.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    # Our ASOF store keeps the caller's order; another offline store (stock DuckDB, Spark) may not.
+    if not out["_row"].is_monotonic_increasing:
+        out = out.sort_values("_row")
+    return out.drop(columns="_row").reset_index(drop=True)
