@@ -416,10 +416,11 @@ def simulated_source(paths: lake.LakePaths, seed: int | None, fresh: bool) -> An
     data_dir = paths.data_dir
     state = data_dir / SIM_STATE
     if fresh:
+        from microstructure.store import clear_online, forget_store
+
+        clear_online()
         for d in (paths.root, state.parent, data_dir / "feast"):
             shutil.rmtree(d, ignore_errors=True)
-        from microstructure.store import forget_store
-
         forget_store(data_dir)
         return SimulatedSource(seed=7 if seed is None else seed)
     if state.exists():
