@@ -115,9 +115,11 @@ class Checker:
             vd = self.ctx.validation_definitions.add_or_update(vd)
             self._defs[kind] = vd
 
-    def check(self, kind: str, df: pd.DataFrame, batch: str | None = None) -> CheckResult:
-        """Validate ``df`` against the ``kind`` suite. ``batch`` names what was validated (e.g. "snapshots
-        2026-11-25"): it is the run name Data Docs list the validation under."""
+    def check(self, kind: str, df: Any, batch: str | None = None) -> CheckResult:
+        """Validate ``df`` (a pandas frame or an Arrow table) against the ``kind`` suite. ``batch`` names what
+        was validated (e.g. "snapshots 2026-11-25"): it is the run name Data Docs list the validation under."""
+        if not isinstance(df, pd.DataFrame):  # an Arrow table
+            df = df.to_pandas()
         if df.empty:
             return CheckResult(kind, True, 0)
         runner = self._defs[kind]

@@ -175,9 +175,9 @@ def push_online(store: FeatureStore, features: pa.Table) -> int:
     """Write one cycle's feature rows to the online store (latest row per symbol wins)."""
     if features.num_rows == 0:
         return 0
-    from feast.data_source import PushMode
-
-    store.push(PUSH_SOURCE, _to_push_frame(features), to=PushMode.ONLINE)
+    # Feast's online write for the push source's view (what ``push(..., to=ONLINE)`` ends in, without its
+    # per-call registry scan for precomputed services, which we do not use).
+    store.write_to_online_store(FEATURE_VIEW, _to_push_frame(features))
     return features.num_rows
 
 

@@ -115,7 +115,8 @@ def test_bad_symbols_in_a_batch_never_black_out_the_healthy_ones_and_poll_exits_
 
 # ---- wall-clock time with a deliberately slow source ------------------------------------------------------
 class SlowSource:
-    """The simulated book behind a vendor that takes 300 ms to answer; records each call's span."""
+    """The simulated book behind a vendor that takes 600 ms to answer (over two 250 ms slots, whatever the rest
+    of the cycle costs); records each call's span."""
 
     name = "simulated"
 
@@ -126,7 +127,7 @@ class SlowSource:
 
     def poll(self, symbols, at):
         start = dt.datetime.now(dt.UTC)
-        time.sleep(0.3)
+        time.sleep(0.6)
         res = self.inner.poll(symbols, at)
         self.spans.append((at, start, dt.datetime.now(dt.UTC)))
         return res
