@@ -35,7 +35,7 @@ def decode(blob: bytes | None) -> Any:
     """One stored Feast ``Value`` as the Python value ``get_online_features`` gives."""
     if not blob:
         return None
-    if len(blob) == 9 and blob[0] == 0x31:  # field 6 (double_val), wire type 1: 8 little-endian bytes
+    if len(blob) == 9 and blob[0] == 0x29:  # field 5 (double_val), wire type 1: 8 little-endian bytes
         return _DOUBLE.unpack_from(blob, 1)[0]
     v = Value()
     v.ParseFromString(blob)
