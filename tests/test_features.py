@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from microstructure.book import table_from_quotes, validate
 from microstructure.transforms import compute_features
@@ -93,3 +95,31 @@ def test_same_instant_from_two_sources_keeps_first_received():
 def test_windows_are_per_symbol():
     f = features([_mid_book(T0, 100), book("X", ((49.9, 1),), ((50.1, 1),), event_ts=T0 + M)])
     assert f[("X", T0 + M)]["gap_pct"] == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["P", "Q"]), st.integers(0, 80), st.integers(0, 3),
+                          st.sampled_from(["a", "b"]), st.integers(90, 110), st.sampled_from([False, True, None])),
+                min_size=1, max_size=40))
+def test_windows_and_source_ties_match_a_plain_python_reference(rows):
+    """Random books (ties on time across sources, halts, gaps of minutes) against the definitions written out
+    in Python: first received per (symbol, time) wins; gap = mid range over the trailing 5 minutes / its low;
+    halt = any halted book in the trailing 30 minutes."""
+    quotes = {}
+    for sym, minute, recv, src, mid, halted in rows:
+        t = T0 + minute * dt.timedelta(seconds=30)
+        quotes[(sym, t, src)] = book(sym, ((mid - 0.5, 1),), ((mid + 0.5, 1),), event_ts=t, source=src,
+                                     received_ts=t + dt.timedelta(seconds=recv), halted=halted)
+    got = features(list(quotes.values()))
+    first = {}
+    for (sym, t, _src), q in sorted(quotes.items(), key=lambda kv: (kv[1].received_ts, kv[0][2])):
+        first.setdefault((sym, t), q)
+    assert set(got) == set(first)
+    for (sym, t), q in first.items():
+        mid = (q.bids[0][0] + q.asks[0][0]) / 2
+        assert got[(sym, t)]["mid"] == mid and got[(sym, t)]["source"] == q.source
+        window = [(w.bids[0][0] + w.asks[0][0]) / 2 for (s2, t2), w in first.items()
+                  if s2 == sym and t - 5 * M <= t2 <= t]
+        assert got[(sym, t)]["gap_pct"] == pytest.approx((max(window) - min(window)) / min(window), abs=1e-12)
+        halted = any(w.halted for (s2, t2), w in first.items() if s2 == sym and t - 30 * M <= t2 <= t)
+        assert got[(sym, t)]["has_recent_halt"] is halted

@@ -5,11 +5,18 @@
 --
 -- Depth is "top 5 levels" of what the source gave: an L1 source (book_levels = 1) yields top-of-book depth
 -- only, which `book_levels` makes visible rather than hiding.
-WITH ranked AS (
-    -- Two sources may serve the same instant of the same symbol: keep the first we received.
-    SELECT *
-    FROM snapshots
-    QUALIFY row_number() OVER (PARTITION BY symbol, event_ts ORDER BY received_ts, source) = 1
+WITH dup_keys AS (
+    -- Two sources may serve the same instant of the same symbol: keep the first we received (ties: by source).
+    -- Ranked only where a key repeats: sorting every row with its 40 level columns cost more than the features.
+    SELECT symbol, event_ts FROM snapshots GROUP BY symbol, event_ts HAVING count(*) > 1
+),
+losers AS (
+    SELECT symbol, event_ts, received_ts, source
+    FROM snapshots SEMI JOIN dup_keys USING (symbol, event_ts)
+    QUALIFY row_number() OVER (PARTITION BY symbol, event_ts ORDER BY received_ts, source) > 1
+),
+ranked AS (
+    SELECT * FROM snapshots ANTI JOIN losers USING (symbol, event_ts, received_ts, source)
 ),
 book AS (
     SELECT
@@ -58,9 +65,11 @@ SELECT
          ELSE mid END AS microprice,
     -- Range of the mid over the trailing 5 minutes (this snapshot included), relative to its low.
     (max(mid) OVER w5 - min(mid) OVER w5) / min(mid) OVER w5 AS gap_pct,
-    -- Any snapshot flagged halted in the trailing 30 minutes (unknown counts as not halted).
-    bool_or(coalesce(halted, false)) OVER w30 AS has_recent_halt
+    -- Any snapshot flagged halted in the trailing 30 minutes (unknown counts as not halted): the latest halted
+    -- book so far is a running max (keys are unique per symbol and time), cheaper than a 30-minute frame.
+    coalesce(max(CASE WHEN halted THEN event_ts END) OVER w_all >= event_ts - INTERVAL 30 MINUTES, false)
+        AS has_recent_halt
 FROM book
 WINDOW
     w5 AS (PARTITION BY symbol ORDER BY event_ts RANGE BETWEEN INTERVAL 5 MINUTES PRECEDING AND CURRENT ROW),
-    w30 AS (PARTITION BY symbol ORDER BY event_ts RANGE BETWEEN INTERVAL 30 MINUTES PRECEDING AND CURRENT ROW)
+    w_all AS (PARTITION BY symbol ORDER BY event_ts ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
