@@ -152,6 +152,17 @@ def _write_sqlite(store: FeatureStore, fv: FeatureView, keys: list[bytes], names
     return written
 
 
+# Two server-side loops instead of 30,000 pipelined commands: redis-py packs and parses each command in Python
+# (~15 µs each), which was most of a 10,000-symbol push. Chunks of 1,000 keys keep each script short (a few ms of
+# server time) so readers are not held up. Same reads and writes as Feast's store: HGET of the row timestamp,
+# then HSET of the timestamp and every feature, then EXPIRE.
+_GET_TS = "local r = {} for i, k in ipairs(KEYS) do r[i] = redis.call('HGET', k, ARGV[1]) or false end return r"
+_SET = ("local n = tonumber(ARGV[1]) local ttl = tonumber(ARGV[2]) local j = 3 "
+        "for _, k in ipairs(KEYS) do redis.call('HSET', k, unpack(ARGV, j, j + n - 1)) j = j + n "
+        "if ttl > 0 then redis.call('EXPIRE', k, ttl) end end return #KEYS")
+_CHUNK = 1000
+
+
 def _write_redis(store: FeatureStore, fv: FeatureView, keys: list[bytes], names: list[str],
                  encoded: dict[str, list[bytes]], ts: list[dt.datetime]) -> int:
     from feast.infra.online_stores.helpers import _mmh3
@@ -160,31 +171,32 @@ def _write_redis(store: FeatureStore, fv: FeatureView, keys: list[bytes], names:
 
     cfg = store.config.online_store
     client = _redis(store)
+    get_ts, set_rows = client.register_script(_GET_TS), client.register_script(_SET)
     project = store.config.project.encode("utf-8")
     bins = [k + project for k in keys]
-    ts_key = f"_ts:{fv.name}"
-    fields = {n: _mmh3(f"{fv.name}:{n}") for n in names}
+    ts_key = f"_ts:{fv.name}".encode()
+    fields = [_mmh3(f"{fv.name}:{n}") for n in names]
+    prev: list[bytes | None] = []
+    for i in range(0, len(bins), _CHUNK):
+        prev += get_ts(keys=bins[i: i + _CHUNK], args=[ts_key])
+    keep, args = [], []
+    for r, b in enumerate(bins):
+        stamp = Timestamp()
+        stamp.FromDatetime(ts[r])
+        if prev[r]:
+            old = Timestamp()
+            old.ParseFromString(prev[r])
+            if (stamp.seconds, stamp.nanos) <= (old.seconds, old.nanos):  # Feast: older or same instant, skip
+                continue
+        keep.append(b)
+        row = [ts_key, stamp.SerializeToString()]
+        for f, n in zip(fields, names, strict=True):
+            row += [f, encoded[n][r]]
+        args.append(row)
+    width = 2 * (len(names) + 1)
     with client.pipeline(transaction=False) as pipe:
-        for b in bins:
-            pipe.hmget(b, ts_key)
-        prev = [r[0] for r in pipe.execute()]
-    written = 0
-    with client.pipeline(transaction=False) as pipe:
-        for r, b in enumerate(bins):
-            stamp = Timestamp()
-            stamp.FromDatetime(ts[r])
-            nanos = stamp.seconds * 1_000_000_000 + stamp.nanos
-            if prev[r]:
-                old = Timestamp()
-                old.ParseFromString(prev[r])
-                if nanos <= old.seconds * 1_000_000_000 + old.nanos:  # Feast: older or same instant, skip
-                    continue
-            mapping = {ts_key: stamp.SerializeToString()}
-            for n in names:
-                mapping[fields[n]] = encoded[n][r]
-            pipe.hset(b, mapping=mapping)
-            if cfg.key_ttl_seconds:
-                pipe.expire(name=b, time=cfg.key_ttl_seconds)
-            written += 1
+        for i in range(0, len(keep), _CHUNK):
+            flat = [a for row in args[i: i + _CHUNK] for a in row]
+            set_rows(keys=keep[i: i + _CHUNK], args=[width, cfg.key_ttl_seconds or 0, *flat], client=pipe)
         pipe.execute()
-    return written
+    return len(keep)
