@@ -163,6 +163,27 @@ _SET = ("local n = tonumber(ARGV[1]) local ttl = tonumber(ARGV[2]) local j = 3 "
 _CHUNK = 1000
 
 
+def _evalsha_all(client: Any, script: str, calls: list[list[bytes]]) -> list[Any]:
+    """EVALSHA ``script`` once per argument list (numkeys, keys..., args..., all bytes), sent in one write.
+
+    redis-py's pipeline checks each of the ~460,000 arguments of a whole-market write in Python before
+    hiredis packs them; hiredis packs them alone here, on a connection from the client's own pool."""
+    import hiredis
+
+    sha = client.script_load(script)  # idempotent: the server keeps one copy
+    packed = b"".join(hiredis.pack_command((b"EVALSHA", sha, *call)) for call in calls)
+    conn = client.connection_pool.get_connection()
+    try:
+        conn.send_packed_command([packed])
+        replies = [conn.read_response() for _ in calls]
+    except BaseException:
+        conn.disconnect()  # a half-read connection must not go back to the pool
+        raise
+    finally:
+        client.connection_pool.release(conn)
+    return replies
+
+
 def _write_redis(store: FeatureStore, fv: FeatureView, keys: list[bytes], names: list[str],
                  encoded: dict[str, list[bytes]], ts: list[dt.datetime]) -> int:
     from feast.infra.online_stores.helpers import _mmh3
@@ -171,14 +192,14 @@ def _write_redis(store: FeatureStore, fv: FeatureView, keys: list[bytes], names:
 
     cfg = store.config.online_store
     client = _redis(store)
-    get_ts, set_rows = client.register_script(_GET_TS), client.register_script(_SET)
     project = store.config.project.encode("utf-8")
     bins = [k + project for k in keys]
     ts_key = f"_ts:{fv.name}".encode()
     fields = [_mmh3(f"{fv.name}:{n}") for n in names]
     prev: list[bytes | None] = []
-    for i in range(0, len(bins), _CHUNK):
-        prev += get_ts(keys=bins[i: i + _CHUNK], args=[ts_key])
+    for got in _evalsha_all(client, _GET_TS, [[str(len(bins[i: i + _CHUNK])).encode(), *bins[i: i + _CHUNK], ts_key]
+                                              for i in range(0, len(bins), _CHUNK)]):
+        prev += got
     keep, args = [], []
     for r, b in enumerate(bins):
         stamp = Timestamp()
@@ -194,9 +215,11 @@ def _write_redis(store: FeatureStore, fv: FeatureView, keys: list[bytes], names:
             row += [f, encoded[n][r]]
         args.append(row)
     width = 2 * (len(names) + 1)
-    with client.pipeline(transaction=False) as pipe:
-        for i in range(0, len(keep), _CHUNK):
-            flat = [a for row in args[i: i + _CHUNK] for a in row]
-            set_rows(keys=keep[i: i + _CHUNK], args=[width, cfg.key_ttl_seconds or 0, *flat], client=pipe)
-        pipe.execute()
+    calls = []
+    for i in range(0, len(keep), _CHUNK):
+        chunk = keep[i: i + _CHUNK]
+        flat = [a for row in args[i: i + _CHUNK] for a in row]
+        calls.append([str(len(chunk)).encode(), *chunk, str(width).encode(),
+                      str(cfg.key_ttl_seconds or 0).encode(), *flat])
+    _evalsha_all(client, _SET, calls)
     return len(keep)
