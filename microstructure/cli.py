@@ -32,6 +32,7 @@ class Source(enum.StrEnum):
     polygon = "polygon"
     alpaca = "alpaca"
     chain = "chain"
+    polygon_market = "polygon-market"  # every US stock from one snapshot-all call
 
 
 class Format(enum.StrEnum):
@@ -223,8 +224,9 @@ def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> No
 @app.command("poll")
 def poll_cmd(
     data_dir: DataDir = DEFAULT_DATA,
-    source: Annotated[Source, typer.Option(help="simulated, a vendor, or chain (the fallback chain of "
-                                                "--sources-config).")] = Source.simulated,
+    source: Annotated[Source, typer.Option(help="simulated, a vendor, chain (the fallback chain of "
+                                                "--sources-config), or polygon-market (every US stock, "
+                                                "one call a cycle).")] = Source.simulated,
     cycles: Annotated[int | None, typer.Option(help="Poll cycles (default 30 unless --until/--session).")] = None,
     until: Annotated[str | None, typer.Option(help="Live: stop at HH:MM New York time today.")] = None,
     session: Annotated[bool, typer.Option("--session", help="Live: poll today's exchange session (open to "

@@ -99,8 +99,17 @@ def vendor_source(kind: str, symbol_list: list[str] | None, sources_config: Path
     from microstructure.sources.chain import build_chain
     from microstructure.sources.vendor import ConfigError
 
+    if kind == "polygon-market":
+        from microstructure.sources.guard import Limits
+        from microstructure.sources.polygon import WholeMarketSource
+
+        try:
+            # ~10,000 tickers (several MB) in one answer: a longer timeout than a per-group call's.
+            return WholeMarketSource(limits=Limits(timeout_s=5.0)), []
+        except ConfigError as e:
+            raise PollError(str(e)) from None
     if kind not in ("chain", "polygon", "alpaca"):
-        raise PollError(f"--source must be simulated, polygon, alpaca or chain, not {kind!r}")
+        raise PollError(f"--source must be simulated, polygon, alpaca, chain or polygon-market, not {kind!r}")
     cfg = sources_config or (data_dir / "sources.toml")
     try:
         chain = build_chain(cfg if cfg.exists() or sources_config else None, symbol_list,

@@ -110,3 +110,37 @@ def test_whole_market_source_shapes_every_ticker(server, monkeypatch):
     assert v.clean.column("bid_px_1")[7].as_py() == 10.07
     assert res.rejected.column("symbol").to_pylist() == ["NOQ"]
     assert "tickers=" not in server.log[0][0].url  # one unfiltered call
+
+
+def test_poll_the_whole_market_from_the_cli(server, tmp_path):
+    """`poll --source polygon-market`: every ticker of one unfiltered snapshot call, live, into the lake and
+    online (the real CLI in a subprocess, the official client against the local server)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.vendor_server import POLY_STOCKS, poly_quote, poly_snapshot
+
+    def answer(_request):  # type: ignore[no-untyped-def]
+        from werkzeug.wrappers import Response
+
+        now = time.time_ns()
+        body = poly_snapshot(*[poly_quote(f"T{i:04d}", 20 + i / 100, 20.02 + i / 100, t=now) for i in range(1500)])
+        return Response(json.dumps(body), content_type="application/json")
+
+    server.expect_request(POLY_STOCKS).respond_with_handler(answer)
+    env = {**os.environ, "POLYGON_API_KEY": "k", "MICROSTRUCTURE_POLYGON_BASE_URL": server.url_for("/").rstrip("/")}
+    env.pop("MICROSTRUCTURE_ONLINE_STORE", None)
+    d = tmp_path / "data"
+    p = subprocess.run([sys.executable, "-m", "microstructure", "poll", "--source", "polygon-market", "--cycles", "2",
+                        "--interval", "1", "--data-dir", str(d), "--json"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    stats = json.loads(p.stdout)
+    assert stats["written"] == 3000 and stats["online_pushed"] == 3000
+    p = subprocess.run([sys.executable, "-m", "microstructure", "online", "T0007", "T1499", "--data-dir", str(d),
+                        "--json"], capture_output=True, text=True, env=env, timeout=120)
+    rows = json.loads(p.stdout)
+    assert [r["best_bid"] for r in rows] == [20.07, 34.99] and all(r["book_levels"] == 1 for r in rows)
