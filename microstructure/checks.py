@@ -182,13 +182,19 @@ def _missing(col: str, floats: set[str]) -> str:
     return f'("{col}" IS NULL OR isnan("{col}"))' if col in floats else f'("{col}" IS NULL)'
 
 
-def _unexpected_sql(exp: Any, floats: set[str]) -> tuple[str, str]:
-    """(label, SQL aggregate counting the rows GE would call unexpected) for one expectation."""
+def _unexpected_sql(exp: Any, floats: set[str]) -> tuple[str, str | None, str]:
+    """(label, the row condition GE would call unexpected or None for a batch-level expectation, the SQL
+    aggregate counting GE's unexpected rows) for one expectation."""
+    label, cond, agg = _unexpected(exp, floats)
+    return label, cond, agg if agg is not None else f"count(*) FILTER (WHERE {cond})"
+
+
+def _unexpected(exp: Any, floats: set[str]) -> tuple[str, str | None, str | None]:
     kind = exp.expectation_type
     kw = exp.configuration.kwargs
     if kind == "expect_column_values_to_not_be_null":
         c = kw["column"]
-        return f"{kind}({c})", f"count(*) FILTER (WHERE {_missing(c, floats)})"
+        return f"{kind}({c})", _missing(c, floats), None
     if kind == "expect_column_values_to_be_between":
         c = kw["column"]
         conds = []
@@ -197,19 +203,19 @@ def _unexpected_sql(exp: Any, floats: set[str]) -> tuple[str, str]:
         if kw.get("max_value") is not None:
             conds.append(f'"{c}" {"<" if kw.get("strict_max") else "<="} {float(kw["max_value"])!r}')
         ok = " AND ".join(conds) or "TRUE"
-        return f"{kind}({c})", f"count(*) FILTER (WHERE NOT {_missing(c, floats)} AND NOT ({ok}))"
+        return f"{kind}({c})", f"(NOT {_missing(c, floats)} AND NOT ({ok}))", None
     if kind == "expect_column_pair_values_a_to_be_greater_than_b":
         a, b = kw["column_A"], kw["column_B"]
         if kw.get("ignore_row_if") != "either_value_is_missing":
             raise NotImplementedError(f"{kind} with ignore_row_if={kw.get('ignore_row_if')!r}")
         op = ">=" if kw.get("or_equal") else ">"
-        return (f"{kind}({a}>{b})", f"count(*) FILTER (WHERE NOT {_missing(a, floats)} AND NOT "
-                                    f'{_missing(b, floats)} AND NOT ("{a}" {op} "{b}"))')
+        return (f"{kind}({a}>{b})", f"(NOT {_missing(a, floats)} AND NOT {_missing(b, floats)} "
+                                    f'AND NOT ("{a}" {op} "{b}"))', None)
     if kind == "expect_compound_columns_to_be_unique":
         cols = kw["column_list"]
         parts = ", ".join(f'"{c}"' for c in cols)
         # GE counts every row of a duplicated combination (rows whose values are all missing are ignored).
-        return (f"{kind}({cols})",
+        return (f"{kind}({cols})", None,
                 f"(SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM batch "
                 f"WHERE NOT ({' AND '.join(_missing(c, floats) for c in cols)}) GROUP BY {parts} "
                 f"HAVING count(*) > 1))")
@@ -226,18 +232,21 @@ class SqlChecker:
         self.con.execute("SET threads = 1")  # 150 rows: parallelism costs more than it gives
         self.con.execute("SET python_enable_replacements = false")  # only the registered batch is read
         self._expectations = {kind: _expectations(kind) for kind in ("snapshots", "features")}
-        self._sql: dict[tuple[str, Any], tuple[list[str], str]] = {}
+        self._sql: dict[tuple[str, Any], tuple[list[str], str, str]] = {}
         for kind in self._expectations:  # compile once up front: an unknown expectation fails at start-up
             self._compile(kind, set())
 
-    def _compile(self, kind: str, floats: set[str]) -> tuple[list[str], str]:
+    def _compile(self, kind: str, floats: set[str]) -> tuple[list[str], str, str]:
         checks = [_unexpected_sql(e, floats | {"lag_s"}) for e in self._expectations[kind]]
-        labels = [label for label, _ in checks]
-        sql = ("WITH batch AS (SELECT *, (epoch_us(received_ts) - epoch_us(event_ts)) / 1e6 AS lag_s FROM src) "
-               "SELECT " + ", ".join(f"{expr} AS e{i}" for i, (_, expr) in enumerate(checks)) + " FROM batch")
-        return labels, sql
+        labels = [label for label, _, _ in checks]
+        batch = "WITH batch AS (SELECT *, (epoch_us(received_ts) - epoch_us(event_ts)) / 1e6 AS lag_s FROM src) "
+        sql = batch + "SELECT " + ", ".join(f"{agg} AS e{i}" for i, (_, _, agg) in enumerate(checks)) + " FROM batch"
+        # Per row: the labels of the row-level expectations it fails ('' when none).
+        reasons = ", ".join(f"CASE WHEN {cond} THEN '{label}' END" for label, cond, _ in checks if cond)
+        rows = batch + f"SELECT concat_ws('; ', {reasons}) AS reason FROM batch"
+        return labels, sql, rows
 
-    def _query(self, kind: str, schema: Any) -> tuple[list[str], str]:
+    def _query(self, kind: str, schema: Any) -> tuple[list[str], str, str]:
         import pyarrow as pa
 
         key = (kind, schema)
@@ -253,7 +262,7 @@ class SqlChecker:
             table = pa.Table.from_pandas(table, preserve_index=False)
         if table.num_rows == 0:
             return CheckResult(kind, True, 0)
-        labels, sql = self._query(kind, table.schema)
+        labels, sql, _ = self._query(kind, table.schema)
         self.con.register("src", table)
         try:
             counts = self.con.execute(sql).fetchall()[0]
@@ -261,3 +270,35 @@ class SqlChecker:
             self.con.unregister("src")
         failures = [f"{label}: {n} rows" for label, n in zip(labels, counts, strict=True) if n]
         return CheckResult(kind, not failures, table.num_rows, failures)
+
+    def split(self, kind: str, table: Any) -> tuple[CheckResult, Any, Any]:
+        """(the batch's verdict, the rows to serve, the rows to quarantine with a ``reason`` column).
+
+        A row failing a row-level expectation (a null, a value out of range, a crossed pair, a stale book)
+        is quarantined alone: the good rows of the cycle are still served. A batch-level failure (duplicate
+        keys) quarantines the whole batch: it is never served."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        res = self.check(kind, table)
+        none = table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
+        if res.success:
+            return res, table, none
+        row_labels = {label for label, cond, _ in self._checks(kind, table.schema) if cond}
+        if any(f.rsplit(":", 1)[0] not in row_labels for f in res.failures):
+            return res, table.slice(0, 0), table.append_column("reason", pa.array([res.reason] * table.num_rows))
+        _, _, rows_sql = self._query(kind, table.schema)
+        self.con.register("src", table)
+        try:
+            reason = self.con.execute(rows_sql).to_arrow_table().column("reason")
+        finally:
+            self.con.unregister("src")
+        bad = pc.not_equal(reason, "")
+        return (res, table.filter(pc.invert(bad)),
+                table.filter(bad).append_column("reason", reason.filter(bad).cast(pa.string())))
+
+    def _checks(self, kind: str, schema: Any) -> list[tuple[str, str | None, str]]:
+        import pyarrow as pa
+
+        floats = {f.name for f in schema if pa.types.is_floating(f.type)} | {"lag_s"}
+        return [_unexpected_sql(e, floats) for e in self._expectations[kind]]

@@ -174,7 +174,16 @@ class OnlinePublisher:
         self.pending = []
         if batch.num_rows == 0:
             return
-        if self.checker is not None:
+        if self.checker is not None and hasattr(self.checker, "split"):
+            # Row-level failures quarantine their rows only (the cycle's good books are still served); a
+            # batch-level failure (duplicate keys) quarantines the whole batch.
+            _, batch, bad = self.checker.split("features", batch)
+            if bad.num_rows:
+                self.rejected.update(bad.column("reason").to_pylist())
+                self.quarantine.write(bad)
+            if batch.num_rows == 0:
+                return
+        elif self.checker is not None:
             res = self.checker.check("features", batch)
             if not res.success:
                 self.rejected[res.reason] += batch.num_rows

@@ -103,3 +103,25 @@ def test_a_broken_batch_is_reported_by_expectation_and_count(checkers, batches):
     assert not b.success
     assert sorted(b.failures) == ["expect_column_values_to_be_between(order_imbalance): 1 rows",
                                   "expect_column_values_to_be_between(spread_bps): 1 rows"]
+
+
+def test_split_quarantines_bad_rows_and_serves_the_rest(checkers, batches):
+    ge, sql = checkers
+    t = batches["features"]
+    ev = t.column("event_ts")[4].as_py()
+    t = _set(_set(t, "spread_bps", 0, -2.0), "received_ts", 4, ev + dt.timedelta(seconds=400))  # stale book
+    res, good, bad = sql.split("features", t)
+    assert not res.success and good.num_rows == t.num_rows - 2
+    assert bad.column("reason").to_pylist() == ["expect_column_values_to_be_between(spread_bps)",
+                                                "expect_column_values_to_be_between(lag_s)"]
+    assert ge.check("features", good).success  # what is served passes GE itself
+    for i in range(bad.num_rows):
+        assert not ge.check("features", bad.slice(i, 1).drop_columns(["reason"])).success
+
+
+def test_split_holds_back_a_batch_with_duplicate_keys(checkers, batches):
+    _, sql = checkers
+    t = batches["features"]
+    _, good, bad = sql.split("features", pa.concat_tables([t, t.slice(0, 1)]))
+    assert good.num_rows == 0 and bad.num_rows == t.num_rows + 1
+    assert "expect_compound_columns_to_be_unique" in bad.column("reason")[0].as_py()

@@ -192,3 +192,20 @@ def test_poll_writes_hive_partitions(data_dir, cycles):
     paths = LakePaths(data_dir)
     pipeline.poll(paths, SimulatedSource(seed=1), universe()[:3], pipeline.cycle_times(T0, 2, cycles, 0))
     assert (data_dir / "lake" / "snapshots" / f"date={T0.date()}").is_dir()
+
+
+def test_online_cycle_quarantines_a_stale_row_and_serves_the_others(data_dir):
+    from microstructure.checks import SqlChecker
+
+    paths = LakePaths(data_dir)
+    store = open_store(data_dir)
+    pub = pipeline.OnlinePublisher(paths, store, SqlChecker())
+    stale = book("S", event_ts=T0, received_ts=T0 + dt.timedelta(minutes=20))
+    fresh = book("F", event_ts=T0 + dt.timedelta(minutes=20), received_ts=T0 + dt.timedelta(minutes=20))
+    pub.add_cycle(validate(table_from_quotes([stale, fresh])).clean)
+    pub.flush()
+    assert pub.pushed == 1 and pub.rejected == {"expect_column_values_to_be_between(lag_s)": 1}
+    s, f = read_online(store, ["S", "F"])
+    assert not s.found and f.found
+    q = duckdb.sql(f"SELECT symbol, reason FROM read_parquet('{paths.glob(lake.FEATURES_QUARANTINE)}')").fetchall()
+    assert q == [("S", "expect_column_values_to_be_between(lag_s)")]
