@@ -1,6 +1,8 @@
 """Prefect the way Prefect users run it: a real server (not the ephemeral one), `prefect deploy --all` from
 prefect.yaml, the scheduler filling the Upcoming runs, a process worker running a triggered poll to
-Completed, and `python -m flows.serve` serving its deployments. Every step is the stock `prefect` CLI."""
+Completed, and `python -m flows.serve` serving its deployments. Every step is the stock `prefect` CLI. The
+deploy-schedule-worker test runs twice: on a SQLite-backed server and on one backed by the local PostgreSQL
+(Prefect's production database)."""
 
 from __future__ import annotations
 
@@ -26,14 +28,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+PG = os.environ.get("MICROSTRUCTURE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _postgres_database(name: str) -> str:
+    """A fresh database on the local PostgreSQL (the production backend of a Prefect server)."""
+    import asyncio
+
+    import asyncpg
+
+    async def create() -> None:
+        con = await asyncpg.connect(PG)
+        try:
+            await con.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await con.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await con.close()
+
+    asyncio.run(create())
+    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect_home")
     port = _free_port()
+    if request.param == "postgresql":
+        db_url = _postgres_database(f"prefect_test_{port}")
+    else:
+        db_url = f"sqlite+aiosqlite:///{home}/prefect.db"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
-           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-           "PREFECT_LOGGING_LEVEL": "INFO"}
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": db_url, "PREFECT_LOGGING_LEVEL": "INFO",
+           "MICROSTRUCTURE_TEST_BACKEND": request.param}
     env.pop("PREFECT_TEST_MODE", None)
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -55,6 +83,19 @@ def server(tmp_path_factory):
     proc.terminate()
     proc.wait(30)
     log.close()
+    if request.param == "postgresql":
+        import asyncio
+
+        import asyncpg
+
+        async def drop() -> None:
+            con = await asyncpg.connect(PG)
+            try:
+                await con.execute(f'DROP DATABASE IF EXISTS "prefect_test_{port}" WITH (FORCE)')
+            finally:
+                await con.close()
+
+        asyncio.run(drop())
 
 
 def prefect(env: dict, *args: str, cwd: Path = ROOT, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -105,10 +146,25 @@ def test_deploy_schedule_and_run_through_a_worker(server, tmp_path):
     assert (d / "lake" / "snapshots").exists()
     arts = api(env, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["poll-session"]}}})
     assert arts and "Poll session" in arts[0]["data"]
+    if env["MICROSTRUCTURE_TEST_BACKEND"] == "postgresql":  # the runs really live in PostgreSQL
+        import asyncio
+
+        import asyncpg
+
+        async def completed() -> int:
+            con = await asyncpg.connect(env["PREFECT_SERVER_DATABASE_CONNECTION_URL"].replace("+asyncpg", ""))
+            try:
+                return await con.fetchval("SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'")
+            finally:
+                await con.close()
+
+        assert asyncio.run(completed()) == 1
 
 
 def test_flows_serve_serves_both_deployments(server, tmp_path):
     env = server
+    if env["MICROSTRUCTURE_TEST_BACKEND"] != "sqlite":
+        pytest.skip("serving is the same against either backend; run once")
     proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--data-dir", str(tmp_path / "d")], env=env,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
