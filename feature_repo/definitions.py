@@ -30,15 +30,26 @@ symbol = Entity(
     description="A traded instrument's ticker as the source spells it (AAPL, BTC/USD, MEGA01).",
 )
 
-order_book_source = FileSource(
-    name="order_book_features_source",
-    path=str(DATA_DIR / "lake" / "features" / "*" / "*.parquet"),
-    file_format=ParquetFormat(),
-    timestamp_field="received_ts",
-    # Two books received in the same instant: the newer one (by the source's time) wins, in every store.
-    created_timestamp_column="event_ts",
-    description="Published feature rows, one per (symbol, event_ts); see transforms/features.sql.",
-)
+# The same Parquet files, read by the offline store the configuration picks: DuckDB (the default, our ASOF store)
+# or Spark (MICROSTRUCTURE_OFFLINE_STORE=spark), whose store reads only Spark sources.
+_FEATURES_GLOB = str(DATA_DIR / "lake" / "features" / "*" / "*.parquet")
+_SOURCE_DOC = "Published feature rows, one per (symbol, event_ts); see transforms/features.sql."
+if os.environ.get("MICROSTRUCTURE_OFFLINE_STORE", "").strip().lower() == "spark":
+    from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+    order_book_source = SparkSource(
+        name="order_book_features_source", path=_FEATURES_GLOB, file_format="parquet",
+        timestamp_field="received_ts", created_timestamp_column="event_ts", description=_SOURCE_DOC)
+else:
+    order_book_source = FileSource(
+        name="order_book_features_source",
+        path=_FEATURES_GLOB,
+        file_format=ParquetFormat(),
+        timestamp_field="received_ts",
+        # Two books received in the same instant: the newer one (by the source's time) wins, in every store.
+        created_timestamp_column="event_ts",
+        description=_SOURCE_DOC,
+    )
 
 order_book_push = PushSource(name="order_book_push", batch_source=order_book_source)
 

@@ -35,6 +35,11 @@ class Source(enum.StrEnum):
     polygon_market = "polygon-market"  # every US stock from one snapshot-all call
 
 
+class Engine(enum.StrEnum):
+    duckdb = "duckdb"
+    spark = "spark"
+
+
 class Format(enum.StrEnum):
     snapshots = "snapshots"
     wide = "wide"
@@ -332,6 +337,9 @@ def _days(paths: Any, dates: list[str] | None) -> list[dt.date]:
 @app.command("build-features")
 def build_features_cmd(data_dir: DataDir = DEFAULT_DATA,
                        date: Annotated[list[str] | None, typer.Option(help="Date(s) to build; default all.")] = None,
+                       engine: Annotated[Engine, typer.Option(help="duckdb (in process) or spark (the same SQL on "
+                                                                   "$MICROSTRUCTURE_SPARK_MASTER, default "
+                                                                   "local[2]).")] = Engine.duckdb,
                        as_json: JsonOut = False) -> None:
     """Build features from the lake with transforms/features.sql, check them, publish to Feast's offline store."""
     _quiet_libraries()
@@ -339,7 +347,8 @@ def build_features_cmd(data_dir: DataDir = DEFAULT_DATA,
     from microstructure.checks import Checker
 
     paths = _paths(data_dir, must_exist=True)
-    res = pipeline.build_and_publish(paths, _days(paths, date), Checker(paths.data_dir / "gx"))
+    res = pipeline.build_and_publish(paths, _days(paths, date), Checker(paths.data_dir / "gx"),
+                                     engine=Engine(engine).value)
     _emit([r.as_dict() for r in res], "feature batches", as_json)
     if not all(r.published for r in res):
         raise typer.Exit(1)

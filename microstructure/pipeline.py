@@ -350,13 +350,22 @@ def build_day(paths: lake.LakePaths, day: dt.date) -> tuple[pa.Table, pa.Table]:
 
 
 def build_and_publish(paths: lake.LakePaths, days: Sequence[dt.date] | None = None,
-                      checker: Checker | None = None) -> list[BuildResult]:
-    """For each date: build features from the lake, check snapshots and features, then publish the
-    features where Feast reads them, or quarantine the batch with the reasons."""
+                      checker: Checker | None = None, engine: str = "duckdb") -> list[BuildResult]:
+    """For each date: build features from the lake (``engine``: duckdb, or spark for the same SQL on a Spark
+    session), check snapshots and features, then publish the features where Feast reads them, or quarantine
+    the batch with the reasons."""
+    if engine == "spark":
+        from microstructure import spark
+
+        build: Callable[[lake.LakePaths, dt.date], tuple[pa.Table, pa.Table]] = spark.build_day
+    elif engine == "duckdb":
+        build = build_day
+    else:
+        raise ValueError(f"engine must be duckdb or spark, not {engine!r}")
     out = []
     for day in days or paths.dates(lake.SNAPSHOTS):
         t0 = time.perf_counter()
-        snaps, feats = build_day(paths, day)
+        snaps, feats = build(paths, day)
         reasons: list[str] = []
         if checker is not None:
             for kind, table in (("snapshots", snaps), ("features", feats)):

@@ -56,6 +56,15 @@ def store_yaml(data_dir: Path) -> Path:
     online = online_store_config()
     if online is not None:
         cfg["online_store"] = online
+    offline = os.environ.get(OFFLINE_STORE_ENV, "").strip().lower()
+    if offline == "spark":
+        from microstructure.spark import spark_conf
+
+        cfg["offline_store"] = {"type": "spark", "spark_conf": spark_conf()}
+    elif offline not in ("", "duckdb"):
+        from microstructure.output import InputError
+
+        raise InputError(f"{OFFLINE_STORE_ENV} must be duckdb (default) or spark, not {offline!r}")
     out = data_dir / "feast" / "feature_store.yaml"
     text = yaml.safe_dump(cfg, sort_keys=False)
     if not out.exists() or out.read_text() != text:
@@ -66,6 +75,7 @@ def store_yaml(data_dir: Path) -> Path:
 
 
 ONLINE_STORE_ENV = "MICROSTRUCTURE_ONLINE_STORE"
+OFFLINE_STORE_ENV = "MICROSTRUCTURE_OFFLINE_STORE"
 REDIS_PASSWORD_ENV = "MICROSTRUCTURE_REDIS_PASSWORD"
 REDIS_KEY_TTL_S = 24 * 3600  # a symbol no longer polled leaves Redis a day after its last push
 
