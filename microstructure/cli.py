@@ -45,6 +45,7 @@ class Format(enum.StrEnum):
     wide = "wide"
     lobster = "lobster"
     iex_deep = "iex-deep"
+    binance_depth = "binance-depth"
 
 
 def _version(value: bool) -> None:
@@ -476,31 +477,40 @@ def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapsho
 
 
 @app.command()
-def backfill(path: Annotated[Path, typer.Argument(help="A recorded file (or LOBSTER / snapshot folder).")],
+def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) (or a LOBSTER / snapshot folder); "
+                                                             "binance-depth: the files of one continuous stream.")],
              data_dir: DataDir = DEFAULT_DATA,
              fmt: Annotated[Format, typer.Option("--format", help="What the file is.")] = Format.lobster,
              symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster) or select (iex-deep) the symbol.")]
              = None,
-             cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots (lobster, iex-deep).")]
+             cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots (lobster, iex-deep, "
+                                                            "binance-depth).")]
              = 1.0,
              as_json: JsonOut = False) -> None:
     """Load a recorded order-book file into the lake through the same validation and quarantine. Idempotent."""
     from microstructure.ingest import backfill as load
 
     fmt = Format(fmt).value
-    if not path.exists():
-        raise UserError(f"no such file or folder: {path}")
+    for path in files:
+        if not path.exists():
+            raise UserError(f"no such file or folder: {path}")
     if cadence <= 0:
         raise UserError("--cadence must be > 0")
     paths = _paths(data_dir)
+    path = files[0]
     with _progress(None, "loading", not as_json) as prog:  # streamed: the row count is not known upfront
         task = prog.add_task("load", total=None)
         try:
-            st = load(paths, _read_recorded(path, fmt, symbol, cadence),
-                      on_batch=lambda s: prog.update(task, completed=s.sampled))
+            if fmt == "binance-depth":
+                from microstructure.sources.binance import read_binance_depth
+
+                batches: Any = read_binance_depth(list(files), cadence, symbol)
+            else:
+                batches = (b for f in files for b in _read_recorded(f, fmt, symbol, cadence))
+            st = load(paths, batches, on_batch=lambda s: prog.update(task, completed=s.sampled))
         except (ValueError, FileNotFoundError) as e:  # the readers' format errors are ValueErrors
             raise UserError(f"{path.name}: {e}".replace(f"{path.name}: {path.name}", path.name)) from None
-    res = {"file": str(path), "format": fmt, "sampled": st.sampled, "written": st.written,
+    res = {"file": ", ".join(str(f) for f in files), "format": fmt, "sampled": st.sampled, "written": st.written,
            "already_in_lake_or_unchanged": st.duplicates, "quarantined": dict(st.quarantined),
            "symbols": len(st.symbols), "dates": sorted(st.dates)}
     _emit([res], "backfill", as_json)
