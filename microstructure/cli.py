@@ -46,6 +46,7 @@ class Format(enum.StrEnum):
     lobster = "lobster"
     iex_deep = "iex-deep"
     binance_depth = "binance-depth"
+    hyperliquid_l2 = "hyperliquid-l2"
 
 
 def _version(value: bool) -> None:
@@ -505,6 +506,10 @@ def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) 
                 from microstructure.sources.binance import read_binance_depth
 
                 batches: Any = read_binance_depth(list(files), cadence, symbol)
+            elif fmt == "hyperliquid-l2":
+                from microstructure.sources.binance import read_hyperliquid_l2
+
+                batches = read_hyperliquid_l2(list(files), cadence, symbol)
             else:
                 batches = (b for f in files for b in _read_recorded(f, fmt, symbol, cadence))
             st = load(paths, batches, on_batch=lambda s: prog.update(task, completed=s.sampled))

@@ -105,3 +105,16 @@ def test_backfill_of_one_stream_in_two_files_is_idempotent(tmp_path):
     rows = duckdb.sql(f"SELECT min(book_levels), bool_and(bid_px_1 < ask_px_1)::INT, count(*) FROM "
                       f"read_parquet('{d}/lake/snapshots/*/*.parquet')").fetchall()[0]
     assert rows == (10, 1, first["written"])  # ten real levels, never crossed
+
+
+@needs_data
+def test_hyperliquid_l2_snapshots_sampled_per_slot():
+    from microstructure.sources.binance import read_hyperliquid_l2
+
+    (batch,) = list(read_hyperliquid_l2([DATA / "hyperliquid" / "btcusd_20250126.gz"], cadence=1.0))
+    rows = batch.raw.to_pylist()
+    assert 15 <= len(rows) <= 30  # ~25 s of snapshots, one per second
+    assert all(r["symbol"] == "BTC-PERP" and r["source"] == "hyperliquid" for r in rows)
+    assert all(r["bid_px_1"] < r["ask_px_1"] and r["bid_px_10"] is not None for r in rows)
+    times = [r["event_ts"] for r in rows]
+    assert times == sorted(times) and len({t.replace(microsecond=0) for t in times}) == len(times)

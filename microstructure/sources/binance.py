@@ -226,3 +226,36 @@ def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | No
         emit(pending)
     if quotes or rejected:
         yield flush()
+
+
+def read_hyperliquid_l2(files: list[Path], cadence: float = 1.0, symbol: str | None = None,
+                        levels: int = MAX_LEVELS) -> Iterator[Batch]:
+    """Hyperliquid ``l2Book`` recordings (full 20-level snapshots, same line format): the last snapshot of each
+    ``cadence`` slot, top 10 levels; ``event_ts`` = Hyperliquid's ``time``, ``received_ts`` = the recorder's.
+    Symbols are ``<coin>-PERP`` (Hyperliquid's books are perpetuals), source ``hyperliquid``."""
+    if cadence <= 0:
+        raise FileFormatError("cadence must be > 0")
+    slot_ms = cadence * 1000
+    quotes: list[BookQuote] = []
+    last: tuple[int, BookQuote] | None = None
+    for recv, msg in _lines(sorted(files)):
+        if msg.get("channel") != "l2Book" or not isinstance(msg.get("data"), dict):
+            continue
+        d = msg["data"]
+        try:
+            bids_raw, asks_raw = d["levels"]
+            bids = [(float(x["px"]), float(x["sz"])) for x in bids_raw][:levels]
+            asks = [(float(x["px"]), float(x["sz"])) for x in asks_raw][:levels]
+            e_ms = int(d["time"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FileFormatError(f"l2Book message without levels/time ({e})") from None
+        q = BookQuote(symbol or f"{d.get('coin')}-PERP", _EPOCH + dt.timedelta(milliseconds=e_ms), _ts(recv),
+                      "hyperliquid", bids, asks)
+        slot = int(e_ms // slot_ms)
+        if last is not None and slot != last[0]:
+            quotes.append(last[1])
+        last = (slot, q)
+    if last is not None:
+        quotes.append(last[1])
+    if quotes:
+        yield Batch(table_from_quotes(quotes), QUARANTINE_SCHEMA.empty_table())
