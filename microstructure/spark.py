@@ -27,6 +27,10 @@ BASE_CONF = {
     "spark.ui.enabled": "false",
     "spark.sql.shuffle.partitions": "8",
     "spark.sql.execution.arrow.pyspark.enabled": "true",
+    # A day's features come back to the driver to be checked and published (~0.3 GB for 150 symbols at 2 s):
+    # the 1 GB defaults lose the result ("TaskResultLost") from ~1.75M rows a day.
+    "spark.driver.memory": "4g",
+    "spark.driver.maxResultSize": "0",
 }
 
 
