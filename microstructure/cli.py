@@ -622,14 +622,14 @@ def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON o
     """Attach order-book features to picks; keep or drop each with the filter and reason; mark risky ones."""
     _quiet_libraries()
     from microstructure import picks as pk
-    from microstructure.config import load_thresholds
+    from microstructure.config import load_threshold_set
     from microstructure.service import MicrostructureService
 
     try:
         df = pk.read_picks(in_path)
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
-    svc = MicrostructureService(data_dir, load_thresholds(config or data_dir / "microstructure.toml"))
+    svc = MicrostructureService(data_dir, load_threshold_set(config or data_dir / "microstructure.toml"))
     res = pk.evaluate(df, svc)
     if score:
         from microstructure.scoring import ModelMissing, score_picks

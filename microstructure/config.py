@@ -67,3 +67,72 @@ def normalise_mode(mode: str) -> str:
     if m not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use SAFE or AGGRESSIVE")
     return m
+
+
+# ---- thresholds per asset class -----------------------------------------------------------------------------
+# The roadmap's numbers (the Thresholds defaults) are equity thresholds. Crypto books differ in kind: sub-bps
+# ticks, deep books quoted in the base asset, fees instead of an exchange spread floor. The crypto profile was
+# written down from two principles before anything was measured on crypto data, and is not tuned on it:
+# * depth as a multiple of the order: the top-5 book must hold 4x (SAFE) / 2x (AGGRESSIVE) the notional of a
+#   $50,000 reference order (the evaluation's default order), i.e. $200k / $100k;
+# * spread against the venue's cost of trading: a major venue's taker fee is ~10 bps, so SAFE accepts a spread
+#   of at most one fee (10 bps) and AGGRESSIVE two (20 bps); the equity caps (50 / 100 bps) would pass anything.
+# Gap, halt, imbalance and freshness limits are the same as for equities.
+CRYPTO_PATTERNS = ("*/*", "*USDT", "*USDC", "*BUSD", "*_PERP", "*-PERP")
+CRYPTO = Thresholds(safe_max_spread_bps=10.0, safe_min_depth_usd=200_000.0, aggressive_max_spread_bps=20.0,
+                    aggressive_min_depth_usd=100_000.0)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    patterns: tuple[str, ...]  # fnmatch patterns over the symbol
+    thresholds: Thresholds
+
+
+@dataclass(frozen=True)
+class ThresholdSet:
+    """Thresholds by symbol group: the first profile whose pattern matches a symbol, else ``default``.
+    Attribute access falls through to ``default`` (freshness, cache TTL: one value for every symbol)."""
+
+    default: Thresholds = Thresholds()
+    profiles: tuple[Profile, ...] = (Profile("crypto", CRYPTO_PATTERNS, CRYPTO),)
+
+    def profile_of(self, symbol: str) -> str:
+        from fnmatch import fnmatchcase
+
+        for p in self.profiles:
+            if any(fnmatchcase(symbol, pat) for pat in p.patterns):
+                return p.name
+        return "equity"
+
+    def for_symbol(self, symbol: str) -> Thresholds:
+        name = self.profile_of(symbol)
+        return next((p.thresholds for p in self.profiles if p.name == name), self.default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.default, name)
+
+
+def resolve(t: Thresholds | ThresholdSet, symbol: str | None) -> Thresholds:
+    return t.for_symbol(symbol or "") if isinstance(t, ThresholdSet) else t
+
+
+def load_threshold_set(path: Path | None = None, env: dict[str, str] | None = None) -> ThresholdSet:
+    """The default thresholds (``load_thresholds``) plus profiles: the built-in crypto one, changed or extended by
+    ``[profiles.<name>]`` tables in the TOML file (``patterns = [...]`` and any threshold field)."""
+    default = load_thresholds(path, env)
+    profiles = {p.name: p for p in ThresholdSet().profiles}
+    if path is not None and path.exists():
+        for name, body in tomllib.loads(path.read_text()).get("profiles", {}).items():
+            body = dict(body)
+            base = profiles.get(name)
+            patterns = tuple(body.pop("patterns", base.patterns if base else ()))
+            if not patterns:
+                raise ValueError(f"profile {name!r} needs patterns = [...]")
+            start = dataclasses.asdict(base.thresholds if base else default)
+            unknown = set(body) - set(start)
+            if unknown:
+                raise ValueError(f"profile {name!r}: unknown threshold(s) {sorted(unknown)}")
+            profiles[name] = Profile(name, patterns, Thresholds(**{**start, **{k: float(v) for k, v in body.items()}}))
+    return ThresholdSet(default, tuple(profiles.values()))

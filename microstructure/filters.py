@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from microstructure.config import Thresholds
+from microstructure.config import Thresholds, ThresholdSet, resolve
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,9 @@ def halt_filter(f: Mapping[str, Any], mode: str, t: Thresholds) -> Verdict | Non
 DEFAULT_FILTERS: tuple[Filter, ...] = (halt_filter, gap_filter, spread_filter, depth_filter)
 
 
-def apply_filters(f: Mapping[str, Any], mode: str, t: Thresholds,
+def apply_filters(f: Mapping[str, Any], mode: str, t: Thresholds | ThresholdSet,
                   filters: tuple[Filter, ...] = DEFAULT_FILTERS) -> Verdict:
+    t = resolve(t, f.get("symbol"))  # the symbol's asset-class profile
     for flt in filters:
         v = flt(f, mode, t)
         if v is not None:
@@ -70,8 +71,9 @@ class Risk:
     reasons: list[str] = field(default_factory=list)
 
 
-def risk_marking(f: Mapping[str, Any], side: str, t: Thresholds, stale: bool) -> Risk:
+def risk_marking(f: Mapping[str, Any], side: str, t: Thresholds | ThresholdSet, stale: bool) -> Risk:
     """Why a pick that passed the filters still deserves care."""
+    t = resolve(t, f.get("symbol"))
     reasons = []
     if f["depth_dollars"] < t.safe_min_depth_usd:
         reasons.append(f"depth ${f['depth_dollars']:,.0f} below the SAFE ${t.safe_min_depth_usd:,.0f}")

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from microstructure import lake
 from microstructure.book import SNAPSHOT_SCHEMA
-from microstructure.config import Thresholds, load_thresholds, normalise_mode
+from microstructure.config import Thresholds, ThresholdSet, load_threshold_set, normalise_mode
 from microstructure.filters import apply_filters
 from microstructure.ingest import Ingestor
 from microstructure.transforms import GAP_WINDOW, HALT_WINDOW, compute_features
@@ -50,15 +51,22 @@ def calculate_imbalance(bids: Sequence[tuple[float, float]], asks: Sequence[tupl
 
 
 class MicrostructureService:
-    def __init__(self, data_dir: Path | str | None = None, thresholds: Thresholds | None = None,
+    def __init__(self, data_dir: Path | str | None = None, thresholds: Thresholds | ThresholdSet | None = None,
                  source: Any = None, cache_ttl_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else lake.data_dir_default()
         self.paths = lake.LakePaths(self.data_dir.resolve())
-        self.thresholds = thresholds or load_thresholds(self.data_dir / "microstructure.toml")
+        self.thresholds = thresholds or load_threshold_set(self.data_dir / "microstructure.toml")
         if cache_ttl_s is not None:
-            self.thresholds = Thresholds(**{**self.thresholds.__dict__, "cache_ttl_s": cache_ttl_s})
+            import dataclasses
+
+            t = self.thresholds
+            if isinstance(t, ThresholdSet):
+                default = dataclasses.replace(t.default, cache_ttl_s=cache_ttl_s)
+                self.thresholds = dataclasses.replace(t, default=default)
+            else:
+                self.thresholds = dataclasses.replace(t, cache_ttl_s=cache_ttl_s)
         self._source = source
         self._clock = clock
         self._now = now
@@ -158,6 +166,9 @@ class MicrostructureService:
                                                   "error": f"source answer rejected: {', '.join(reasons)}"}
             save_simulated(self.paths.data_dir, self.source)
             history = lake.read_snapshots(self.paths, at - HALT_WINDOW - GAP_WINDOW, at, [symbol])
+            # The lake already holds the rows just ingested: take them from there once, not twice.
+            fresh = pa.array(clean.column("event_ts").to_pylist(), history.schema.field("event_ts").type)
+            history = history.filter(pc.invert(pc.is_in(history.column("event_ts"), value_set=fresh)))
             feats = compute_features(pa.concat_tables([history, clean]).cast(SNAPSHOT_SCHEMA), only=clean)
             push_online(self.store, feats)
         return self._read(symbol)

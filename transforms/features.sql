@@ -1,5 +1,6 @@
 -- features: one row per (symbol, event_ts) order-book snapshot, the single definition of every feature.
--- Key: (symbol, event_ts). Input: a relation named `snapshots` (book.SNAPSHOT_SCHEMA). The offline build runs
+-- Key: (symbol, event_ts). Input: a relation named `snapshots` (book.SNAPSHOT_SCHEMA) holding each
+-- (symbol, event_ts, source) once, as the lake does. The offline build runs
 -- this over a date of the lake (plus 30 minutes before it); the online path runs it over the trailing window
 -- buffer of the cycle just polled. Same text, same numbers.
 --
