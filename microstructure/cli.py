@@ -573,6 +573,7 @@ def evaluate(data_dir: DataDir = DEFAULT_DATA,
              horizon: Annotated[int, typer.Option(help="ML label horizon, seconds.")] = 60,
              order_notional: Annotated[float, typer.Option(help="Order size for the headline, dollars.")] = 50_000,
              source: Annotated[str | None, typer.Option(help="Only snapshots from this source.")] = None,
+             symbol: Annotated[list[str] | None, typer.Option(help="Only these symbols (repeatable).")] = None,
              seed: Annotated[int, typer.Option(help="Seed of the random picks and bootstraps.")] = 0,
              as_json: JsonOut = False) -> None:
     """Measure the roadmap's claims on what is in the lake; write report.md, PNG plots and the headline table."""
@@ -587,6 +588,7 @@ def evaluate(data_dir: DataDir = DEFAULT_DATA,
         raise UserError("--horizon and --order-notional must be > 0")
     with err.status("evaluating...", spinner="dots") if not as_json else _null() as st:
         res = run_eval(paths, horizon_s=horizon, order_notional=order_notional, seed=seed, source=source,
+                       symbols=symbol or None,
                        progress=(lambda s: st.update(f"evaluating: {s}...")) if st else (lambda s: None))
         target = report.write_report(res, out_dir or paths.data_dir / "report")
         _save_model(res, paths)

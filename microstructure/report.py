@@ -146,6 +146,26 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
     fig.savefig(out / "coverage.png", dpi=110)
     plt.close(fig)
     made.append("coverage.png")
+
+    ml = res.get("ml", {})
+    if ml.get("enough"):
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, label="perfect calibration")
+        for name in ("base", "base+micro"):
+            rel = ml[name]["reliability"]
+            ax.plot([r["predicted"] for r in rel], [r["observed"] for r in rel], marker="o",
+                    label=f"{name} (log-loss {ml[name]['log_loss']:.3f})")
+        ax.axhline(ml["test_up_rate"], color="grey", ls=":", lw=0.8,
+                   label=f"base rate {ml['test_up_rate']:.2f} (entropy {ml['base_rate_entropy']:.3f})")
+        ax.set_xlabel("predicted P(up), bins of 0.1")
+        ax.set_ylabel("observed up-rate")
+        ax.set_title(f"Reliability, walk-forward out-of-sample (n={ml['n_test']:,})")
+        ax.legend(fontsize=7)
+        stamp(fig)
+        fig.tight_layout()
+        fig.savefig(out / "reliability.png", dpi=110)
+        plt.close(fig)
+        made.append("reliability.png")
     return made
 
 
@@ -185,7 +205,29 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
                 f"{_fmt(rk['bad_rate_risky'], 'fraction')} vs {_fmt(rk['bad_rate_not_risky'], 'fraction')} |")
         lines += ["", "Caveat: the filters read the same book the order then walks (one snapshot later), so on any "
                   "data where books persist for seconds the reduction is largely mechanical: it shows the filters "
-                  "do what they say, not that they pick better trades.", "", "![bad fills](bad_fills_by_tier.png)", ""]
+                  "do what they say, not that they pick better trades.", ""]
+        if bf.get("by_delay"):
+            lines += [f"**Not mechanical: implementation shortfall by delay** (${bf['delay_size']:,.0f} orders). The "
+                      "pick is decided on its book at T (the filters read that book); the order reaches the market "
+                      "at T + Δ and walks the book it finds there; bad = slippage against the mid *at decision* "
+                      f"above {bf['bad_bps']:g} bps, or unfillable.", "",
+                      "| Δ | picks | bad (all) | median shortfall | SAFE kept: bad | SAFE reduction [CI] | "
+                      "AGGRESSIVE kept: bad | AGGRESSIVE reduction [CI] |", "|---|---|---|---|---|---|---|---|"]
+            for e in bf["by_delay"]:
+                if "SAFE" not in e:
+                    lines.append(f"| {e['delay_s']} s | {e['n']:,} | insufficient data | | | | | |")
+                    continue
+                lines.append(
+                    f"| {e['delay_s']} s | {e['n']:,} | {_fmt(e['bad_rate_all'], 'fraction')} | "
+                    f"{e['median_shortfall_bps']:.2f} bps | {_fmt(e['SAFE']['bad_rate_kept'], 'fraction')} | "
+                    f"{_fmt(e['SAFE']['reduction'], 'fraction')} {_ci(e['SAFE']['ci'], 'fraction')} | "
+                    f"{_fmt(e['AGGRESSIVE']['bad_rate_kept'], 'fraction')} | "
+                    f"{_fmt(e['AGGRESSIVE']['reduction'], 'fraction')} {_ci(e['AGGRESSIVE']['ci'], 'fraction')} |")
+            lines.append("")
+        if bf.get("profiles"):
+            lines += ["Thresholds by asset class: " + ", ".join(f"{k} {v:,} picks" for k, v in bf["profiles"].items())
+                      + " (the crypto profile: README, \"Thresholds per asset class\").", ""]
+        lines += ["![bad fills](bad_fills_by_tier.png)", ""]
     else:
         lines += ["insufficient data: no feature rows.", ""]
     lines += ["## Entry timing", "", "| signal | target | n | hit rate [CI] | rank corr [CI] |",
@@ -211,19 +253,21 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
     lines += ["", "![imbalance vs return](imbalance_vs_return.png)", "", "## ML scoring", ""]
     ml = res["ml"]
     if ml.get("enough"):
-        lines += [f"{ml['n']:,} rows joined point-in-time through Feast (`training-set` path); label = sign of the "
-                  f"{ml['horizon_s']} s forward mid return; time-ordered split at {ml['split_at']} "
-                  f"({ml['n_train']:,} train / {ml['n_test']:,} test, {ml['test_up_rate']:.0%} up); {ml['model']}.", "",
+        lines += [f"{ml['n']:,} rows joined point-in-time through Feast (`training-set` path); label: {ml['label']} "
+                  f"({ml['flat_dropped']:,} flat rows dropped); {ml['split']}, {ml['n_test']:,} out-of-sample "
+                  f"predictions pooled ({ml['test_up_rate']:.0%} up); {ml['model']}.", "",
                   "| features | AUC | log-loss |", "|---|---|---|",
+                  f"| base rate (predict the training up-rate) | 0.5 | {ml['base_rate_log_loss']:.4f} |",
                   f"| base (60 s return, 5 min volatility) | {ml['base']['auc']:.4f} | {ml['base']['log_loss']:.4f} |",
                   f"| base + five microstructure | {ml['base+micro']['auc']:.4f} | "
                   f"{ml['base+micro']['log_loss']:.4f} |", "",
-                  f"AUC gain {ml['auc_gain']:+.4f} [{ml['auc_gain_ci'][0]:+.4f}, {ml['auc_gain_ci'][1]:+.4f}]. "
-                  "A log-loss above ln 2 = 0.693 means the probabilities are worse calibrated than a coin; "
-                  "the ranking (AUC) is the claim here."]
+                  f"AUC gain {ml['auc_gain']:+.4f} [{ml['auc_gain_ci'][0]:+.4f}, {ml['auc_gain_ci'][1]:+.4f}] (cluster "
+                  f"bootstrap of the out-of-sample rows); log-loss gain {ml['log_loss_gain']:+.4f}. The entropy of "
+                  f"the test base rate is {ml['base_rate_entropy']:.4f}: a calibrated model scores below it.", "",
+                  "![reliability](reliability.png)"]
     else:
-        lines += [f"insufficient data ({ml.get('n', 0)} labelled rows; need {1000}+ with both outcomes in the test "
-                  "split)."]
+        lines += [f"insufficient data ({ml.get('n', 0)} labelled rows; need {1000}+ with both outcomes in the "
+                  "out-of-sample folds)."]
     cov = res["coverage"]["overall"]
     lines += ["", "## Data and coverage", "", f"Symbols: {cov['symbols']} — L2 (≥ 5 levels) {cov['l2']}, shallow "
               f"{cov['shallow']}, L1 only {cov['l1_only']}, none {cov['none']}.", "", "![coverage](coverage.png)", "",
