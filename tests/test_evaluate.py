@@ -102,7 +102,7 @@ def test_run_then_evaluate_writes_report_plots_and_headline(evaluated):
               "coverage.png"):
         assert (out / f).stat().st_size > 1000, f
     claims = [h["claim"] for h in res["headline"]]
-    assert len(claims) == 8 and res["data"].startswith("simulated simulated: 40 symbols")
+    assert len(claims) == 9 and res["data"].startswith("simulated simulated: 40 symbols")
     assert all(h["verdict"] in ("met", "not met", "inconclusive", "insufficient data") for h in res["headline"])
     by = {h["claim"]: h for h in res["headline"]}
     nxt = by["order imbalance sign predicts next move"]
@@ -112,6 +112,23 @@ def test_run_then_evaluate_writes_report_plots_and_headline(evaluated):
     assert cov["measured"] == 40 and cov["verdict"] == "not met"
     text = (out / "report.md").read_text()
     assert "## Headline" in text and "simulated order books" in text and "![bad fills](bad_fills_by_tier.png)" in text
+    full = json.loads((out / "results.json").read_text())
+    # The fill study by delay: decided on the book at T, filled at T + delay against the decision mid.
+    assert [e["delay_s"] for e in full["bad_fills"]["by_delay"]] == [1, 5, 30, 60]
+    assert "implementation shortfall by delay" in text
+    ml = full["ml"]
+    assert ml["label"].startswith("up vs down") and ml["split"].startswith("walk-forward")
+    assert (out / "reliability.png").stat().st_size > 1000 and ml["base_rate_entropy"] > 0.6
+
+
+def test_two_identical_evaluate_runs_give_identical_results(evaluated, tmp_path):
+    d, out, _ = evaluated
+    cli("evaluate", "--data-dir", d, "--out", tmp_path / "again", "--json")
+    a = json.loads((out / "results.json").read_text())
+    b = json.loads((tmp_path / "again" / "results.json").read_text())
+    a.pop("generated")
+    b.pop("generated")
+    assert a == b
 
 
 def test_picks_score_uses_the_evaluate_model(evaluated, tmp_path):
