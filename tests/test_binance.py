@@ -118,3 +118,18 @@ def test_hyperliquid_l2_snapshots_sampled_per_slot():
     assert all(r["bid_px_1"] < r["ask_px_1"] and r["bid_px_10"] is not None for r in rows)
     times = [r["event_ts"] for r in rows]
     assert times == sorted(times) and len({t.replace(microsecond=0) for t in times}) == len(times)
+
+
+def test_coin_m_sizes_become_base_asset_units(tmp_path):
+    """COIN-M books quote contracts (100 USD each for BTC, 10 for others): price x size must be dollars."""
+    t = 1_723_161_255_000
+    ns = t * 1_000_000
+    diff = {"stream": "btcusd_perp@depth@0ms", "data": {"e": "depthUpdate", "E": t, "s": "BTCUSD_PERP", "U": 99,
+                                                         "u": 101, "pu": 98, "b": [], "a": [["60010", "7"]]}}
+    f = tmp_path / "cm.gz"
+    _write(f, [(ns, {"lastUpdateId": 100, "bids": [["60000", "3"]], "asks": [["60005", "2"]]}), (ns + 1, diff)])
+    (batch,) = list(read_binance_depth([f]))
+    row = batch.raw.to_pylist()[0]
+    assert row["source"] == "binance-coinm" and row["symbol"] == "BTCUSD_PERP"
+    assert row["bid_sz_1"] == pytest.approx(3 * 100 / 60000) and row["ask_sz_2"] == pytest.approx(7 * 100 / 60010)
+    assert row["bid_px_1"] * row["bid_sz_1"] == pytest.approx(300.0)  # three $100 contracts

@@ -15,6 +15,8 @@ A break in the chain is a gap: the book is unusable until a new snapshot, and ev
 quarantine row (``sequence_gap``), never a book. Several files of one continuous stream are read as one stream.
 The book is sampled at ``cadence`` seconds of exchange time: each sample is the book after the last diff of its
 slot, top 10 levels, ``event_ts`` = the diff's exchange time ``E``, ``received_ts`` = the recorder's receive time.
+Sizes are in the base asset (spot, USD-M); COIN-M quotes contracts (100 USD per BTC contract, 10 USD otherwise),
+converted to the base asset (contracts x USD / price) so that price x size is dollars, as everywhere else.
 Memory is the book plus one batch of rows.
 """
 
@@ -161,6 +163,15 @@ def replay(files: list[Path]) -> Iterator[Event]:
             yield Event("ticker", recv, data)
 
 
+def coinm_contract_usd(symbol: str) -> float:
+    """USD value of one COIN-M contract: 100 for BTC, 10 for every other coin (Binance's contract specs)."""
+    return 100.0 if symbol.startswith("BTCUSD") else 10.0
+
+
+def _base_sizes(levels: list[tuple[float, float]], usd: float) -> list[tuple[float, float]]:
+    return [(p, q * usd / p) for p, q in levels]
+
+
 def _symbol(d: dict[str, Any]) -> tuple[str, str]:
     """(our symbol, source) for a diff: spot keeps Binance's name, USD-M perpetuals get ``-PERP`` (they share
     spot's name), COIN-M's names already end in ``_PERP``."""
@@ -214,7 +225,11 @@ def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | No
             pending = None
         if ev.kind == "book":
             assert ev.book is not None
-            pending = (slot, ev.recv_ns, e_ms, ev.book.top(levels), sym, src)
+            bids, asks = ev.book.top(levels)
+            if src == "binance-coinm":  # sizes in contracts: our books count the base asset (px x size = USD)
+                usd = coinm_contract_usd(sym)
+                bids, asks = _base_sizes(bids, usd), _base_sizes(asks, usd)
+            pending = (slot, ev.recv_ns, e_ms, (bids, asks), sym, src)
         elif slot not in gap_slots:  # "gap" or "skip": the book is unusable in this slot
             gap_slots.add(slot)
             rejected.append({"symbol": symbol or sym, "event_ts": _EPOCH + dt.timedelta(milliseconds=e_ms),
