@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 from microstructure.online_read import decode
 from microstructure.store import forget_store, open_store, read_online
 
-REDIS_DB = 11  # this module's own database on the shared server
+# This module's own database on the shared server, one per xdist worker: the module fixture runs once per worker,
+# and one worker's flush must not wipe another's keys mid-test.
+REDIS_DB = 8 + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 
 

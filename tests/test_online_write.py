@@ -4,6 +4,7 @@ never moves a key back in time."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 
 import pyarrow as pa
@@ -17,7 +18,7 @@ from microstructure.store import forget_store, open_store, push_online, read_onl
 from microstructure.transforms import compute_features
 from tests.conftest import T0
 
-REDIS_DB = 12
+REDIS_DB = 12 + 2 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)  # and REDIS_DB + 1
 
 
 @pytest.fixture(scope="module")
