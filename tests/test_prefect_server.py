@@ -161,10 +161,9 @@ def test_deploy_schedule_and_run_through_a_worker(server, tmp_path):
         assert asyncio.run(completed()) == 1
 
 
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)  # serving does not depend on the backend: run once
 def test_flows_serve_serves_both_deployments(server, tmp_path):
     env = server
-    if env["MICROSTRUCTURE_TEST_BACKEND"] != "sqlite":
-        pytest.skip("serving is the same against either backend; run once")
     proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--data-dir", str(tmp_path / "d")], env=env,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
