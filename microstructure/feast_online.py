@@ -42,6 +42,32 @@ def _as_datetime(v: Any) -> dt.datetime:
     return _naive_utc(dt.datetime.fromisoformat(str(v)))
 
 
+def stored_timestamps(conn: sqlite3.Connection, name: str, keys: list[bytes]) -> dict[bytes, dt.datetime]:
+    """The row timestamp Feast stored for each of ``keys`` (naive UTC); keys never written are absent."""
+    stored: dict[bytes, dt.datetime] = {}
+    try:
+        for i in range(0, len(keys), 900):  # SQLite's bound-parameter limit is 999
+            chunk = keys[i: i + 900]
+            q = (f'SELECT entity_key, max(event_ts) FROM "{name}" WHERE entity_key IN '
+                 f'({", ".join("?" * len(chunk))}) GROUP BY entity_key')
+            for k, ts in conn.execute(q, chunk):
+                stored[k] = _as_datetime(ts)
+    except sqlite3.OperationalError:  # the table does not exist yet: nothing stored to protect
+        return {}
+    return stored
+
+
+def upsert(conn: sqlite3.Connection, name: str, params: list[tuple[Any, ...]]) -> None:
+    """Feast's upsert of (entity_key, feature_name, value, value_text, event_ts, created_ts) rows, as one
+    ``executemany`` in one transaction (Feast issues one statement per value)."""
+    sql = (f'INSERT INTO "{name}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
+           "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
+           "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
+           "created_ts = excluded.created_ts")
+    with conn:
+        conn.executemany(sql, params)
+
+
 class MonotonicSqliteOnlineStore(SqliteOnlineStore):
     def _get_conn(self, config: RepoConfig) -> sqlite3.Connection:
         fresh = not self._conn
@@ -63,16 +89,7 @@ class MonotonicSqliteOnlineStore(SqliteOnlineStore):
             name = _table_id(config.project, table, config.registry.enable_online_feature_view_versioning)
             keys = [serialize_entity_key(k, entity_key_serialization_version=config.entity_key_serialization_version)
                     for k, _, _, _ in data]
-            stored: dict[bytes, dt.datetime] = {}
-            try:
-                for i in range(0, len(keys), 500):
-                    chunk = keys[i: i + 500]
-                    q = (f'SELECT entity_key, max(event_ts) FROM "{name}" WHERE entity_key IN '
-                         f'({", ".join("?" * len(chunk))}) GROUP BY entity_key')
-                    for k, ts in conn.execute(q, chunk):
-                        stored[k] = _as_datetime(ts)
-            except sqlite3.OperationalError:  # the table does not exist yet: nothing stored to protect
-                stored = {}
+            stored = stored_timestamps(conn, name, keys)
             kept = [(row, k) for row, k in zip(data, keys, strict=True)
                     if k not in stored or _naive_utc(row[2]) >= _naive_utc(stored[k])]
             if not (config.online_store.vector_enabled
@@ -99,9 +116,4 @@ class MonotonicSqliteOnlineStore(SqliteOnlineStore):
             for feature, val in values.items():
                 text, _ = extract_text_and_num(val, False)
                 params.append((key, feature, val.SerializeToString(), text, ts, created))
-        sql = (f'INSERT INTO "{name}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
-               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-               "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
-               "created_ts = excluded.created_ts")
-        with conn:
-            conn.executemany(sql, params)
+        upsert(conn, name, params)

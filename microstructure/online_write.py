@@ -120,20 +120,14 @@ def _write_sqlite(store: FeatureStore, fv: FeatureView, keys: list[bytes], names
                   ts: list[dt.datetime], created: list[dt.datetime] | None) -> int:
     from feast.infra.online_stores.sqlite import _table_id
 
-    from microstructure.feast_online import _as_datetime
+    from microstructure.feast_online import stored_timestamps, upsert
 
     online = store._get_provider().online_store
     conn: sqlite3.Connection = online._get_conn(store.config)  # Feast's connection: WAL, busy timeout
     name = _table_id(store.config.project, fv, store.config.registry.enable_online_feature_view_versioning)
     ts_naive = _naive(ts)
     created_naive = _naive(created) if created is not None else [None] * len(keys)
-    stored: dict[bytes, dt.datetime] = {}
-    for i in range(0, len(keys), 900):
-        chunk = keys[i: i + 900]
-        q = (f'SELECT entity_key, max(event_ts) FROM "{name}" WHERE entity_key IN '
-             f'({", ".join("?" * len(chunk))}) GROUP BY entity_key')
-        for k, t in conn.execute(q, chunk):
-            stored[k] = _as_datetime(t)
+    stored = stored_timestamps(conn, name, keys)
     params = []
     written = 0
     for r, key in enumerate(keys):
@@ -143,12 +137,7 @@ def _write_sqlite(store: FeatureStore, fv: FeatureView, keys: list[bytes], names
         written += 1
         for n in names:
             params.append((key, n, encoded[n][r], texts[n][r], ts_naive[r], created_naive[r]))
-    sql = (f'INSERT INTO "{name}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
-           "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-           "value = excluded.value, value_text = excluded.value_text, event_ts = excluded.event_ts, "
-           "created_ts = excluded.created_ts")
-    with conn:
-        conn.executemany(sql, params)
+    upsert(conn, name, params)
     return written
 
 
