@@ -145,6 +145,11 @@ class Checker:
                 failures.append(f"{cfg.type}({col})" + (f": {n} rows" if n is not None else ""))
         return CheckResult(kind, res.success, len(df), failures)
 
+    def split(self, kind: str, table: Any) -> tuple[CheckResult, Any, Any]:
+        """(verdict, rows to serve, rows to quarantine with a ``reason``): GE judges the batch as a whole, so
+        a failing batch is quarantined entire (``SqlChecker.split`` separates the rows)."""
+        return _whole_batch(self.check(kind, table), table)
+
     def _publish(self, res: Any, run_id: Any, batch: str) -> None:
         """Store the result under the batch's name and rebuild Data Docs for offline reading.
 
@@ -226,6 +231,23 @@ def _unexpected(exp: Any, floats: set[str]) -> tuple[str, str | None, str | None
     raise NotImplementedError(f"no SQL form for expectation {kind}")
 
 
+def _whole_batch(res: CheckResult, table: Any) -> tuple[CheckResult, Any, Any]:
+    """Serve the whole batch if it passed, else quarantine all of it with the batch's reasons."""
+    import pyarrow as pa
+
+    if res.success:
+        return res, table, table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
+    return res, table.slice(0, 0), table.append_column("reason", pa.array([res.reason] * table.num_rows))
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    labels: list[str]  # one per expectation, in suite order
+    batch_level: frozenset[str]  # labels of expectations about the batch, not a row (uniqueness)
+    counts_sql: str  # one row: GE's unexpected count per expectation
+    reasons_sql: str  # per row: the row-level labels it fails ('' when none)
+
+
 class SqlChecker:
     """The expectation suites evaluated as one DuckDB query per batch (the online path's check)."""
 
@@ -236,28 +258,40 @@ class SqlChecker:
         self.con.execute("SET threads = 1")  # 150 rows: parallelism costs more than it gives
         self.con.execute("SET python_enable_replacements = false")  # only the registered batch is read
         self._expectations = {kind: _expectations(kind) for kind in ("snapshots", "features")}
-        self._sql: dict[tuple[str, Any], tuple[list[str], str, str]] = {}
+        self._sql: dict[tuple[str, Any], _Compiled] = {}
         for kind in self._expectations:  # compile once up front: an unknown expectation fails at start-up
             self._compile(kind, set())
 
-    def _compile(self, kind: str, floats: set[str]) -> tuple[list[str], str, str]:
+    def _compile(self, kind: str, floats: set[str]) -> _Compiled:
         checks = [_unexpected_sql(e, floats | {"lag_s"}) for e in self._expectations[kind]]
-        labels = [label for label, _, _ in checks]
         batch = "WITH batch AS (SELECT *, (epoch_us(received_ts) - epoch_us(event_ts)) / 1e6 AS lag_s FROM src) "
-        sql = batch + "SELECT " + ", ".join(f"{agg} AS e{i}" for i, (_, _, agg) in enumerate(checks)) + " FROM batch"
-        # Per row: the labels of the row-level expectations it fails ('' when none).
         reasons = ", ".join(f"CASE WHEN {cond} THEN '{label}' END" for label, cond, _ in checks if cond)
-        rows = batch + f"SELECT concat_ws('; ', {reasons}) AS reason FROM batch"
-        return labels, sql, rows
+        return _Compiled(
+            labels=[label for label, _, _ in checks],
+            batch_level=frozenset(label for label, cond, _ in checks if cond is None),
+            counts_sql=batch + "SELECT " + ", ".join(f"{agg} AS e{i}" for i, (_, _, agg) in enumerate(checks))
+            + " FROM batch",
+            reasons_sql=batch + f"SELECT concat_ws('; ', {reasons}) AS reason FROM batch")
 
-    def _query(self, kind: str, schema: Any) -> tuple[list[str], str, str]:
+    def _query(self, kind: str, schema: Any) -> _Compiled:
         import pyarrow as pa
 
         key = (kind, schema)
         if key not in self._sql:
-            floats = {f.name for f in schema if pa.types.is_floating(f.type)}
-            self._sql[key] = self._compile(kind, floats)
+            self._sql[key] = self._compile(kind, {f.name for f in schema if pa.types.is_floating(f.type)})
         return self._sql[key]
+
+    def _run(self, sql: str, table: Any) -> Any:
+        self.con.register("src", table)
+        try:
+            return self.con.execute(sql).to_arrow_table()
+        finally:
+            self.con.unregister("src")
+
+    def _counts(self, kind: str, table: Any) -> dict[str, int]:
+        c = self._query(kind, table.schema)
+        row = self._run(c.counts_sql, table).to_pylist()[0]
+        return {label: n for label, n in zip(c.labels, row.values(), strict=True) if n}
 
     def check(self, kind: str, table: Any, batch: str | None = None) -> CheckResult:
         import pyarrow as pa
@@ -266,14 +300,11 @@ class SqlChecker:
             table = pa.Table.from_pandas(table, preserve_index=False)
         if table.num_rows == 0:
             return CheckResult(kind, True, 0)
-        labels, sql, _ = self._query(kind, table.schema)
-        self.con.register("src", table)
-        try:
-            counts = self.con.execute(sql).fetchall()[0]
-        finally:
-            self.con.unregister("src")
-        failures = [f"{label}: {n} rows" for label, n in zip(labels, counts, strict=True) if n]
-        return CheckResult(kind, not failures, table.num_rows, failures)
+        return self._result(kind, table, self._counts(kind, table))
+
+    @staticmethod
+    def _result(kind: str, table: Any, failed: dict[str, int]) -> CheckResult:
+        return CheckResult(kind, not failed, table.num_rows, [f"{label}: {n} rows" for label, n in failed.items()])
 
     def split(self, kind: str, table: Any) -> tuple[CheckResult, Any, Any]:
         """(the batch's verdict, the rows to serve, the rows to quarantine with a ``reason`` column).
@@ -284,25 +315,12 @@ class SqlChecker:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        res = self.check(kind, table)
-        none = table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
-        if res.success:
-            return res, table, none
-        row_labels = {label for label, cond, _ in self._checks(kind, table.schema) if cond}
-        if any(f.rsplit(":", 1)[0] not in row_labels for f in res.failures):
-            return res, table.slice(0, 0), table.append_column("reason", pa.array([res.reason] * table.num_rows))
-        _, _, rows_sql = self._query(kind, table.schema)
-        self.con.register("src", table)
-        try:
-            reason = self.con.execute(rows_sql).to_arrow_table().column("reason")
-        finally:
-            self.con.unregister("src")
+        failed = self._counts(kind, table)
+        res = self._result(kind, table, failed)
+        c = self._query(kind, table.schema)
+        if res.success or c.batch_level & set(failed):
+            return _whole_batch(res, table)
+        reason = self._run(c.reasons_sql, table).column("reason")
         bad = pc.not_equal(reason, "")
         return (res, table.filter(pc.invert(bad)),
                 table.filter(bad).append_column("reason", reason.filter(bad).cast(pa.string())))
-
-    def _checks(self, kind: str, schema: Any) -> list[tuple[str, str | None, str]]:
-        import pyarrow as pa
-
-        floats = {f.name for f in schema if pa.types.is_floating(f.type)} | {"lag_s"}
-        return [_unexpected_sql(e, floats) for e in self._expectations[kind]]

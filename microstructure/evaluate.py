@@ -134,6 +134,7 @@ DELAYS_S = (1, 5, 30, 60)  # decision at T, the marketable order reaches the boo
 
 
 def _book_side(p: pd.DataFrame, buy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prices, sizes) of the side each order takes (asks for a buy), (n, levels), best first."""
     take = lambda k: np.where(buy[:, None], p[[f"ask_{k}_{i}" for i in range(1, 11)]].to_numpy(float),  # noqa: E731
                               p[[f"bid_{k}_{i}" for i in range(1, 11)]].to_numpy(float))
     return take("px"), np.nan_to_num(take("sz"))
@@ -198,9 +199,7 @@ def bad_fill_study(con: Any, feats: pd.DataFrame, t: Thresholds | ThresholdSet, 
     if len(p) == 0:
         return {"n": 0}
     buy = (p["side"] == "buy").to_numpy()
-    take = lambda k: np.where(buy[:, None], p[[f"ask_{k}_{i}" for i in range(1, 11)]].to_numpy(float),  # noqa: E731
-                              p[[f"bid_{k}_{i}" for i in range(1, 11)]].to_numpy(float))
-    px, sz = take("px"), np.nan_to_num(take("sz"))
+    px, sz = _book_side(p, buy)
     mid = (p["bid_px_1"].to_numpy(float) + p["ask_px_1"].to_numpy(float)) / 2
     sign = np.where(buy, 1.0, -1.0)
     rows = p.to_dict("records")
@@ -359,12 +358,6 @@ def _log_depth(x: pd.DataFrame) -> pd.DataFrame:
     return x
 
 
-def _make_log_depth() -> Any:
-    from sklearn.preprocessing import FunctionTransformer
-
-    return FunctionTransformer(_log_depth)
-
-
 def _entropy(p: float) -> float:
     return float(-(p * np.log(p) + (1 - p) * np.log(1 - p))) if 0 < p < 1 else 0.0
 
@@ -382,11 +375,10 @@ def ml_study(con: Any, data_dir: Any, horizon_s: int, n_rows: int, rng: np.rando
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss, roc_auc_score
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
     from microstructure.store import open_store, training_set
 
-    _LOG_DEPTH = _make_log_depth()
     base = base_feature_rows(con)
     fwd = con.sql(f"SELECT f.symbol, f.event_ts, ln(g.mid / f.mid) AS fwd FROM f ASOF JOIN f g "
                   f"ON g.symbol = f.symbol AND g.event_ts >= f.event_ts + INTERVAL {horizon_s} SECOND").df()
@@ -417,8 +409,8 @@ def ml_study(con: Any, data_dir: Any, horizon_s: int, n_rows: int, rng: np.rando
         tests.append(test)
         prior.append(np.full(len(test), train["label"].mean()))
         for name, cols in (("base", BASE_FEATURES), ("base+micro", [*BASE_FEATURES, *ML_FEATURES])):
-            m = make_pipeline(_LOG_DEPTH, StandardScaler(), LogisticRegression(C=0.05, max_iter=1000)
-                              ).fit(train[cols], train["label"])
+            m = make_pipeline(FunctionTransformer(_log_depth), StandardScaler(),
+                              LogisticRegression(C=0.05, max_iter=1000)).fit(train[cols], train["label"])
             preds[name].append(m.predict_proba(test[cols])[:, 1])
             models[name] = (m, cols)
     if not ys:

@@ -174,20 +174,14 @@ class OnlinePublisher:
         self.pending = []
         if batch.num_rows == 0:
             return
-        if self.checker is not None and hasattr(self.checker, "split"):
-            # Row-level failures quarantine their rows only (the cycle's good books are still served); a
-            # batch-level failure (duplicate keys) quarantines the whole batch.
+        if self.checker is not None:
+            # SqlChecker: row-level failures quarantine their rows only (the cycle's good books are still
+            # served), a batch-level failure the whole batch. GE's Checker judges the batch as a whole.
             _, batch, bad = self.checker.split("features", batch)
             if bad.num_rows:
                 self.rejected.update(bad.column("reason").to_pylist())
                 self.quarantine.write(bad)
             if batch.num_rows == 0:
-                return
-        elif self.checker is not None:
-            res = self.checker.check("features", batch)
-            if not res.success:
-                self.rejected[res.reason] += batch.num_rows
-                self.quarantine.write(batch.append_column("reason", pa.array([res.reason] * batch.num_rows)))
                 return
         latest = latest_per_symbol(batch, self.con)
         if self.store is not None:
@@ -344,17 +338,30 @@ class BuildResult:
                 "published": self.published, "reasons": self.reasons, "seconds": round(self.seconds, 2)}
 
 
-def build_day(paths: lake.LakePaths, day: dt.date) -> tuple[pa.Table, pa.Table]:
-    """Snapshots of ``day`` (plus the 30 minutes before it, for the windows) and their features."""
+def build_day(paths: lake.LakePaths, day: dt.date, engine: str = "duckdb") -> tuple[pa.Table, pa.Table]:
+    """Snapshots of ``day`` and their features, computed over the day plus the 35 minutes before it (the
+    windows' reach) with ``features.sql`` on DuckDB in process, or on Spark (``microstructure.spark``)."""
     start = dt.datetime.combine(day, dt.time(), dt.UTC)
-    con = duckdb.connect()
-    snaps = lake.read_snapshots(paths, start - HALT_WINDOW - GAP_WINDOW, start + dt.timedelta(days=1), con=con)
-    if snaps.num_rows == 0:
-        return SNAPSHOT_SCHEMA.empty_table(), FEATURES_SCHEMA.empty_table()
-    feats = compute_features(snaps, con)
+    lo, hi = start - HALT_WINDOW - GAP_WINDOW, start + dt.timedelta(days=1)
     start_s = pa.scalar(start, pa.timestamp("us", tz="UTC"))
-    in_day = pc.greater_equal(feats.column("event_ts"), start_s)
-    return snaps.filter(pc.greater_equal(snaps.column("event_ts"), start_s)), feats.filter(in_day)
+    if engine == "spark":
+        from microstructure import spark
+
+        files = paths.files(lake.SNAPSHOTS, [day - dt.timedelta(days=1), day])
+        if not files:
+            return SNAPSHOT_SCHEMA.empty_table(), FEATURES_SCHEMA.empty_table()
+        feats = spark.compute_features(files, lo, hi)
+        snaps = lake.read_snapshots(paths, start, hi)
+    elif engine == "duckdb":
+        con = duckdb.connect()
+        snaps = lake.read_snapshots(paths, lo, hi, con=con)
+        if snaps.num_rows == 0:
+            return SNAPSHOT_SCHEMA.empty_table(), FEATURES_SCHEMA.empty_table()
+        feats = compute_features(snaps, con)
+        snaps = snaps.filter(pc.greater_equal(snaps.column("event_ts"), start_s))
+    else:
+        raise ValueError(f"engine must be duckdb or spark, not {engine!r}")
+    return snaps, feats.filter(pc.greater_equal(feats.column("event_ts"), start_s))
 
 
 def build_and_publish(paths: lake.LakePaths, days: Sequence[dt.date] | None = None,
@@ -362,18 +369,12 @@ def build_and_publish(paths: lake.LakePaths, days: Sequence[dt.date] | None = No
     """For each date: build features from the lake (``engine``: duckdb, or spark for the same SQL on a Spark
     session), check snapshots and features, then publish the features where Feast reads them, or quarantine
     the batch with the reasons."""
-    if engine == "spark":
-        from microstructure import spark
-
-        build: Callable[[lake.LakePaths, dt.date], tuple[pa.Table, pa.Table]] = spark.build_day
-    elif engine == "duckdb":
-        build = build_day
-    else:
+    if engine not in ("duckdb", "spark"):
         raise ValueError(f"engine must be duckdb or spark, not {engine!r}")
     out = []
     for day in days or paths.dates(lake.SNAPSHOTS):
         t0 = time.perf_counter()
-        snaps, feats = build(paths, day)
+        snaps, feats = build_day(paths, day, engine)
         reasons: list[str] = []
         if checker is not None:
             for kind, table in (("snapshots", snaps), ("features", feats)):

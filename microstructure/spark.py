@@ -12,12 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
-
-if TYPE_CHECKING:
-    from microstructure.lake import LakePaths
 
 MASTER_ENV = "MICROSTRUCTURE_SPARK_MASTER"
 CONF_ENV = "MICROSTRUCTURE_SPARK_CONF"
@@ -85,22 +82,3 @@ def compute_features(files: list[str], start: dt.datetime, end: dt.datetime) -> 
     snaps.createOrReplaceTempView("snapshots")
     out = spark.sql(features_sql()).orderBy("symbol", "event_ts").toArrow()
     return out.select(FEATURES_SCHEMA.names).cast(FEATURES_SCHEMA)
-
-
-def build_day(paths: LakePaths, day: dt.date) -> tuple[pa.Table, pa.Table]:
-    """``pipeline.build_day`` on Spark: the day's snapshots (for the checks) and their features."""
-    import pyarrow.compute as pc
-
-    from microstructure import lake
-    from microstructure.book import SNAPSHOT_SCHEMA
-    from microstructure.transforms import FEATURES_SCHEMA, GAP_WINDOW, HALT_WINDOW
-
-    start = dt.datetime.combine(day, dt.time(), dt.UTC)
-    files = [f for d in (day - dt.timedelta(days=1), day) for f in paths.files(lake.SNAPSHOTS, [d])]
-    if not files:
-        return SNAPSHOT_SCHEMA.empty_table(), FEATURES_SCHEMA.empty_table()
-    end = start + dt.timedelta(days=1)
-    feats = compute_features(files, start - HALT_WINDOW - GAP_WINDOW, end)
-    feats = feats.filter(pc.greater_equal(feats.column("event_ts"), pa.scalar(start, pa.timestamp("us", tz="UTC"))))
-    snaps = lake.read_snapshots(paths, start, end)
-    return snaps, feats
