@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 FEATURE_REPO = package_dir("microstructure.feature_repo")
-PUSH_SOURCE = "order_book_push"
 FEATURE_VIEW = "order_book"
 FRESHNESS_S = 10.0  # an online row older than this (by its event_ts) is reported stale
 
