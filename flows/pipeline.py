@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect import flow, task
 
-from microstructure import pipeline, runner
+from microstructure import datadir, pipeline, runner
 from microstructure.lake import LakePaths
 
 # Libraries' deprecation notices (GE, Feast) are not the run's warnings: keep them out of the run's log.
@@ -95,10 +95,12 @@ def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float
             get_run_logger().info("nothing to poll: %s", end)
             return {"polled": False, "reason": end}
         until = end.isoformat()
-    stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
-                      symbol_list=symbol_list, sources_config=sources_config, until=until)
-    builds = build_task(data_dir, stats["dates"])
-    compact_task(data_dir, stats["dates"])
+    # One writer per data dir: a second poll or build of this data dir queues behind this one.
+    with datadir.writer(Path(data_dir), wait=True):
+        stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
+                          symbol_list=symbol_list, sources_config=sources_config, until=until)
+        builds = build_task(data_dir, stats["dates"])
+        compact_task(data_dir, stats["dates"])
     _session_artifact(stats, builds)
     return stats
 
@@ -126,8 +128,9 @@ def _session_artifact(stats: dict[str, Any], builds: list[dict[str, Any]]) -> No
 
 @flow(name="build-features")
 def build_features_flow(data_dir: str = "data", dates: list[str] | None = None) -> list[dict[str, Any]]:
-    res = build_task(data_dir, dates or [])
-    compact_task(data_dir, dates or [])
+    with datadir.writer(Path(data_dir), wait=True, create=False):
+        res = build_task(data_dir, dates or [])
+        compact_task(data_dir, dates or [])
     return res
 
 
@@ -135,8 +138,9 @@ def build_features_flow(data_dir: str = "data", dates: list[str] | None = None) 
 def main_flow(data_dir: str = "data", cycles: int = 300, interval: float = 0.0, step: float = 2.0,
               symbols: int = 150, seed: int | None = None, fresh: bool = False) -> dict[str, Any]:
     """The main job: poll the simulated source, build, check, publish, compact; returns the run summary."""
-    stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=fresh)
-    builds = build_task(data_dir, stats["dates"])
-    compacted = compact_task(data_dir, stats["dates"])
+    with datadir.writer(Path(data_dir), wait=True):
+        stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=fresh)
+        builds = build_task(data_dir, stats["dates"])
+        compacted = compact_task(data_dir, stats["dates"])
     return {"poll": stats, "builds": builds, "compacted": compacted, "symbols": symbols,
             **runner.online_sample(Path(data_dir).resolve(), stats["online_symbols"])}
