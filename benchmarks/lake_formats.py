@@ -67,7 +67,7 @@ def main() -> None:
     for _ in range(50):
         t0 = time.perf_counter()
         files = paths.files(lake.SNAPSHOTS)
-        duckdb.sql(f"SELECT count(*) FROM read_parquet({files!r})").fetchall()
+        duckdb.execute("SELECT count(*) FROM read_parquet(?)", [files]).fetchall()
         t.append(time.perf_counter() - t0)
     rows.append(("consistent read + count (ours)", ms(t), f"{len(files)} files"))
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from microstructure import lake
 from microstructure.sources.simulated import universe
-from microstructure.store import open_store, read_online
+from microstructure.store import open_store, read_online, registry_dir
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     started = None
     while proc.poll() is None:
         time.sleep(1.0)
-        if not (d / "feast" / "registry.db").exists() or not paths.has(lake.SNAPSHOTS):
+        if not (registry_dir(d) / "registry.db").exists() or not paths.has(lake.SNAPSHOTS):
             continue
         started = started or time.time()
         if time.time() - started < 10:  # the poller's first cycles load Great Expectations

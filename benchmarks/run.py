@@ -63,7 +63,7 @@ def main() -> None:
                  "per cycle, checked and pushed every cycle (live mode)"))
 
     # 2. Transform throughput.
-    snaps = duckdb.sql(f"SELECT * FROM read_parquet('{paths.glob('snapshots')}')").arrow().read_all()
+    snaps = duckdb.execute("SELECT * FROM read_parquet(?)", [paths.glob("snapshots")]).to_arrow_table()
     t = time.perf_counter()
     feats = compute_features(snaps)
     el = time.perf_counter() - t
@@ -100,9 +100,9 @@ def main() -> None:
         ents_n = ents.assign(event_timestamp=ents["event_timestamp"].dt.floor("us"))
         con.register("e", ents_n)
         t = time.perf_counter()
-        src = f"read_parquet('{paths.glob('features')}')"
-        asof = con.sql(f"SELECT e.*, f.* EXCLUDE (symbol) FROM e ASOF LEFT JOIN {src} f "
-                       "ON e.symbol = f.symbol AND f.received_ts <= e.event_timestamp").df()
+        asof = con.execute("SELECT e.*, f.* EXCLUDE (symbol) FROM e ASOF LEFT JOIN read_parquet(?) f "
+                           "ON e.symbol = f.symbol AND f.received_ts <= e.event_timestamp",
+                           [paths.glob("features")]).df()
         asof_s = time.perf_counter() - t
         assert len(out) == len(asof) == n
         rows.append((f"training-set, {n:,} entity rows", f"Feast (ASOF store) {feast_s:.2f} s / raw ASOF "

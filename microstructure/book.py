@@ -7,7 +7,8 @@ is NULL, never zero: ``book_levels`` says how many levels the source really gave
 never mistaken for a thin L2 book.
 
 Validation never raises and never drops: every row ends up either in the clean table or in the
-quarantine table with a ``reason``.
+quarantine table with a ``reason``. What "plausible" means for a time, a price and a size is defined here once,
+for every source and every recorded format.
 """
 
 from __future__ import annotations
@@ -23,6 +24,43 @@ import pyarrow.compute as pc
 
 MAX_LEVELS = 10
 TS_TYPE = pa.timestamp("us", tz="UTC")
+
+# A book time before this, or more than AHEAD past the clock, is a broken timestamp (``implausible_time``): no
+# electronic book we can read is older, and a clock a day fast is broken, not early. One definition for every
+# source: live polls, wide, snapshots, LOBSTER, IEX DEEP, Binance and Hyperliquid recordings.
+EARLIEST = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
+AHEAD = dt.timedelta(days=1)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+EARLIEST_US = (EARLIEST - _EPOCH) // dt.timedelta(microseconds=1)
+
+# Prices and sizes a real book can hold (``price_out_of_range`` / ``size_out_of_range``). Beyond them a value is
+# corrupt, and left in it makes features overflow (two 1e308 prices give mid = inf).
+# - MAX_PRICE 1e12: the dearest quotes are far below it: Berkshire A ~7e5 USD, BTC ~1e5 USD, ~1.6e9 IDR and
+#   ~2.5e9 VND, and ~1e11 in the rial's street rate.
+# - MIN_PRICE 1e-15: the cheapest real quotes (meme tokens near 1e-8 USD, SHIB/BTC near 2.5e-10) are thousands
+#   of times above it; only an underflow or a unit error lands below.
+# - MAX_SIZE 1e15: above the whole supply of the most numerous tokens (SHIB ~5.9e14, PEPE ~4.2e14), so no one
+#   level can hold more. price x size stays below 1e27: every product and square a feature takes is finite.
+MAX_PRICE = 1e12
+MIN_PRICE = 1e-15
+MAX_SIZE = 1e15
+
+
+def latest_plausible(now: dt.datetime | None = None) -> dt.datetime:
+    return (now or dt.datetime.now(dt.UTC)) + AHEAD
+
+
+def plausible_us(us: np.ndarray, now: dt.datetime | None = None) -> np.ndarray:
+    """Per value: is this time (epoch microseconds, int64 or float) plausible? NaN is not."""
+    hi = (latest_plausible(now) - _EPOCH) // dt.timedelta(microseconds=1)
+    with np.errstate(invalid="ignore"):
+        return (us >= EARLIEST_US) & (us <= hi)
+
+
+def plausible_ns(ns: int, now: dt.datetime | None = None) -> bool:
+    """One epoch-nanosecond time (any Python int, however large): plausible? For stream readers."""
+    hi = (latest_plausible(now) - _EPOCH) // dt.timedelta(microseconds=1)
+    return EARLIEST_US * 1000 <= ns <= hi * 1000
 
 LEVEL_COLUMNS: list[str] = [
     f"{side}_{kind}_{i}" for side in ("bid", "ask") for i in range(1, MAX_LEVELS + 1) for kind in ("px", "sz")
@@ -56,6 +94,10 @@ QUARANTINE_SCHEMA = pa.schema(
         *[pa.field(c, pa.float64()) for c in LEVEL_COLUMNS],
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),  # e.g. the raw payload for a row that could not be parsed
+        # Where a recorded row came from: ``<file> line 12`` / ``row 12`` / ``packet 3 message 7``; NULL for live
+        # sources. Part of the quarantine's key: rejected rows that share a time (or have none) stay distinct,
+        # and a re-run of the same file finds the same keys.
+        pa.field("origin", pa.string()),
     ]
 )
 
@@ -64,6 +106,7 @@ KEY = ("symbol", "event_ts", "source")
 # Reasons, in the order they are checked: the first that applies is recorded.
 REASONS = (
     "missing_key",
+    "implausible_time",
     "empty_book",
     "one_sided_book",
     "nan_or_inf",
@@ -71,6 +114,8 @@ REASONS = (
     "level_gap",
     "nonpositive_price",
     "negative_size",
+    "price_out_of_range",
+    "size_out_of_range",
     "levels_out_of_order",
     "duplicate_level",
     "crossed_book",
@@ -158,7 +203,13 @@ def _side(table: pa.Table, side: str, kind: str) -> tuple[np.ndarray, np.ndarray
     return vals, present
 
 
-def classify(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _times_us(table: pa.Table, name: str) -> np.ndarray:
+    """A timestamp column as epoch microseconds (float64, NaN for NULL; float is exact enough to compare with
+    the plausible range)."""
+    return table.column(name).cast(TS_TYPE).cast(pa.int64()).to_numpy(zero_copy_only=False).astype("float64")
+
+
+def classify(table: pa.Table, now: dt.datetime | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (reason per row or None, book_levels, locked) for a raw snapshot table. Vectorised."""
     n = table.num_rows
     reason = np.full(n, None, dtype=object)
@@ -177,6 +228,8 @@ def classify(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for c in ("event_ts", "received_ts", "source"):
         missing_key |= ~pc.is_valid(table.column(c)).to_numpy(zero_copy_only=False)
     mark(missing_key, "missing_key")
+    mark(~(plausible_us(_times_us(table, "event_ts"), now) & plausible_us(_times_us(table, "received_ts"), now)),
+         "implausible_time")
 
     bid_any = (bp_ok | bs_ok).any(axis=1)
     ask_any = (ap_ok | az_ok).any(axis=1)
@@ -199,6 +252,9 @@ def classify(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
         mark(((bid_lvl & (bp <= 0)) | (ask_lvl & (ap <= 0))).any(axis=1), "nonpositive_price")
         mark(((bid_lvl & (bs < 0)) | (ask_lvl & (az < 0))).any(axis=1), "negative_size")
+        px_out = (bid_lvl & ((bp > MAX_PRICE) | (bp < MIN_PRICE))) | (ask_lvl & ((ap > MAX_PRICE) | (ap < MIN_PRICE)))
+        mark(px_out.any(axis=1), "price_out_of_range")
+        mark(((bid_lvl & (bs > MAX_SIZE)) | (ask_lvl & (az > MAX_SIZE))).any(axis=1), "size_out_of_range")
 
         both_b = bid_lvl[:, :-1] & bid_lvl[:, 1:]
         both_a = ask_lvl[:, :-1] & ask_lvl[:, 1:]
@@ -229,16 +285,37 @@ class Validated:
         return {c["values"]: c["counts"] for c in counts}
 
 
-def validate(raw: pa.Table) -> Validated:
-    """Split a raw snapshot table into clean rows and quarantine records (with a reason each)."""
-    reason, levels, locked = classify(raw)
+def validate(raw: pa.Table, origin: pa.Array | None = None, fallback_ts: dt.datetime | None = None,
+             now: dt.datetime | None = None) -> Validated:
+    """Split a raw snapshot table into clean rows and quarantine records (with a reason each).
+
+    ``origin`` (per row: where a recorded row came from) is kept on quarantine rows. A row quarantined for an
+    implausible time keeps its times as text in ``detail``; its ``event_ts`` is NULL and its ``received_ts`` is
+    ``fallback_ts`` (default: now), so a year-0001 or year-9999 row never makes a date partition of its own."""
+    reason, levels, locked = classify(raw, now)
     table = raw.set_column(raw.schema.get_field_index("book_levels"), "book_levels", pa.array(levels))
     table = table.set_column(table.schema.get_field_index("locked"), "locked", pa.array(locked))
     bad = np.array([r is not None for r in reason], dtype=bool)
     clean = table.filter(pa.array(~bad)).cast(SNAPSHOT_SCHEMA)
     q = table.filter(pa.array(bad))
-    q = q.append_column("reason", pa.array(list(reason[bad]), pa.string()))
-    q = q.append_column("detail", pa.nulls(q.num_rows, pa.string()))
+    why = reason[bad]
+    detail = pa.nulls(q.num_rows, pa.string())
+    when = why == "implausible_time"
+    if when.any():
+        ev = pc.cast(q.column("event_ts").cast(TS_TYPE).cast(pa.int64()), pa.string()).to_pylist()
+        rc = pc.cast(q.column("received_ts").cast(TS_TYPE).cast(pa.int64()), pa.string()).to_pylist()
+        detail = pa.array([f"event_ts={e} received_ts={r} (epoch us)" if w else None
+                           for w, e, r in zip(when, ev, rc, strict=True)], pa.string())
+        mask = pa.array(when)
+        fallback = to_utc_us(fallback_ts or dt.datetime.now(dt.UTC))
+        q = q.set_column(q.schema.get_field_index("event_ts"), "event_ts",
+                         pc.if_else(mask, pa.scalar(None, TS_TYPE), q.column("event_ts").cast(TS_TYPE)))
+        q = q.set_column(q.schema.get_field_index("received_ts"), "received_ts",
+                         pc.if_else(mask, pa.scalar(fallback, TS_TYPE), q.column("received_ts").cast(TS_TYPE)))
+    q = q.append_column("reason", pa.array(list(why), pa.string()))
+    q = q.append_column("detail", detail)
+    q = q.append_column("origin", origin.filter(pa.array(bad)).cast(pa.string()) if origin is not None
+                        else pa.nulls(q.num_rows, pa.string()))
     return Validated(clean=clean, quarantine=q.cast(QUARANTINE_SCHEMA))
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,18 @@ MAX_LAG_S = 300.0  # received_ts - event_ts beyond this: the vendor handed us an
 # without tight NTP drifts by seconds (the shared Binance recordings run 1.3 s behind the exchange's E); beyond
 # that neither timestamp can be trusted to order books against each other.
 MIN_LAG_S = -5.0
+FLOAT_MAX = sys.float_info.max  # the largest finite float: a bound that only the infinities exceed
+
+
+def _float_features() -> list[str]:
+    import pyarrow as pa
+
+    from microstructure.transforms import FEATURES_SCHEMA
+
+    return [f.name for f in FEATURES_SCHEMA if pa.types.is_floating(f.type)]
+
+
+FLOAT_FEATURES = _float_features()
 
 
 def _expectations(kind: str) -> list[Any]:
@@ -56,19 +70,30 @@ def _expectations(kind: str) -> list[Any]:
             E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="ask_px_1", column_B="bid_px_1", or_equal=True,
                                                        ignore_row_if="either_value_is_missing"),
         ]
+    # Every float feature is finite (a 1e308 price made mid = inf, which was published and passed SAFE). GE has no
+    # finiteness expectation; a range with finite bounds on both sides excludes +-inf (NaN is GE's "missing", left
+    # to the not-null expectations). So every range below has an upper bound, and each float feature without a
+    # range of its own gets [-FLOAT_MAX, FLOAT_MAX]: a feature added later is covered without an edit here.
+    ranged = [
+        E.ExpectColumnValuesToBeBetween(column="order_imbalance", min_value=-1, max_value=1),
+        E.ExpectColumnValuesToBeBetween(column="depth_imbalance", min_value=-1, max_value=1),
+        E.ExpectColumnValuesToBeBetween(column="spread_bps", min_value=0, max_value=FLOAT_MAX),
+        E.ExpectColumnValuesToBeBetween(column="bid_depth", min_value=0, max_value=FLOAT_MAX),
+        E.ExpectColumnValuesToBeBetween(column="ask_depth", min_value=0, max_value=FLOAT_MAX),
+        E.ExpectColumnValuesToBeBetween(column="depth_dollars", min_value=0, max_value=FLOAT_MAX),
+        E.ExpectColumnValuesToBeBetween(column="gap_pct", min_value=0, max_value=FLOAT_MAX),
+        E.ExpectColumnValuesToBeBetween(column="best_bid", min_value=0, strict_min=True, max_value=FLOAT_MAX),
+        E.ExpectColumnValuesToBeBetween(column="best_ask", min_value=0, strict_min=True, max_value=FLOAT_MAX),
+        E.ExpectColumnValuesToBeBetween(column="mid", min_value=0, strict_min=True, max_value=FLOAT_MAX),
+    ]
+    have = {e.column for e in ranged}
+    finite = [E.ExpectColumnValuesToBeBetween(column=c, min_value=-FLOAT_MAX, max_value=FLOAT_MAX)
+              for c in FLOAT_FEATURES if c not in have]
     return [
         *common,
         E.ExpectCompoundColumnsToBeUnique(column_list=["symbol", "event_ts"]),
-        E.ExpectColumnValuesToBeBetween(column="order_imbalance", min_value=-1, max_value=1),
-        E.ExpectColumnValuesToBeBetween(column="depth_imbalance", min_value=-1, max_value=1),
-        E.ExpectColumnValuesToBeBetween(column="spread_bps", min_value=0),
-        E.ExpectColumnValuesToBeBetween(column="bid_depth", min_value=0),
-        E.ExpectColumnValuesToBeBetween(column="ask_depth", min_value=0),
-        E.ExpectColumnValuesToBeBetween(column="depth_dollars", min_value=0),
-        E.ExpectColumnValuesToBeBetween(column="gap_pct", min_value=0),
-        E.ExpectColumnValuesToBeBetween(column="best_bid", min_value=0, strict_min=True),
-        E.ExpectColumnValuesToBeBetween(column="best_ask", min_value=0, strict_min=True),
-        E.ExpectColumnValuesToBeBetween(column="mid", min_value=0, strict_min=True),
+        *ranged,
+        *finite,
         E.ExpectColumnValuesToNotBeNull(column="spread_bps"),
         E.ExpectColumnValuesToNotBeNull(column="order_imbalance"),
         E.ExpectColumnValuesToNotBeNull(column="has_recent_halt"),
@@ -93,6 +118,40 @@ def _frame(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+_SITE = "uncommitted/data_docs/local_site/"  # relative to the GE project folder (<docs-dir>/gx)
+
+
+def _docs_context(docs_dir: Path) -> Any:
+    """A file-backed GE context under ``docs_dir`` (a data dir's ``gx/``) whose configuration is ours alone.
+
+    GE imports the ``module_name`` of every store, site and plugin its ``great_expectations.yml`` names, puts the
+    ``plugins_directory`` on ``sys.path``, and substitutes ``${VAR}`` from the environment and a variables file.
+    A data dir is untrusted data, so the file is rewritten from this configuration before GE opens the project
+    and handed to GE as an object too: whatever was planted there is never read. No plugins folder and no
+    variables file. Suites, validation definitions and checkpoints live in memory (re-added on every start), so
+    their JSON files in the folder are never read either; only validation results (data) and the Data Docs site
+    are files, for the docs' history."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import DataContextConfig, InMemoryStoreBackendDefaults
+
+    from microstructure.lake import atomic_write_bytes
+
+    def files(base: str) -> dict[str, str]:
+        return {"class_name": "TupleFilesystemStoreBackend", "base_directory": base}
+
+    stores = InMemoryStoreBackendDefaults()
+    stores.stores[stores.validation_results_store_name] = {"class_name": "ValidationResultsStore",
+                                                            "store_backend": files("uncommitted/validations/")}
+    stores.data_docs_sites = {"local_site": {"class_name": "SiteBuilder", "show_how_to_buttons": True,
+                                             "store_backend": files(_SITE),
+                                             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}}}
+    config = DataContextConfig(store_backend_defaults=stores, plugins_directory=None,
+                               config_variables_file_path=None, analytics_enabled=False)
+    project = docs_dir / "gx"  # GE's context folder inside the project root
+    atomic_write_bytes(config.to_yaml_str().encode(), project / "great_expectations.yml")
+    return gx.get_context(mode="file", project_root_dir=str(docs_dir), project_config=config)
+
+
 class Checker:
     """Holds a GE context and one validation definition per suite; reuse it across cycles."""
 
@@ -104,8 +163,7 @@ class Checker:
         if docs_dir is None:
             self.ctx = gx.get_context(mode="ephemeral")
         else:
-            docs_dir.mkdir(parents=True, exist_ok=True)
-            self.ctx = gx.get_context(mode="file", project_root_dir=str(docs_dir))
+            self.ctx = _docs_context(docs_dir)
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
         self.docs = docs_dir is not None
         ds = self.ctx.data_sources.add_or_update_pandas("microstructure")
@@ -170,7 +228,7 @@ class Checker:
         make_offline(self.site())
 
     def site(self) -> Path:
-        return Path(self.ctx.root_directory) / "uncommitted" / "data_docs" / "local_site"
+        return Path(self.ctx.root_directory) / _SITE
 
     def docs_index(self) -> Path | None:
         if not self.docs:
@@ -191,14 +249,28 @@ def _missing(col: str, floats: set[str]) -> str:
     return f'("{col}" IS NULL OR isnan("{col}"))' if col in floats else f'("{col}" IS NULL)'
 
 
-def _unexpected_sql(exp: Any, floats: set[str]) -> tuple[str, str | None, str]:
+class _Params(dict[str, Any]):
+    """The values one expectation compares against, as named parameters: its SQL holds only ``$<name>``
+    (house rule: no value is ever SQL text, not even a threshold of our own)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def bind(self, value: Any) -> str:
+        name = f"{self.prefix}_{len(self)}"
+        self[name] = value
+        return f"${name}"
+
+
+def _unexpected_sql(exp: Any, floats: set[str], bind: Callable[[Any], str]) -> tuple[str, str | None, str]:
     """(label, the row condition GE would call unexpected or None for a batch-level expectation, the SQL
-    aggregate counting GE's unexpected rows) for one expectation."""
-    label, cond, agg = _unexpected(exp, floats)
+    aggregate counting GE's unexpected rows) for one expectation; its values go through ``bind``."""
+    label, cond, agg = _unexpected(exp, floats, bind)
     return label, cond, agg if agg is not None else f"count(*) FILTER (WHERE {cond})"
 
 
-def _unexpected(exp: Any, floats: set[str]) -> tuple[str, str | None, str | None]:
+def _unexpected(exp: Any, floats: set[str], bind: Callable[[Any], str]) -> tuple[str, str | None, str | None]:
     kind = exp.expectation_type
     kw = exp.configuration.kwargs
     if kind == "expect_column_values_to_not_be_null":
@@ -208,9 +280,9 @@ def _unexpected(exp: Any, floats: set[str]) -> tuple[str, str | None, str | None
         c = kw["column"]
         conds = []
         if kw.get("min_value") is not None:
-            conds.append(f'"{c}" {">" if kw.get("strict_min") else ">="} {float(kw["min_value"])!r}')
+            conds.append(f'"{c}" {">" if kw.get("strict_min") else ">="} {bind(float(kw["min_value"]))}')
         if kw.get("max_value") is not None:
-            conds.append(f'"{c}" {"<" if kw.get("strict_max") else "<="} {float(kw["max_value"])!r}')
+            conds.append(f'"{c}" {"<" if kw.get("strict_max") else "<="} {bind(float(kw["max_value"]))}')
         ok = " AND ".join(conds) or "TRUE"
         return f"{kind}({c})", f"(NOT {_missing(c, floats)} AND NOT ({ok}))", None
     if kind == "expect_column_pair_values_a_to_be_greater_than_b":
@@ -246,6 +318,8 @@ class _Compiled:
     batch_level: frozenset[str]  # labels of expectations about the batch, not a row (uniqueness)
     counts_sql: str  # one row: GE's unexpected count per expectation
     reasons_sql: str  # per row: the row-level labels it fails ('' when none)
+    counts_params: dict[str, Any]  # the named parameters of counts_sql (thresholds)
+    reasons_params: dict[str, Any]  # ... of reasons_sql (the row-level thresholds and the labels)
 
 
 class SqlChecker:
@@ -263,15 +337,23 @@ class SqlChecker:
             self._compile(kind, set())
 
     def _compile(self, kind: str, floats: set[str]) -> _Compiled:
-        checks = [_unexpected_sql(e, floats | {"lag_s"}) for e in self._expectations[kind]]
+        # Each expectation binds its values under its own prefix, so each query gets exactly its parameters
+        # (DuckDB refuses a parameter the query does not use).
+        params = [_Params(f"e{i}") for i in range(len(self._expectations[kind]))]
+        checks = [_unexpected_sql(e, floats | {"lag_s"}, p.bind) for e, p in zip(self._expectations[kind], params,
+                                                                                  strict=True)]
         batch = "WITH batch AS (SELECT *, (epoch_us(received_ts) - epoch_us(event_ts)) / 1e6 AS lag_s FROM src) "
-        reasons = ", ".join(f"CASE WHEN {cond} THEN '{label}' END" for label, cond, _ in checks if cond)
+        row_level = [i for i, (_, cond, _) in enumerate(checks) if cond]
+        labels = {f"label_{i}": checks[i][0] for i in row_level}
+        reasons = ", ".join(f"CASE WHEN {checks[i][1]} THEN $label_{i} END" for i in row_level)
         return _Compiled(
             labels=[label for label, _, _ in checks],
             batch_level=frozenset(label for label, cond, _ in checks if cond is None),
             counts_sql=batch + "SELECT " + ", ".join(f"{agg} AS e{i}" for i, (_, _, agg) in enumerate(checks))
             + " FROM batch",
-            reasons_sql=batch + f"SELECT concat_ws('; ', {reasons}) AS reason FROM batch")
+            reasons_sql=batch + f"SELECT concat_ws('; ', {reasons}) AS reason FROM batch",
+            counts_params={k: v for p in params for k, v in p.items()},
+            reasons_params={**{k: v for i in row_level for k, v in params[i].items()}, **labels})
 
     def _query(self, kind: str, schema: Any) -> _Compiled:
         import pyarrow as pa
@@ -281,16 +363,16 @@ class SqlChecker:
             self._sql[key] = self._compile(kind, {f.name for f in schema if pa.types.is_floating(f.type)})
         return self._sql[key]
 
-    def _run(self, sql: str, table: Any) -> Any:
+    def _run(self, sql: str, params: dict[str, Any], table: Any) -> Any:
         self.con.register("src", table)
         try:
-            return self.con.execute(sql).to_arrow_table()
+            return self.con.execute(sql, params).to_arrow_table()
         finally:
             self.con.unregister("src")
 
     def _counts(self, kind: str, table: Any) -> dict[str, int]:
         c = self._query(kind, table.schema)
-        row = self._run(c.counts_sql, table).to_pylist()[0]
+        row = self._run(c.counts_sql, c.counts_params, table).to_pylist()[0]
         return {label: n for label, n in zip(c.labels, row.values(), strict=True) if n}
 
     def check(self, kind: str, table: Any, batch: str | None = None) -> CheckResult:
@@ -320,7 +402,7 @@ class SqlChecker:
         c = self._query(kind, table.schema)
         if res.success or c.batch_level & set(failed):
             return _whole_batch(res, table)
-        reason = self._run(c.reasons_sql, table).column("reason")
+        reason = self._run(c.reasons_sql, c.reasons_params, table).column("reason")
         bad = pc.not_equal(reason, "")
         return (res, table.filter(pc.invert(bad)),
                 table.filter(bad).append_column("reason", reason.filter(bad).cast(pa.string())))

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from microstructure.output import dumps
+from microstructure.output import dumps, text
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Order-book features for intraday signals: poll -> lake -> DuckDB -> GE -> Feast.")
@@ -69,6 +69,65 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
+def _in_range(lo: float, hi: float, lo_open: bool = False) -> Any:
+    """A callback for a float option: a finite number in [lo, hi] ((lo, hi] with ``lo_open``). The parser's
+    float() takes "nan" and "inf", and a NaN compares false with every limit (``--freshness nan`` called any book
+    fresh): they are usage errors, one line, exit 2."""
+
+    def check(value: float | None) -> float | None:
+        from microstructure.config import bounded
+        from microstructure.output import InputError
+
+        if value is None:
+            return None
+        try:
+            return bounded("value", value, lo, hi, lo_open=lo_open)
+        except InputError as e:
+            raise typer.BadParameter(str(e).removeprefix("value ")) from None
+
+    return check
+
+
+DAY_S = 86_400.0
+
+
+_CREATES = {"run", "poll_cmd", "backfill"}  # writers that may start a new data dir
+
+
+def _writes(fn: Any) -> Any:
+    """Make a command a data-dir writer: it holds the data dir's writer lock for its whole run
+    (``datadir.writer``) and gains ``--wait`` (wait for another writer instead of exit 2). Commands that
+    need an existing lake never create a mistyped data dir just to lock it."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn, eval_str=True)  # the module uses postponed annotations
+    wait_param = inspect.Parameter(
+        "wait", inspect.Parameter.KEYWORD_ONLY, default=False,
+        annotation=Annotated[bool, typer.Option("--wait", help="If another command is writing this data dir, "
+                                                               "wait for it instead of exiting.")])
+    params = list(sig.parameters.values())
+    params.append(wait_param.replace(kind=params[-1].kind if params else inspect.Parameter.KEYWORD_ONLY))
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, wait: bool = False, **kwargs: Any) -> Any:
+        from microstructure import datadir
+
+        data_dir = kwargs.get("data_dir", DEFAULT_DATA)
+        try:
+            if kwargs.get("fresh") and Path(data_dir).exists():  # refuse before touching a foreign folder at all
+                datadir.ensure_marker(Path(data_dir))
+                datadir.require_ours(Path(data_dir))
+            with datadir.writer(Path(data_dir), wait=wait, create=fn.__name__ in _CREATES):
+                return fn(*args, **kwargs)
+        except (datadir.DataDirBusy, datadir.NotOurs) as e:
+            raise UserError(str(e)) from None
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**{p.name: p.annotation for p in params}, "return": sig.return_annotation}
+    return wrapper
+
+
 def _paths(data_dir: Path, must_exist: bool = False) -> Any:
     """The lake of ``data_dir``. Read commands pass ``must_exist``: a mistyped data dir is an error, never
     silently created and answered with "not found"."""
@@ -93,26 +152,30 @@ def _quiet_libraries() -> None:
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
     """A table, numbers right-aligned at full precision; when it would not fit the terminal (80 columns
     included) it folds into a vertical layout: one block per row, a ``column  value`` line per column."""
+    from rich.cells import cell_len
     from rich.console import Group
     from rich.text import Text
 
-    from microstructure.output import cell, is_numeric
+    from microstructure.output import cell, is_numeric, visible
 
+    # Data as data: titles, headers (a query's column names) and cells are Text, never parsed as markup, with
+    # control characters shown escaped by ``cell`` / ``visible``.
+    columns = [visible(str(c)) for c in columns]
     texts = [[cell(v) for v in r] for r in rows]
     numeric = [is_numeric([r[i] for r in rows]) for i in range(len(columns))]
-    width = sum(max([len(c), *(len(t[i]) for t in texts)]) + 3 for i, c in enumerate(columns)) + 1
+    width = sum(max([cell_len(c), *(cell_len(t[i]) for t in texts)]) + 3 for i, c in enumerate(columns)) + 1
     if width <= out.width or len(columns) <= 2:
-        t = Table(title=title or None, title_justify="left")
+        t = Table(title=Text(visible(title), style="table.title") if title else None, title_justify="left")
         for c, num in zip(columns, numeric, strict=True):
-            t.add_column(c, justify="right" if num else "left", overflow="fold")
+            t.add_column(Text(c), justify="right" if num else "left", overflow="fold")
         for r in texts:
-            t.add_row(*r)
+            t.add_row(*(Text(v) for v in r))
         return t
-    name_w = max(len(c) for c in columns)
-    blocks: list[Any] = [Text(title, style="italic")] if title else []
+    name_w = max(cell_len(c) for c in columns)
+    blocks: list[Any] = [Text(visible(title), style="italic")] if title else []
     for k, r in enumerate(texts):
         blocks.append(Text(f"-- {k + 1} " + "-" * max(0, min(out.width, 60) - 5 - len(str(k + 1))), style="dim"))
-        blocks += [Text(f"{c:<{name_w}}  {v}") for c, v in zip(columns, r, strict=True)]
+        blocks += [Text(c + " " * (name_w - cell_len(c)) + f"  {v}") for c, v in zip(columns, r, strict=True)]
     return Group(*blocks)
 
 
@@ -140,12 +203,14 @@ def _do_poll(data_dir: Path, cycles: int | None, interval: float, step: float | 
 
 
 @app.command()
+@_writes
 def run(
     data_dir: DataDir = DEFAULT_DATA,
     cycles: Annotated[int, typer.Option(help="Poll cycles.")] = 300,
     interval: Annotated[float, typer.Option(help="Wall-clock seconds between cycles; 0 = replay as fast as "
-                                                 "possible on a simulated clock.")] = 0.0,
-    step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.")] = 2.0,
+                                                 "possible on a simulated clock.", callback=_in_range(0, DAY_S))] = 0.0,
+    step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.",
+                                        callback=_in_range(0, DAY_S, lo_open=True))] = 2.0,
     symbols: Annotated[int, typer.Option(help="How many simulated symbols (max 150).")] = 150,
     seed: Annotated[int | None, typer.Option(help="Seed of a new simulated market (default 7).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start a new market: removes the data dir's lake, "
@@ -225,10 +290,11 @@ def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> No
         cols = ["symbol", "age_s", "stale", "spread_bps", "order_imbalance", "depth_imbalance", "depth_dollars",
                 "book_levels", "has_recent_halt"]
         out.print(_table("online sample (Feast)", cols, [[r.get(c) for c in cols] for r in sample]))
-    out.print(f"Data Docs: {summary['data_docs']}")
+    out.print(text(f"Data Docs: {summary['data_docs']}"))
 
 
 @app.command("poll")
+@_writes
 def poll_cmd(
     data_dir: DataDir = DEFAULT_DATA,
     source: Annotated[Source, typer.Option(help="simulated, a vendor, chain (the fallback chain of "
@@ -239,8 +305,10 @@ def poll_cmd(
     session: Annotated[bool, typer.Option("--session", help="Live: poll today's exchange session (open to "
                                                             "close, holidays and half days from the "
                                                             "exchange calendar).")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between cycles; 0 = simulated clock.")] = 2.0,
-    step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.")] = 2.0,
+    interval: Annotated[float, typer.Option(help="Seconds between cycles; 0 = simulated clock.",
+                                            callback=_in_range(0, DAY_S))] = 2.0,
+    step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.",
+                                        callback=_in_range(0, DAY_S, lo_open=True))] = 2.0,
     symbols: Annotated[int, typer.Option(help="How many simulated symbols.")] = 150,
     symbol: Annotated[list[str] | None, typer.Option(help="A symbol to poll (repeatable); crypto as BTC/USD.")]
     = None,
@@ -260,12 +328,16 @@ def poll_cmd(
     _quiet_libraries()
     start_ts = _parse_ts(start) if start else None
     syms = list(symbol or [])
-    if symbols_file is not None:
-        from microstructure.sources.chain import read_symbols_file
+    if syms or symbols_file is not None:
+        from microstructure.sources.chain import check_symbols, read_symbols_file
         from microstructure.sources.vendor import ConfigError
 
+        # Capped (count, length); a list for a vendor holds only characters a vendor symbol has.
+        vendor = Source(source) is not Source.simulated
         try:
-            syms += read_symbols_file(symbols_file)
+            if symbols_file is not None:
+                syms += read_symbols_file(symbols_file, vendor=vendor)
+            syms = check_symbols(syms, "--symbol/--symbols-file", vendor=vendor)
         except ConfigError as e:
             raise UserError(str(e)) from None
     end = _poll_end(until, session, interval, as_json)
@@ -337,6 +409,7 @@ def _days(paths: Any, dates: list[str] | None) -> list[dt.date]:
 
 
 @app.command("build-features")
+@_writes
 def build_features_cmd(data_dir: DataDir = DEFAULT_DATA,
                        date: Annotated[list[str] | None, typer.Option(help="Date(s) to build; default all.")] = None,
                        engine: Annotated[Engine, typer.Option(help="duckdb (in process) or spark (the same SQL on "
@@ -357,6 +430,7 @@ def build_features_cmd(data_dir: DataDir = DEFAULT_DATA,
 
 
 @app.command()
+@_writes
 def validate(data_dir: DataDir = DEFAULT_DATA,
              date: Annotated[list[str] | None, typer.Option(help="Date(s) to check; default all.")] = None,
              as_json: JsonOut = False) -> None:
@@ -386,12 +460,13 @@ def validate(data_dir: DataDir = DEFAULT_DATA,
         if batches:
             out.print(_table("quarantined feature batches", ["date", "reasons"],
                              [[b["date"], "; ".join(b["reasons"])] for b in batches]))
-        out.print(f"Data Docs: {checker.docs_index()}")
+        out.print(text(f"Data Docs: {checker.docs_index()}"))
     if not all(r["success"] for r in results):
         raise typer.Exit(1)
 
 
 @app.command()
+@_writes
 def compact(data_dir: DataDir = DEFAULT_DATA,
             date: Annotated[list[str] | None, typer.Option(help="Date(s) to compact; default all.")] = None,
             as_json: JsonOut = False) -> None:
@@ -406,12 +481,19 @@ def compact(data_dir: DataDir = DEFAULT_DATA,
 @app.command()
 def online(symbols: Annotated[list[str], typer.Argument(help="Symbols to look up.")],
            data_dir: DataDir = DEFAULT_DATA,
-           freshness: Annotated[float, typer.Option(help="Seconds after which a row is stale.")] = 10.0,
+           freshness: Annotated[float, typer.Option(help="Seconds after which a row is stale.",
+                                                    callback=_in_range(1e-3, 366 * DAY_S))] = 10.0,
            as_json: JsonOut = False) -> None:
     """Online features from Feast, with event time, age and a stale flag."""
     _quiet_libraries()
+    from microstructure.sources.chain import check_symbols
+    from microstructure.sources.vendor import ConfigError
     from microstructure.store import open_store, read_online
 
+    try:
+        symbols = check_symbols(symbols, "symbols", vendor=False)  # count and length capped, as for poll
+    except ConfigError as e:
+        raise UserError(str(e)) from None
     _paths(data_dir, must_exist=True)
     rows = [r.as_dict() for r in read_online(open_store(data_dir), symbols, freshness)]
     if as_json:
@@ -419,31 +501,31 @@ def online(symbols: Annotated[list[str], typer.Argument(help="Symbols to look up
         return
     cols = ["symbol", "found", "event_ts", "age_s", "stale", "source", "book_levels", "best_bid", "best_ask",
             "spread_bps", "order_imbalance", "depth_imbalance", "bid_depth", "ask_depth", "depth_dollars",
-            "gap_pct", "has_recent_halt"]
+            "gap_pct", "has_recent_halt", *(["error"] if any(r.get("error") for r in rows) else [])]
     out.print(_table("online features", cols, [[r.get(c) for c in cols] for r in rows]))
 
 
 @app.command("training-set")
-def training_set_cmd(entities: Annotated[Path, typer.Option(help="CSV or Parquet: symbol, event_timestamp, labels...")],
-                     out_path: Annotated[Path, typer.Option("--out", help="CSV or Parquet output.")],
-                     data_dir: DataDir = DEFAULT_DATA) -> None:
-    """Point-in-time-correct join of an entity file against the offline store, through Feast."""
+def training_set_cmd(entities: Annotated[Path, typer.Option(help="CSV (optionally gzipped), Parquet or JSON: "
+                                                                  "symbol, event_timestamp, labels...")],
+                     out_path: Annotated[Path, typer.Option("--out", help="Parquet (.parquet) or CSV output.")],
+                     data_dir: DataDir = DEFAULT_DATA,
+                     batch_rows: Annotated[int, typer.Option(help="Entity rows joined at a time (memory follows "
+                                                                  "this, not the file's size).", min=1_000,
+                                                             max=10_000_000)] = 1_000_000) -> None:
+    """Point-in-time-correct join of an entity file against the offline store, through Feast. The file is read
+    as a stream and joined --batch-rows rows at a time; rows come out in the entity file's order."""
     _quiet_libraries()
 
-    from microstructure.output import read_frame
-    from microstructure.store import open_store, training_set
+    from microstructure.store import open_store, write_training_set
 
-    df = read_frame(entities, "entity")
+    if not entities.is_file():
+        raise UserError(f"no such entity file: {entities}")
     if not _paths(data_dir, must_exist=True).has("features"):
         raise UserError("no published features yet: run `microstructure run` or `build-features` first")
-    res = training_set(open_store(data_dir), df)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if out_path.suffix == ".parquet":
-        res.to_parquet(out_path, index=False)
-    else:
-        res.to_csv(out_path, index=False)
-    joined = int(res["event_ts"].notna().sum()) if "event_ts" in res else 0
-    err.print(f"{len(res)} rows, {joined} with features -> {out_path}")
+    # CSV output: text cells that a spreadsheet would run as a formula are guarded (output.csv_table).
+    rows, joined = write_training_set(open_store(data_dir), entities, out_path, batch_rows=batch_rows)
+    err.print(text(f"{rows} rows, {joined} with features -> {out_path}"))
 
 
 @app.command()
@@ -452,25 +534,28 @@ def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapsho
         data_dir: DataDir = DEFAULT_DATA,
         as_json: JsonOut = False,
         as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
-        allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Let queries write, attach and install "
-                                                                          "(read-only by default).")] = False) -> None:
-    """Ad-hoc DuckDB over the lake, read-only; without a query, a DuckDB prompt with the views loaded."""
+        timeout: Annotated[float, typer.Option("--timeout", envvar="MICROSTRUCTURE_SQL_TIMEOUT",
+                                               help="Stop a statement after this many seconds.")] = 60.0,
+        memory_limit: Annotated[str, typer.Option("--memory-limit", envvar="MICROSTRUCTURE_SQL_MEMORY_LIMIT",
+                                                  help="DuckDB's working memory, and separately the largest "
+                                                       "result, e.g. 512MB or 4GB.")] = "1GB") -> None:
+    """Ad-hoc DuckDB over the lake, read-only (it cannot write any file); without a query, a DuckDB prompt."""
     from microstructure import shell
 
+    limits = shell.Limits.parse(timeout, memory_limit)
     paths = _paths(data_dir, must_exist=True)
     if query is None:
-        shell.repl(paths, allow_writes)
+        shell.repl(paths, limits)
         return
-    try:
-        df = shell.run(paths, query, allow_writes)
-    except shell.NotAllowed as e:
-        raise UserError(str(e)) from None
+    df = shell.run(paths, query, limits)  # a refused or failed statement is an InputError: one line, exit 2
     if df is None:
         return
     if as_json:
         print(df.to_json(orient="records", date_format="iso", date_unit="us"))
     elif as_csv:
-        print(df.to_csv(index=False), end="")
+        from microstructure.output import csv_frame
+
+        print(csv_frame(df).to_csv(index=False), end="")
     else:
         out.print(_table("", list(df.columns), df.astype(object).where(df.notna(), None).values.tolist()))
 
@@ -478,6 +563,7 @@ def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapsho
 
 
 @app.command()
+@_writes
 def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) (or a LOBSTER / snapshot folder); "
                                                              "binance-depth: the files of one continuous stream.")],
              data_dir: DataDir = DEFAULT_DATA,
@@ -485,7 +571,8 @@ def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) 
              symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster) or select (iex-deep) the symbol.")]
              = None,
              cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots (lobster, iex-deep, "
-                                                            "binance-depth).")]
+                                                            "binance-depth).",
+                                                       callback=_in_range(0, DAY_S, lo_open=True))]
              = 1.0,
              as_json: JsonOut = False) -> None:
     """Load a recorded order-book file into the lake through the same validation and quarantine. Idempotent."""
@@ -495,26 +582,25 @@ def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) 
     for path in files:
         if not path.exists():
             raise UserError(f"no such file or folder: {path}")
-    if cadence <= 0:
-        raise UserError("--cadence must be > 0")
+    from microstructure.sources.files import check_cadence
+
+    check_cadence(cadence)  # the sane minimum (1 ms) and maximum: one `error:` line before anything is read
     paths = _paths(data_dir)
-    path = files[0]
     with _progress(None, "loading", not as_json) as prog:  # streamed: the row count is not known upfront
         task = prog.add_task("load", total=None)
-        try:
-            if fmt == "binance-depth":
-                from microstructure.sources.binance import read_binance_depth
+        if fmt == "binance-depth":
+            from microstructure.sources.binance import read_binance_depth
 
-                batches: Any = read_binance_depth(list(files), cadence, symbol)
-            elif fmt == "hyperliquid-l2":
-                from microstructure.sources.binance import read_hyperliquid_l2
+            batches: Any = read_binance_depth(list(files), cadence, symbol)
+        elif fmt == "hyperliquid-l2":
+            from microstructure.sources.binance import read_hyperliquid_l2
 
-                batches = read_hyperliquid_l2(list(files), cadence, symbol)
-            else:
-                batches = (b for f in files for b in _read_recorded(f, fmt, symbol, cadence))
-            st = load(paths, batches, on_batch=lambda s: prog.update(task, completed=s.sampled))
-        except (ValueError, FileNotFoundError) as e:  # the readers' format errors are ValueErrors
-            raise UserError(f"{path.name}: {e}".replace(f"{path.name}: {path.name}", path.name)) from None
+            batches = read_hyperliquid_l2(list(files), cadence, symbol)
+        else:
+            batches = (b for f in files for b in _read_recorded(f, fmt, symbol, cadence))
+        # Readers raise FileFormatError (an InputError) naming the file and position; ``load`` adds what the lake
+        # kept before it. main prints it as one `error:` line, exit 2.
+        st = load(paths, batches, on_batch=lambda s: prog.update(task, completed=s.sampled))
     res = {"file": ", ".join(str(f) for f in files), "format": fmt, "sampled": st.sampled, "written": st.written,
            "already_in_lake_or_unchanged": st.duplicates, "quarantined": dict(st.quarantined),
            "symbols": len(st.symbols), "dates": sorted(st.dates)}
@@ -522,10 +608,7 @@ def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) 
 
 
 def _read_recorded(path: Path, fmt: str, symbol: str | None, cadence: float) -> Any:
-    """The file as a stream of ``Batch``es (wide and snapshot files are read batch by batch)."""
-    from microstructure.book import QUARANTINE_SCHEMA
-    from microstructure.sources.files import Batch
-
+    """The file as a stream of ``Batch``es: every format is read batch by batch, in bounded memory."""
     if fmt == "wide":
         from microstructure.sources.files import read_wide
 
@@ -535,12 +618,12 @@ def _read_recorded(path: Path, fmt: str, symbol: str | None, cadence: float) -> 
 
         return read_snapshot_file(path)
     if fmt == "lobster":
-        from microstructure.sources.lobster import read_lobster
+        from microstructure.sources.lobster import iter_lobster
 
-        return [Batch(read_lobster(path, cadence, symbol), QUARANTINE_SCHEMA.empty_table())]
-    from microstructure.sources.iex_deep import read_iex_deep
+        return iter_lobster(path, cadence, symbol)
+    from microstructure.sources.iex_deep import iter_iex_deep
 
-    return [Batch(read_iex_deep(path, cadence, {symbol} if symbol else None), QUARANTINE_SCHEMA.empty_table())]
+    return iter_iex_deep(path, cadence, {symbol} if symbol else None)
 
 
 @app.command()
@@ -563,7 +646,7 @@ def coverage(data_dir: DataDir = DEFAULT_DATA,
     out.print(_table("overall", ["symbols", "l2", "shallow", "l1_only", "none"],
                      [[o["symbols"], o["l2"], o["shallow"], o["l1_only"], o["none"]]]))
     if o["none_symbols"]:
-        out.print("no source served: " + ", ".join(o["none_symbols"]))
+        out.print(text("no source served: " + ", ".join(o["none_symbols"])))
 
 
 @app.command()
@@ -571,7 +654,8 @@ def evaluate(data_dir: DataDir = DEFAULT_DATA,
              out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default "
                                                                        "<data-dir>/report).")] = None,
              horizon: Annotated[int, typer.Option(help="ML label horizon, seconds.")] = 60,
-             order_notional: Annotated[float, typer.Option(help="Order size for the headline, dollars.")] = 50_000,
+             order_notional: Annotated[float, typer.Option(help="Order size for the headline, dollars.",
+                                                           callback=_in_range(0, 1e12, lo_open=True))] = 50_000,
              source: Annotated[str | None, typer.Option(help="Only snapshots from this source.")] = None,
              symbol: Annotated[list[str] | None, typer.Option(help="Only these symbols (repeatable).")] = None,
              seed: Annotated[int, typer.Option(help="Seed of the random picks and bootstraps.")] = 0,
@@ -595,21 +679,21 @@ def evaluate(data_dir: DataDir = DEFAULT_DATA,
     if as_json:
         print(dumps({"data": res["data"]["label"], "report": str(target), "headline": res["headline"]}))
         return
-    out.print(f"data: {res['data']['label']}")
+    out.print(text(f"data: {res['data']['label']}"))
     out.print(_table("roadmap claims", ["claim", "target", "measured", "95% CI", "verdict"],
                      report.headline_rows(res)))
-    out.print(f"report: {target}")
+    out.print(text(f"report: {target}"))
 
 
 def _save_model(res: dict[str, Any], paths: Any) -> None:
     """Keep the scoring model trained by ``evaluate`` for ``picks --score``."""
     model = res.get("_model")
     if model is not None:
-        import pickle
-
         from microstructure.lake import atomic_write_bytes
+        from microstructure.scoring import MODEL_PATH, dump_model
 
-        atomic_write_bytes(pickle.dumps(model), paths.data_dir / "models" / "entry_model.pkl")
+        # JSON numbers, never a pickle: a data dir's files are data, and unpickling one runs code.
+        atomic_write_bytes(dump_model(model), paths.data_dir / MODEL_PATH)
 
 
 @app.command()
@@ -665,26 +749,27 @@ def _emit(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
     elif rows:
         out.print(_table(title, list(rows[0].keys()), [list(r.values()) for r in rows]))
     else:
-        out.print(f"{title}: nothing to do")
+        out.print(text(f"{title}: nothing to do"))
 
 
 def main() -> None:
     # Typer vendors its own click; its public names cover Exit/Abort, the usage errors live here.
     from typer._click import exceptions as cx
 
-    from microstructure.output import InputError
+    from microstructure.output import InputError, visible  # an error line shows data's control characters escaped
+    from microstructure.sources.vendor import scrub  # ...and never a key (a vendor's answer may echo one)
 
     try:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except (UserError, InputError) as e:
-        print(f"error: {e}".splitlines()[0], file=sys.stderr)
+        print(visible(scrub(f"error: {e}".splitlines()[0])), file=sys.stderr)
         sys.exit(2)
     except cx.NoArgsIsHelpError:
         sys.exit(0)
     except cx.UsageError as e:  # a bad option or choice: one line, with where to look
         cmd = f"microstructure {e.ctx.info_name} --help" if e.ctx and e.ctx.parent else "microstructure --help"
-        print(f"error: {e.format_message()} (see `{cmd}`)".splitlines()[0], file=sys.stderr)
+        print(visible(scrub(f"error: {e.format_message()} (see `{cmd}`)".splitlines()[0])), file=sys.stderr)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -696,5 +781,5 @@ def main() -> None:
     except Exception as e:  # one line for the user; MICROSTRUCTURE_DEBUG=1 for the traceback
         if os.environ.get("MICROSTRUCTURE_DEBUG"):
             raise
-        print(f"error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        print(visible(scrub(f"error: {type(e).__name__}: {e}".splitlines()[0])), file=sys.stderr)
         sys.exit(1)

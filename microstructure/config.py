@@ -7,13 +7,45 @@ environment variables (e.g. ``MICROSTRUCTURE_SAFE_MAX_SPREAD_BPS=40``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from microstructure.output import InputError, number
+
 MODES = ("SAFE", "AGGRESSIVE")
+
+DAY_S = 86_400.0
+# The range of each threshold, checked when a configuration is read. NaN compares false with everything, so a NaN
+# limit passes every book (``--freshness nan`` called 36-minute-old books fresh); an infinite one switches a
+# filter off without saying so. Both, and values outside these ranges, are refused: one line, exit 2.
+BOUNDS: dict[str, tuple[float, float]] = {
+    "safe_max_spread_bps": (0.0, 10_000.0),  # 10,000 bps: a spread as wide as the price itself
+    "aggressive_max_spread_bps": (0.0, 10_000.0),
+    "safe_min_depth_usd": (0.0, 1e12),
+    "aggressive_min_depth_usd": (0.0, 1e12),
+    "max_gap_pct": (0.0, 1.0),  # fractions of the 5-minute low: 1 = the mid doubled
+    "risky_gap_pct": (0.0, 1.0),
+    "risky_imbalance": (0.0, 1.0),  # order imbalance lies in [-1, 1]
+    "freshness_s": (1e-3, 366 * DAY_S),
+    "cache_ttl_s": (1.0, 10.0),  # the service cache: 1-10 s
+}
+
+
+def bounded(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    """``value`` as a float in [lo, hi] ((lo, hi] with ``lo_open``), else an InputError naming ``name``: a bool,
+    a string, NaN, an infinity and anything out of range are refused."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    low_ok = v > lo if lo_open else v >= lo
+    if not (math.isfinite(v) and low_ok and v <= hi):
+        where = f"> {number(lo)} and <= {number(hi)}" if lo_open else f"between {number(lo)} and {number(hi)}"
+        raise InputError(f"{name} must be a finite number {where}, got {value!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -35,31 +67,50 @@ class Thresholds:
         return self.safe_min_depth_usd if mode == "SAFE" else self.aggressive_min_depth_usd
 
     def __post_init__(self) -> None:
-        if not 1.0 <= self.cache_ttl_s <= 10.0:
-            raise ValueError(f"cache_ttl_s must be between 1 and 10 seconds, got {self.cache_ttl_s}")
+        if not 1.0 <= self.cache_ttl_s <= 10.0:  # (a NaN fails this too)
+            raise InputError(f"cache_ttl_s must be between 1 and 10 seconds, got {self.cache_ttl_s}")
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0:
-                raise ValueError(f"{f.name} must be >= 0")
+            bounded(f.name, getattr(self, f.name), *BOUNDS[f.name])
+
+
+def _number(name: str, value: Any, where: str) -> float:
+    """A threshold from a file or the environment, checked against BOUNDS; the error says where it came from."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise InputError(f"{where}: {name} = {value!r} is not a number") from None
+    if name not in BOUNDS:
+        return value  # unknown names are reported together by the caller
+    try:
+        return bounded(name, value, *BOUNDS[name])
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def _toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"thresholds file {path} is not valid TOML: {e}") from None
 
 
 def load_thresholds(path: Path | None = None, env: dict[str, str] | None = None, **overrides: Any) -> Thresholds:
     env = dict(os.environ) if env is None else env
     values: dict[str, Any] = {}
     if path is not None and path.exists():
-        data = tomllib.loads(path.read_text())
-        values.update(data.get("thresholds", data))
+        data = _toml(path)
+        table = data.get("thresholds", data)
+        values.update({k: _number(k, v, str(path)) for k, v in table.items() if k != "profiles"})
     for f in dataclasses.fields(Thresholds):
         key = f"MICROSTRUCTURE_{f.name.upper()}"
         if key in env:
-            try:
-                values[f.name] = float(env[key])
-            except ValueError as e:
-                raise ValueError(f"{key}={env[key]!r} is not a number") from e
+            values[f.name] = _number(f.name, env[key], key)
     values.update(overrides)
     unknown = set(values) - {f.name for f in dataclasses.fields(Thresholds)}
     if unknown:
-        raise ValueError(f"unknown threshold(s): {sorted(unknown)}")
-    return Thresholds(**{k: float(v) for k, v in values.items()})
+        raise InputError(f"unknown threshold(s): {sorted(unknown)}")
+    return Thresholds(**{k: _number(k, v, "threshold") for k, v in values.items()})
 
 
 def normalise_mode(mode: str) -> str:
@@ -124,15 +175,21 @@ def load_threshold_set(path: Path | None = None, env: dict[str, str] | None = No
     default = load_thresholds(path, env)
     profiles = {p.name: p for p in ThresholdSet().profiles}
     if path is not None and path.exists():
-        for name, body in tomllib.loads(path.read_text()).get("profiles", {}).items():
+        for name, body in _toml(path).get("profiles", {}).items():
+            if not isinstance(body, dict):
+                raise InputError(f"{path}: profiles.{name} must be a table")
             body = dict(body)
             base = profiles.get(name)
-            patterns = tuple(body.pop("patterns", base.patterns if base else ()))
+            patterns = body.pop("patterns", base.patterns if base else ())
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise InputError(f"{path}: profile {name!r}: patterns must be a list of strings")
+            patterns = tuple(patterns)
             if not patterns:
-                raise ValueError(f"profile {name!r} needs patterns = [...]")
+                raise InputError(f"profile {name!r} needs patterns = [...]")
             start = dataclasses.asdict(base.thresholds if base else default)
             unknown = set(body) - set(start)
             if unknown:
-                raise ValueError(f"profile {name!r}: unknown threshold(s) {sorted(unknown)}")
-            profiles[name] = Profile(name, patterns, Thresholds(**{**start, **{k: float(v) for k, v in body.items()}}))
+                raise InputError(f"profile {name!r}: unknown threshold(s) {sorted(unknown)}")
+            checked = {k: _number(k, v, f"{path} [profiles.{name}]") for k, v in body.items()}
+            profiles[name] = Profile(name, patterns, Thresholds(**{**start, **checked}))
     return ThresholdSet(default, tuple(profiles.values()))

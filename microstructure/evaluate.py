@@ -105,12 +105,11 @@ def tier_rank(label: str) -> tuple[int, str]:
 def load(paths: lake.LakePaths, source: str | None, symbols: list[str] | None = None
          ) -> tuple[Any, pd.DataFrame, dict[str, Any]]:
     con = lake.connect(paths)
-    conds = [] if source is None else [f"source = '{source.replace(chr(39), '')}'"]
-    if symbols:
-        conds.append("symbol IN (" + ", ".join(f"'{s.replace(chr(39), '')}'" for s in symbols) + ")")
-    where = f"WHERE {' AND '.join(conds)}" if conds else ""
-    con.execute(f"CREATE TEMP TABLE f AS SELECT * FROM features {where}")
-    con.execute(f"CREATE TEMP TABLE s AS SELECT * FROM snapshots {where}")
+    # The source and symbols are user input: bound as parameters (NULL means "any"), never SQL text.
+    where = "WHERE ($source IS NULL OR source = $source) AND ($symbols IS NULL OR list_contains($symbols, symbol))"
+    params = {"source": source, "symbols": list(symbols) if symbols else None}
+    con.execute(f"CREATE TEMP TABLE f AS SELECT * FROM features {where}", params)
+    con.execute(f"CREATE TEMP TABLE s AS SELECT * FROM snapshots {where}", params)
     feats = con.sql("SELECT * FROM f ORDER BY symbol, event_ts").df()
     label = con.sql("SELECT source, count(*) AS n, count(DISTINCT symbol) AS symbols, min(event_ts) AS first, "
                     "max(event_ts) AS last FROM s GROUP BY source ORDER BY source").df()
@@ -249,11 +248,13 @@ def bad_fill_study(con: Any, feats: pd.DataFrame, t: Thresholds | ThresholdSet, 
 
 # ---- 2. entry timing -------------------------------------------------------------------------
 def forward_returns(con: Any, horizons: list[int]) -> pd.DataFrame:
-    cols = ", ".join(f"ln(f{h}.mid / f.mid) * 1e4 AS ret_{h}" for h in horizons)
-    joins = " ".join(f"ASOF LEFT JOIN f f{h} ON f{h}.symbol = f.symbol AND f{h}.event_ts >= f.event_ts + "
-                     f"INTERVAL {h} SECOND" for h in horizons)
-    df = con.sql(f"SELECT f.symbol, f.event_ts, f.received_ts, f.mid, f.order_imbalance, f.depth_imbalance, "
-                 f"f.halted, {cols} FROM f {joins} ORDER BY f.symbol, f.event_ts").df()
+    # One ASOF join per horizon; the aliases are numbered by position and the horizons bound as parameters.
+    cols = ", ".join(f"ln(f{i}.mid / f.mid) * 1e4 AS ret{i}" for i in range(len(horizons)))
+    joins = " ".join(f"ASOF LEFT JOIN f f{i} ON f{i}.symbol = f.symbol AND f{i}.event_ts >= f.event_ts + "
+                     f"to_seconds(${i + 1}::DOUBLE)" for i in range(len(horizons)))
+    df = con.execute(f"SELECT f.symbol, f.event_ts, f.received_ts, f.mid, f.order_imbalance, f.depth_imbalance, "
+                     f"f.halted, {cols} FROM f {joins} ORDER BY f.symbol, f.event_ts", list(horizons)).df()
+    df = df.rename(columns={f"ret{i}": f"ret_{h}" for i, h in enumerate(horizons)})
     # Next mid *move*: the first later mid that differs from this one.
     moves = con.sql("WITH x AS (SELECT symbol, event_ts, mid, CASE WHEN mid <> lag(mid) OVER w THEN 1 END AS ch "
                     "FROM f WINDOW w AS (PARTITION BY symbol ORDER BY event_ts)), "
@@ -300,17 +301,19 @@ def timing_study(con: Any, feats: pd.DataFrame, k_s: int, threshold: float, n: i
     p["sgn"] = np.where(rng.random(len(p)) < 0.5, 1.0, -1.0)
     p["pick_id"] = np.arange(len(p))
     con.register("tp", p)
-    df = con.sql(f"""
+    # Ordered by pick: a GROUP BY's output order varies run to run, and the means and bootstrap below follow it.
+    df = con.execute("""
         SELECT tp.pick_id, any_value(tp.sgn) AS sgn, any_value(tp.mid) AS mid0, any_value(tp.symbol) AS symbol,
                any_value(tp.event_ts) AS event_ts,
                any_value(CASE WHEN tp.sgn > 0 THEN tp.best_ask ELSE tp.best_bid END) AS now_px,
                arg_min(CASE WHEN tp.sgn > 0 THEN f.best_ask ELSE f.best_bid END, f.event_ts)
-                   FILTER (WHERE tp.sgn * f.order_imbalance > {threshold}) AS agree_px,
+                   FILTER (WHERE tp.sgn * f.order_imbalance > $threshold) AS agree_px,
                arg_max(CASE WHEN tp.sgn > 0 THEN f.best_ask ELSE f.best_bid END, f.event_ts) AS deadline_px,
                max(f.event_ts) AS last_ts
         FROM tp JOIN f ON f.symbol = tp.symbol AND f.event_ts > tp.event_ts
-             AND f.event_ts <= tp.event_ts + INTERVAL {k_s} SECOND
-        GROUP BY tp.pick_id""").df()
+             AND f.event_ts <= tp.event_ts + to_seconds($k_s::DOUBLE)
+        GROUP BY tp.pick_id
+        ORDER BY tp.pick_id""", {"threshold": float(threshold), "k_s": float(k_s)}).df()
     # Only picks whose K-second window is fully observed (the data goes on past the deadline).
     ends = feats.groupby("symbol")["event_ts"].max()
     df = df[df["event_ts"] + pd.Timedelta(seconds=k_s) <= df["symbol"].map(ends)]
@@ -362,6 +365,17 @@ def _entropy(p: float) -> float:
     return float(-(p * np.log(p) + (1 - p) * np.log(1 - p))) if 0 < p < 1 else 0.0
 
 
+def fit_entry_model(train: pd.DataFrame, cols: list[str]) -> Any:
+    """The entry model fitted on ``train[cols]`` against ``train["label"]``: depths as log(1 + depth), then a
+    standardised logistic regression. ``scoring.export_model`` saves exactly these three steps as numbers."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+    return make_pipeline(FunctionTransformer(_log_depth), StandardScaler(),
+                         LogisticRegression(C=0.05, max_iter=1000)).fit(train[cols], train["label"])
+
+
 def ml_study(con: Any, data_dir: Any, horizon_s: int, n_rows: int, rng: np.random.Generator) -> dict[str, Any]:
     """Does adding the five features to a base model improve out-of-sample scoring?
 
@@ -372,16 +386,14 @@ def ml_study(con: Any, data_dir: Any, horizon_s: int, n_rows: int, rng: np.rando
     score of always predicting the training up-rate). Rows are chosen and sorted deterministically (the
     Feast join is deterministic: ties on the timestamp are settled by ``event_ts``).
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss, roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
     from microstructure.store import open_store, training_set
 
     base = base_feature_rows(con)
-    fwd = con.sql(f"SELECT f.symbol, f.event_ts, ln(g.mid / f.mid) AS fwd FROM f ASOF JOIN f g "
-                  f"ON g.symbol = f.symbol AND g.event_ts >= f.event_ts + INTERVAL {horizon_s} SECOND").df()
+    fwd = con.execute("SELECT f.symbol, f.event_ts, ln(g.mid / f.mid) AS fwd FROM f ASOF JOIN f g "
+                      "ON g.symbol = f.symbol AND g.event_ts >= f.event_ts + to_seconds(?::DOUBLE)",
+                      [float(horizon_s)]).df()
     d = base.merge(fwd, on=["symbol", "event_ts"]).dropna(subset=[*BASE_FEATURES, "fwd"])
     flat = int((d["fwd"] == 0).sum())
     d = d[d["fwd"] != 0].sort_values(["event_ts", "symbol"], kind="stable").reset_index(drop=True)
@@ -409,8 +421,7 @@ def ml_study(con: Any, data_dir: Any, horizon_s: int, n_rows: int, rng: np.rando
         tests.append(test)
         prior.append(np.full(len(test), train["label"].mean()))
         for name, cols in (("base", BASE_FEATURES), ("base+micro", [*BASE_FEATURES, *ML_FEATURES])):
-            m = make_pipeline(FunctionTransformer(_log_depth), StandardScaler(),
-                              LogisticRegression(C=0.05, max_iter=1000)).fit(train[cols], train["label"])
+            m = fit_entry_model(train, cols)
             preds[name].append(m.predict_proba(test[cols])[:, 1])
             models[name] = (m, cols)
     if not ys:
@@ -524,7 +535,11 @@ def evaluate(paths: lake.LakePaths, horizon_s: int = 60, order_notional: float =
     res["ml"] = ml_study(con, paths.data_dir, horizon_s, ml_rows, rng) if len(feats) else {"enough": False, "n": 0}
     model = res["ml"].pop("_model", None)
     if model is not None:
-        res["_model"] = {**model, "data": info["label"], "auc": res["ml"]["base+micro"]["auc"]}
+        from microstructure.scoring import export_model
+
+        # Saved as numbers (models/entry_model.json), never as a pickle: see microstructure.scoring.
+        res["_model"] = export_model(model["model"], model["features"], model["horizon_s"], info["label"],
+                                     res["ml"]["base+micro"]["auc"], model["trained"])
     res["coverage"] = coverage(paths)
     res["headline"] = headline(res, order_notional, res["coverage"])
     res["_frames"] = {"fr": fr, "feats": feats}

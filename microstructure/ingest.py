@@ -17,9 +17,12 @@ import pyarrow.compute as pc
 
 from microstructure import lake
 from microstructure.book import KEY, QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, to_utc_us, validate
+from microstructure.output import InputError
 from microstructure.sources.base import OUTCOMES_KEY, OUTCOMES_SCHEMA
 
-QUARANTINE_KEY = ("symbol", "received_ts", "source", "reason")
+# ``origin`` (a recorded row's file and position; NULL for live rows) keeps rejected rows that share a time, or
+# have none, apart: every rejected row is stored, and a re-run of the same file finds the same keys.
+QUARANTINE_KEY = ("symbol", "received_ts", "source", "reason", "origin")
 
 
 @dataclass
@@ -44,10 +47,11 @@ class Ingestor:
         self.quarantine = lake.PartitionWriter(paths, lake.QUARANTINE, QUARANTINE_KEY, QUARANTINE_SCHEMA)
         self.outcomes = lake.PartitionWriter(paths, lake.OUTCOMES, OUTCOMES_KEY, OUTCOMES_SCHEMA)
 
-    def ingest(self, raw: pa.Table, rejected: pa.Table | None = None) -> Ingested:
+    def ingest(self, raw: pa.Table, rejected: pa.Table | None = None, origin: pa.Array | None = None,
+               fallback_ts: dt.datetime | None = None) -> Ingested:
         """Validate ``raw``; write rejects (plus ``rejected``, rows a source could not even shape) to
-        quarantine first, then the clean rows to snapshots."""
-        checked = validate(raw)
+        quarantine first, then the clean rows to snapshots. ``origin`` and ``fallback_ts``: see ``validate``."""
+        checked = validate(raw, origin, fallback_ts)
         bad = checked.quarantine if rejected is None else pa.concat_tables([checked.quarantine, rejected])
         self.quarantine.write(bad)
         written = self.snapshots.write(checked.clean)
@@ -88,21 +92,38 @@ class BackfillStats:
     dates: set[str] = field(default_factory=set)
 
 
+class BackfillError(InputError):
+    """A recorded file failed part-way: the message says where, and what the lake kept from before it."""
+
+
 def backfill(paths: lake.LakePaths, batches: Iterable[Any], on_batch: Callable[[BackfillStats], None] | None = None
              ) -> BackfillStats:
     """Load a recorded file's batches (``sources.files.Batch``: shaped rows + rows already rejected) through
     the one ingest path. Batch by batch, so memory is bounded by a batch, not the file; idempotent (keys the
-    lake holds are skipped, checked on disk for rows older than the writer's memory)."""
+    lake holds are skipped, checked on disk for rows older than the writer's memory).
+
+    Each batch is committed as it comes (a file of any size fits in memory). When the reader stops part-way
+    (a malformed message, a bound passed) the error says where it stopped and how many rows the lake kept from
+    before it: a re-run after the fix skips those (they are keyed) and loads the rest."""
     ingestor = Ingestor(paths)
     st = BackfillStats()
-    for b in batches:
-        got = ingestor.ingest(b.raw, b.rejected)
-        st.sampled += b.raw.num_rows + b.rejected.num_rows
-        st.written += got.written.num_rows
-        st.duplicates += got.duplicates
-        st.quarantined.update(got.reasons())
-        st.symbols.update(pc.unique(got.written.column("symbol")).to_pylist())
-        st.dates.update(pc.unique(pc.strftime(got.written.column("event_ts"), "%Y-%m-%d")).to_pylist())
-        if on_batch is not None:
-            on_batch(st)
+    try:
+        for b in batches:
+            got = ingestor.ingest(b.raw, b.rejected, getattr(b, "origin", None), getattr(b, "loaded_ts", None))
+            st.sampled += b.raw.num_rows + b.rejected.num_rows
+            st.written += got.written.num_rows
+            st.duplicates += got.duplicates
+            st.quarantined.update(got.reasons())
+            st.symbols.update(pc.unique(got.written.column("symbol")).to_pylist())
+            st.dates.update(pc.unique(pc.strftime(got.written.column("event_ts"), "%Y-%m-%d")).to_pylist())
+            if on_batch is not None:
+                on_batch(st)
+    except InputError as e:
+        if st.sampled == 0:
+            raise BackfillError(f"{e} (nothing was loaded)") from None
+        q = sum(st.quarantined.values())
+        raise BackfillError(
+            f"{e}; stopped there: the lake kept the {st.sampled:,} rows before it ({st.written:,} new snapshots, "
+            f"{st.duplicates:,} already in the lake, {q:,} quarantined); once it is fixed, a re-run skips them"
+        ) from None
     return st

@@ -192,6 +192,11 @@ def _bump_gen(part: Path) -> None:
     atomic_write_bytes(str(_read_gen(part) + 1).encode(), part / GEN)
 
 
+def _ident(name: str) -> str:
+    """A column name as a quoted SQL identifier (a file's schema could name a column with a quote in it)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def partition_files(part: Path) -> list[Path]:
     """The partition's data files as one consistent state: never a merged file beside the files it
     replaces, whatever a concurrent or crashed compaction is doing."""
@@ -252,8 +257,9 @@ class PartitionWriter:
         self.ts_col = next(k for k in key if k.endswith("_ts"))
         self.ts_pos = key.index(self.ts_col)
         self.horizon_us = int(horizon.total_seconds() * 1e6)
-        # The key as DuckDB selects it (timestamps as epoch µs), to compare with _keys() tuples.
-        self._key_sql = ", ".join(f"epoch_us({k})" if k.endswith("_ts") else k for k in key)
+        # The key as DuckDB selects it (timestamps as epoch µs), to compare with _keys() tuples. Column names
+        # are our schemas' constants, quoted; file lists and values are always bound parameters.
+        self._key_sql = ", ".join(f"epoch_us({_ident(k)})" if k.endswith("_ts") else _ident(k) for k in key)
         self._seen: dict[dt.date, dict[tuple, int]] = {}  # key -> its timestamp (epoch us)
         self._floor: dict[dt.date, int] = {}  # keys older than this may be on disk only
         self._newest: dict[tuple, tuple] = {}  # key without its time -> newest key written
@@ -268,17 +274,17 @@ class PartitionWriter:
                 del self._seen[oldest], self._floor[oldest]
                 self._pruned_at.pop(oldest, None)
             part = self.paths.partition(self.dataset, day)
-            cols = self._key_sql
+            cols, ts = self._key_sql, _ident(self.ts_col)
 
             def load() -> list[tuple] | None:
                 files = [str(f) for f in partition_files(part)]  # listed again on every retry
                 if not files:
                     return None
                 con = duckdb.connect()
-                top = con.sql(f"SELECT epoch_us(max({self.ts_col})) FROM read_parquet({files!r})").fetchall()
+                top = con.execute(f"SELECT epoch_us(max({ts})) FROM read_parquet($files)", {"files": files}).fetchall()
                 lo = (top[0][0] or 0) - self.horizon_us
-                rows = con.sql(f"SELECT {cols} FROM read_parquet({files!r}) "
-                               f"WHERE epoch_us({self.ts_col}) >= {lo}").fetchall()
+                rows = con.execute(f"SELECT {cols} FROM {self._scan(con)} WHERE epoch_us({ts}) >= $lo",
+                                   {"files": files, "lo": lo}).fetchall()
                 return [(lo,), *rows]
 
             got = with_retry(load)
@@ -289,6 +295,12 @@ class PartitionWriter:
                 seen = {k: k[self.ts_pos] for k in got[1:]}
             self._seen[day], self._floor[day] = seen, floor
         return self._seen[day]
+
+    def _scan(self, con: duckdb.DuckDBPyConnection) -> str:
+        """The partition's files ($files) with every column of the writer's schema: a file written before a
+        column joined the key (quarantine's ``origin``) reads it as NULL instead of failing the bind."""
+        con.register("_typed", self.schema.empty_table())
+        return "(SELECT * FROM _typed UNION ALL BY NAME SELECT * FROM read_parquet($files, union_by_name = true))"
 
     def _on_disk(self, day: dt.date, keys: list[tuple]) -> set[tuple]:
         """Which of ``keys`` the partition on disk already holds (for rows older than the memory horizon)."""
@@ -302,8 +314,10 @@ class PartitionWriter:
             files = [str(f) for f in partition_files(part)]
             if not files:
                 return set()
-            rows = duckdb.sql(f"SELECT {cols} FROM read_parquet({files!r}) WHERE epoch_us({self.ts_col}) "
-                              f"BETWEEN {min(ts)} AND {max(ts)}").fetchall()
+            con = duckdb.connect()
+            rows = con.execute(
+                f"SELECT {cols} FROM {self._scan(con)} WHERE epoch_us({_ident(self.ts_col)}) BETWEEN $lo AND $hi",
+                {"files": files, "lo": min(ts), "hi": max(ts)}).fetchall()
             return set(rows)
 
         return with_retry(look) & set(keys)
@@ -413,10 +427,11 @@ def compact(paths: LakePaths, dataset: str, day: dt.date, key: Iterable[str], or
             return len(every), len(every)
         prefix = MERGED_PREFIX if level is None else LEVEL_PREFIX[level + 1]
         name = f"{prefix}{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
-        file_list = ", ".join(f"'{f}'" for f in files)
-        key_s, order_s = ", ".join(key), ", ".join(order)
-        schema = pq.read_schema(files[0])
-        first = "received_ts" if "received_ts" in schema.names else list(order)[-1]  # keep the first arrival
+        key_s, order_s = ", ".join(map(_ident, key)), ", ".join(map(_ident, order))
+        # Every column any file has (a partition may mix files from before and after a column was added, like
+        # the quarantine's ``origin``): union_by_name fills the older files' rows with NULL, nothing is dropped.
+        names = list(dict.fromkeys(n for f in files for n in pq.read_schema(f).names))
+        first = "received_ts" if "received_ts" in names else list(order)[-1]  # keep the first arrival
         staging = part / STAGING
         staging.mkdir(exist_ok=True)
         _bump_gen(part)  # odd: a compaction is under way
@@ -425,15 +440,17 @@ def compact(paths: LakePaths, dataset: str, day: dt.date, key: Iterable[str], or
         _fsync_dir(staging)
         _crash_point("after_plan")
         # DuckDB streams the merge straight into the file under a memory limit (spilling to the staging
-        # folder if it must): a whole day's partition never sits in this process's memory.
+        # folder if it must): a whole day's partition never sits in this process's memory. The file list is
+        # a bound parameter and the target goes through the relation API, so no path (or crafted file name)
+        # is ever SQL text. Column names come from the files' schema: quoted, with any quote doubled.
         con = duckdb.connect(config={"threads": 1, "memory_limit": COMPACT_MEMORY,
                                      "temp_directory": str(staging / "spill"), "preserve_insertion_order": False})
         con.execute("SET TimeZone='UTC'")
-        cols = ", ".join(f'"{c}"' for c in schema.names)
-        con.execute(
-            f"COPY (SELECT {cols} FROM read_parquet([{file_list}], union_by_name=true) "
-            f"QUALIFY row_number() OVER (PARTITION BY {key_s} ORDER BY {first}) = 1 ORDER BY {order_s}) "
-            f"TO '{staging / name}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_SIZE})")
+        cols = ", ".join(_ident(c) for c in names)
+        con.sql(f"SELECT {cols} FROM read_parquet($files, union_by_name = true) "
+                f"QUALIFY row_number() OVER (PARTITION BY {key_s} ORDER BY {_ident(first)}) = 1 ORDER BY {order_s}",
+                params={"files": [str(f) for f in files]}
+                ).write_parquet(str(staging / name), compression="zstd", row_group_size=ROW_GROUP_SIZE)
         con.close()
         with open(staging / name, "rb") as fh:
             os.fsync(fh.fileno())
@@ -498,8 +515,8 @@ def read_snapshots(paths: LakePaths, lo: dt.datetime, hi: dt.datetime, symbols: 
         files = paths.files(SNAPSHOTS, days)
         if not files:
             return SNAPSHOT_SCHEMA.empty_table()
-        sql = f"SELECT * FROM read_parquet({files!r}, union_by_name = true) WHERE event_ts >= ? AND event_ts < ?"
-        params: list[object] = [lo, hi]
+        sql = "SELECT * FROM read_parquet(?, union_by_name = true) WHERE event_ts >= ? AND event_ts < ?"
+        params: list[object] = [files, lo, hi]
         if symbols is not None:
             sql += " AND symbol IN (SELECT unnest(?))"
             params.append(list(symbols))

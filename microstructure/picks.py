@@ -28,15 +28,34 @@ SHOWN = ["spread_bps", "depth_dollars", "order_imbalance", "depth_imbalance", "b
 REQUIRED = ("symbol", "side", "score")
 
 
+# A picks file is a day's candidates: tens to thousands of rows. The caps keep a crafted file (a gzip bomb, one
+# huge field) from reaching memory or the screen; they are far above any real list.
+MAX_PICKS = 100_000
+MAX_PICKS_BYTES = 32 << 20  # decompressed
+MAX_SYMBOL_CHARS = 32  # as for `poll` (OCC option tickers are 21)
+MAX_FIELD_CHARS = 256  # any other text cell (side, mode, as_of, ...)
+
+
 def read_picks(path: Path) -> pd.DataFrame:
-    """The picks file, or one InputError for the file (missing columns are a file problem, not a row's)."""
+    """The picks file, or one InputError for the file (missing columns are a file problem, not a row's).
+    Bounded: ``MAX_PICKS`` rows, ``MAX_PICKS_BYTES`` decompressed, symbols of ``MAX_SYMBOL_CHARS`` and other
+    text of ``MAX_FIELD_CHARS`` characters at most."""
     from microstructure.output import InputError, read_frame
 
-    df = read_frame(path, "picks")
+    df = read_frame(path, "picks", max_rows=MAX_PICKS, max_bytes=MAX_PICKS_BYTES)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise InputError(f"picks file {path} lacks column(s) {missing}; a picks file has symbol, side, score "
                          "(and optional mode, notional, as_of)")
+    for col in df.columns:
+        if df[col].dtype != object:
+            continue
+        cap = MAX_SYMBOL_CHARS if col == "symbol" else MAX_FIELD_CHARS
+        lengths = df[col].map(lambda v: len(v) if isinstance(v, str) else 0)
+        if lengths.max() > cap:
+            i = int(lengths.to_numpy().argmax())
+            raise InputError(f"picks file {path} row {i + 1}: {str(col)[:40]} is {lengths.iloc[i]:,} characters "
+                             f"long; at most {cap} are allowed")
     return df
 
 

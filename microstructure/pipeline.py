@@ -6,6 +6,7 @@ source -> snapshot -> lake -> transforms -> checks -> Feast.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import shutil
@@ -368,32 +369,89 @@ def build_and_publish(paths: lake.LakePaths, days: Sequence[dt.date] | None = No
                       checker: Checker | None = None, engine: str = "duckdb") -> list[BuildResult]:
     """For each date: build features from the lake (``engine``: duckdb, or spark for the same SQL on a Spark
     session), check snapshots and features, then publish the features where Feast reads them, or quarantine
-    the batch with the reasons."""
+    the batch with the reasons.
+
+    Each date stands alone: a date whose partition cannot be built (a date no real book has, such as a
+    year-0001 row an older version wrote, or any error while building or checking it) is reported as not
+    published, with its reason, also recorded beside the quarantined batches; the other dates still build and
+    publish. Its features already published, if any, are left as they were."""
     if engine not in ("duckdb", "spark"):
         raise ValueError(f"engine must be duckdb or spark, not {engine!r}")
     out = []
     for day in days or paths.dates(lake.SNAPSHOTS):
         t0 = time.perf_counter()
-        snaps, feats = build_day(paths, day, engine)
-        reasons: list[str] = []
-        if checker is not None:
-            for kind, table in (("snapshots", snaps), ("features", feats)):
-                res = checker.check(kind, table.to_pandas(), batch=f"{kind} {day.isoformat()}")
-                if not res.success:
-                    reasons.append(f"{kind}: {res.reason}")
-        target = paths.partition(lake.FEATURES, day) / "features.parquet"
-        if reasons:
-            qdir = paths.partition(lake.FEATURES_QUARANTINE, day)
-            stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
-            lake.atomic_write_parquet(
-                feats.append_column("reason", pa.array(["; ".join(reasons)] * feats.num_rows, pa.string())),
-                qdir / f"batch-{stamp}.parquet")
-            (qdir / f"batch-{stamp}.json").write_text(json.dumps({"date": day.isoformat(), "reasons": reasons}))
+        why = _implausible_day(day)
+        if why is not None:
+            res = BuildResult(day, _partition_rows(paths, day), 0, False, [why], 0.0)
+            _record_reasons(paths, day, res.reasons)
         else:
-            lake.atomic_write_parquet(feats, target)
-        out.append(BuildResult(day, snaps.num_rows, feats.num_rows, not reasons, reasons,
-                               time.perf_counter() - t0))
+            try:
+                res = _build_and_publish_day(paths, day, checker, engine)
+            except Exception as e:  # one bad date never blocks the others: it is reported, they go on
+                res = BuildResult(day, 0, 0, False, [f"build failed: {type(e).__name__}: {_first_line(e)}"], 0.0)
+                _record_reasons(paths, day, res.reasons)
+        res.seconds = time.perf_counter() - t0
+        out.append(res)
     return out
+
+
+def _implausible_day(day: dt.date) -> str | None:
+    """Why a date partition cannot hold real books (the readers' ``implausible_time`` range), or None."""
+    from microstructure.book import EARLIEST, latest_plausible
+
+    hi = latest_plausible().date()
+    if EARLIEST.date() <= day <= hi:
+        return None
+    return (f"implausible date: no real book is dated {day.isoformat()} (plausible: {EARLIEST.date().isoformat()} "
+            f"to {hi.isoformat()}); its rows have broken timestamps, not built")
+
+
+def _partition_rows(paths: lake.LakePaths, day: dt.date) -> int:
+    """The date's snapshot rows, from the files' footers (for the report only: 0 if they cannot be read)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in paths.files(lake.SNAPSHOTS, [day]))
+    except (OSError, ValueError, pa.ArrowException):
+        return 0
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:limit]
+
+
+def _record_reasons(paths: lake.LakePaths, day: dt.date, reasons: list[str]) -> None:
+    """``features_quarantine/date=.../build-<stamp>.json``: why the date was not built (``validate`` lists
+    them with the quarantined batches). Best effort: the report already carries the reason, and a full disk
+    must not replace it with another error."""
+    stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
+    with contextlib.suppress(OSError):
+        lake.atomic_write_bytes(json.dumps({"date": day.isoformat(), "reasons": reasons}).encode(),
+                                paths.partition(lake.FEATURES_QUARANTINE, day) / f"build-{stamp}.json")
+
+
+def _build_and_publish_day(paths: lake.LakePaths, day: dt.date, checker: Checker | None,
+                           engine: str) -> BuildResult:
+    snaps, feats = build_day(paths, day, engine)
+    reasons: list[str] = []
+    if checker is not None:
+        for kind, table in (("snapshots", snaps), ("features", feats)):
+            res = checker.check(kind, table.to_pandas(), batch=f"{kind} {day.isoformat()}")
+            if not res.success:
+                reasons.append(f"{kind}: {res.reason}")
+    target = paths.partition(lake.FEATURES, day) / "features.parquet"
+    if reasons:
+        qdir = paths.partition(lake.FEATURES_QUARANTINE, day)
+        stamp = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S%f}"
+        lake.atomic_write_parquet(
+            feats.append_column("reason", pa.array(["; ".join(reasons)] * feats.num_rows, pa.string())),
+            qdir / f"batch-{stamp}.parquet")
+        lake.atomic_write_bytes(json.dumps({"date": day.isoformat(), "reasons": reasons}).encode(),
+                                qdir / f"batch-{stamp}.json")
+    else:
+        lake.atomic_write_parquet(feats, target)
+    return BuildResult(day, snaps.num_rows, feats.num_rows, not reasons, reasons, 0.0)
 
 
 class RollingCompactor:
@@ -474,8 +532,10 @@ def simulated_source(paths: lake.LakePaths, seed: int | None, fresh: bool) -> An
     data_dir = paths.data_dir
     state = data_dir / SIM_STATE
     if fresh:
+        from microstructure.datadir import require_ours
         from microstructure.store import clear_online, forget_store
 
+        require_ours(data_dir)  # never clear a folder this project did not create (nothing is deleted)
         clear_online()
         for d in (paths.root, state.parent, data_dir / "feast"):
             shutil.rmtree(d, ignore_errors=True)
@@ -496,8 +556,8 @@ def simulated_source(paths: lake.LakePaths, seed: int | None, fresh: bool) -> An
 def _has_source(paths: lake.LakePaths, source: str) -> bool:
     def look() -> bool:
         files = paths.files(lake.SNAPSHOTS)  # listed again if a retry follows a compaction
-        return bool(files) and bool(duckdb.sql(f"SELECT 1 FROM read_parquet({files!r}) WHERE source = ? LIMIT 1",
-                                               params=[source]).fetchall())
+        return bool(files) and bool(duckdb.connect().execute(
+            "SELECT 1 FROM read_parquet(?) WHERE source = ? LIMIT 1", [files, source]).fetchall())
 
     return lake.with_retry(look)
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from microstructure.output import visible
 
 
 def _fmt(v: Any, unit: str = "") -> str:
@@ -30,6 +33,29 @@ def _ci(ci: Any, unit: str) -> str:
     return f"[{_fmt(ci[0], unit)}, {_fmt(ci[1], unit)}]"
 
 
+# Data (source names, symbols, profile names) is printed as data. Markdown: backslash-escape what Markdown or
+# inline HTML would act on (``|`` ends a table cell, ``[x](...)`` is a link, ``<img onerror=...>`` is HTML); matplotlib:
+# an unescaped ``$`` starts math text, and a malformed one fails the whole figure. Control characters are shown
+# escaped in both.
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~&$])")  # $: GitHub renders $...$ as math
+
+
+def _md(v: Any) -> str:
+    return _MD_SPECIAL.sub(r"\\\1", visible(str(v)))
+
+
+def _code(v: Any) -> str:
+    """``v`` as a Markdown code span: fenced by one more backtick than its longest run (CommonMark)."""
+    text = visible(str(v))
+    fence = "`" * (max((len(r) for r in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _mpl(v: Any) -> str:
+    return visible(str(v)).replace("$", r"\$")
+
+
 def headline_rows(res: dict[str, Any]) -> list[list[str]]:
     return [[h["claim"], h["target"], _fmt(h["measured"], h["unit"]), _ci(h["ci"], h["unit"]), h["verdict"]]
             for h in res["headline"]]
@@ -47,7 +73,7 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
     feats: pd.DataFrame = res["_frames"]["feats"]
     d = res["data"]
     # Every figure names its data: simulated or real, and which.
-    data_name = f"{'real' if d['real'] else 'SIMULATED'} data: {d['label']}"
+    data_name = _mpl(f"{'real' if d['real'] else 'SIMULATED'} data: {d['label']}")
 
     def stamp(fig: Any) -> None:
         fig.text(0.995, 0.005, data_name, ha="right", va="bottom", fontsize=7, color="dimgrey")
@@ -90,7 +116,7 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
                     ax.text(xi, 0.01, "no\ndata", ha="center", va="bottom", fontsize=6, color="dimgrey")
                 elif v == 0:
                     ax.text(xi, 0.005, "0%", ha="center", va="bottom", fontsize=6)
-        ax.set_xticks(x, [f"{t['tier']}\n(n={t['n']})" for t in tiers], fontsize=8)
+        ax.set_xticks(x, [f"{_mpl(t['tier'])}\n(n={t['n']})" for t in tiers], fontsize=8)
         ax.legend()
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.set_ylabel("bad-fill rate (tiers in liquidity order)")
@@ -137,7 +163,7 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
             v = np.array([c[k] for c in cov], dtype=float)
             ax.bar(x, v, bottom=bottom, label=k)
             bottom += v
-        ax.set_xticks(x, [c["source"] for c in cov])
+        ax.set_xticks(x, [_mpl(c["source"]) for c in cov])
         ax.legend()
     ax.set_ylabel("symbols")
     ax.set_title(f"Coverage by source and depth (none: {res['coverage']['overall']['none']} symbols)")
@@ -174,11 +200,11 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
     images = plots(res, out)
     d = res["data"]
     lines = ["# microstructure: do the roadmap's claims hold?", "",
-             f"**Data:** {d['label']} ({'real order-book data' if d['real'] else 'simulated order books'}; "
+             f"**Data:** {_md(d['label'])} ({'real order-book data' if d['real'] else 'simulated order books'}; "
              f"{d['features']:,} feature rows). Generated {res['generated']}; parameters "
-             f"`{json.dumps(res['params'])}`.", "",
+             f"{_code(json.dumps(res['params']))}.", "",
              "## Headline", "", "| claim | target | measured | 95% CI | verdict |", "|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in headline_rows(res)]
+    lines += ["| " + " | ".join(_md(c) for c in r) + " |" for r in headline_rows(res)]
     if d["real"] and d["symbols"] < 20:
         lines += ["", "With fewer than 20 symbol × 5-minute clusters the intervals resample rows, which treats "
                   "serially correlated snapshots as independent: read them as too narrow."]
@@ -225,7 +251,8 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
                     f"{_fmt(e['AGGRESSIVE']['reduction'], 'fraction')} {_ci(e['AGGRESSIVE']['ci'], 'fraction')} |")
             lines.append("")
         if bf.get("profiles"):
-            lines += ["Thresholds by asset class: " + ", ".join(f"{k} {v:,} picks" for k, v in bf["profiles"].items())
+            lines += ["Thresholds by asset class: "
+                      + ", ".join(f"{_md(k)} {v:,} picks" for k, v in bf["profiles"].items())
                       + " (the crypto profile: README, \"Thresholds per asset class\").", ""]
         lines += ["![bad fills](bad_fills_by_tier.png)", ""]
     else:

@@ -110,7 +110,8 @@ class MicrostructureService:
         row = self._read(symbol)
         if not row["found"] or row["stale"]:
             refreshed = self._refresh(symbol)
-            if refreshed is not None:
+            # A bad stored row keeps its own reason unless the refresh brought a good one.
+            if refreshed is not None and (refreshed.get("found") or not row.get("error")):
                 row = refreshed
         with self._lock:
             self._cache[symbol] = (self._clock() + self.thresholds.cache_ttl_s, row)
@@ -132,9 +133,9 @@ class MicrostructureService:
             why = f.get("error") or "no order-book data for this symbol"
             return {**base, "tradeable": False, "filter": "no_data", "reason": why}
         if f["stale"]:
+            age = "of unknown age" if f.get("age_s") is None else f"{f['age_s']:.0f} s old"
             return {**base, "tradeable": False, "filter": "stale",
-                    "reason": f"order-book data is stale ({f['age_s']:.0f} s old, limit "
-                              f"{self.thresholds.freshness_s:g} s)"}
+                    "reason": f"order-book data is stale ({age}, limit {self.thresholds.freshness_s:g} s)"}
         v = apply_filters(f, mode, self.thresholds)
         return {**base, "tradeable": v.kept, "filter": v.filter, "reason": v.reason}
 
@@ -147,10 +148,13 @@ class MicrostructureService:
 
     def _refresh(self, symbol: str) -> dict[str, Any] | None:
         """Poll the source once for ``symbol``; write, compute with the pipeline SQL, push. None on failure."""
+        from microstructure import datadir
         from microstructure.pipeline import save_simulated
         from microstructure.store import push_online
 
-        with self._refresh_lock:
+        with self._refresh_lock, datadir.try_writer(self.paths.data_dir) as mine:
+            if not mine:  # a poller or build holds the data dir (one writer): its rows are the fresh ones
+                return None
             at = self._now()
             try:
                 res = self.source.poll([symbol], at)

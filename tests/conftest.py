@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("FEAST_USAGE", "False")
+# Feast registries are derived state kept in a per-user cache (store.registry_dir): the tests' go in a folder of
+# their own (subprocesses inherit it) instead of piling up in ~/.cache.
+os.environ.setdefault("MICROSTRUCTURE_CACHE_DIR", tempfile.mkdtemp(prefix="microstructure-cache-"))
 
 T0 = dt.datetime(2026, 11, 23, 14, 30, tzinfo=dt.UTC)
 

@@ -133,7 +133,7 @@ def test_two_identical_evaluate_runs_give_identical_results(evaluated, tmp_path)
 
 def test_picks_score_uses_the_evaluate_model(evaluated, tmp_path):
     d, _, _ = evaluated
-    assert (d / "models" / "entry_model.pkl").exists()
+    assert (d / "models" / "entry_model.json").exists() and not (d / "models" / "entry_model.pkl").exists()
     picks = tmp_path / "p.csv"
     pd.DataFrame({"symbol": ["MEGA01", "MEGA01", "NOPE"], "side": ["buy", "sell", "buy"], "score": [1, 1, 1],
                   "mode": ["SAFE"] * 3}).to_csv(picks, index=False)

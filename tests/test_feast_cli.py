@@ -35,6 +35,9 @@ def checkout(tmp_path_factory) -> Path:
     r = subprocess.run([str(BIN / "microstructure"), "run", "--data-dir", str(root / "data"), "--cycles", "30",
                         "--symbols", "5", "--json"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    # microstructure keeps its registry in the user's cache, never in a data dir (store.registry_dir); Feast's CLI
+    # on the repo's own yaml gets one in the checkout's data/ the Feast way.
+    feast(root / "feature_repo", "apply")
     return root
 
 

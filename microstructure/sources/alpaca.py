@@ -30,7 +30,14 @@ from microstructure.sources.guard import (
     SourceError,
     parse_retry_after,
 )
-from microstructure.sources.vendor import ConfigError, Fetched, env_key, http_error_class
+from microstructure.sources.vendor import (
+    ALPACA_BASE_ENV,
+    ConfigError,
+    Fetched,
+    base_url_from_env,
+    env_key,
+    http_error_class,
+)
 
 UNKNOWN = "unknown_symbol"
 
@@ -73,7 +80,7 @@ def classify(e: BaseException) -> SourceError:
 
 class AlpacaSource:
     def __init__(self, name: str = "alpaca", asset: str = "stocks", limits: Limits | None = None,
-                 base_url: str | None = None, feed: str = "iex", lot_size: float = 1.0) -> None:
+                 feed: str = "iex", lot_size: float = 1.0) -> None:
         if asset not in ("stocks", "crypto"):
             raise ConfigError(f"{name}: asset must be stocks or crypto, not {asset!r}")
         if feed not in ("iex", "sip", "delayed_sip"):
@@ -81,8 +88,8 @@ class AlpacaSource:
         self.name, self.asset, self.feed, self.lot_size = name, asset, feed, lot_size
         self.max_levels = 1 if asset == "stocks" else 10
         self.limits = limits or Limits()
-        base = base_url or env_key("MICROSTRUCTURE_ALPACA_DATA_URL", False, "")
-        base = base.rstrip("/") if base else None
+        # Where the keys go: Alpaca, or a stand-in the environment names (https, or http on loopback).
+        base = base_url_from_env(ALPACA_BASE_ENV)
         if asset == "stocks":
             from alpaca.data.historical import StockHistoricalDataClient
 
@@ -100,6 +107,9 @@ class AlpacaSource:
         adapter = _adapter(self.limits.timeout_s)
         for prefix in ("http://", "https://"):
             self.client._session.mount(prefix, adapter)
+        # A redirect is an error, never followed: requests drops only ``Authorization`` on a cross-host
+        # redirect, and Alpaca's keys ride in APCA-API-* headers, which it would send on to any host.
+        self.client._session.max_redirects = 0
         self.guard = Guard(name, self.limits, classify)
 
     def __repr__(self) -> str:

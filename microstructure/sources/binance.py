@@ -23,20 +23,34 @@ Memory is the book plus one batch of rows.
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from sortedcontainers import SortedDict
 
-from microstructure.book import MAX_LEVELS, QUARANTINE_SCHEMA, BookQuote, table_from_quotes
-from microstructure.sources.files import Batch, FileFormatError
+from microstructure.book import MAX_LEVELS, BookQuote, plausible_ns, table_from_quotes
+from microstructure.sources.files import (
+    MAX_BOOK_LEVELS,
+    MAX_BUFFERED_BYTES,
+    MAX_FIELD_BYTES,
+    Batch,
+    FileFormatError,
+    check_cadence,
+    file_time,
+    iter_lines,
+    rejected_table,
+    snippet,
+    why,
+)
 
 GAP = "sequence_gap"
 BATCH = 10_000
+MAX_BUFFERED_DIFFS = 200_000  # diffs before the first REST snapshot (real recordings: a handful)
 
 
 class DepthBook:
@@ -55,6 +69,9 @@ class DepthBook:
                     side.pop(price, None)
                 else:
                     side[price] = size
+            if len(side) > MAX_BOOK_LEVELS:
+                raise FileFormatError(f"the book holds more than {MAX_BOOK_LEVELS:,} price levels on one side "
+                                      "(MAX_BOOK_LEVELS): not a real book")
 
     def top(self, n: int = MAX_LEVELS) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
         nb = len(self.bids)
@@ -73,6 +90,28 @@ class Event:
     recv_ns: int
     data: dict[str, Any]
     book: DepthBook | None = None
+    where: str = ""  # file and line of the message
+    loaded: dt.datetime | None = None  # its file's time (received_ts of a row quarantined for its time)
+
+
+@dataclass
+class _Line:
+    recv: int
+    msg: dict[str, Any]
+    where: str
+    loaded: dt.datetime
+    size: int
+
+
+@dataclass
+class _Diff:
+    first: int
+    last: int
+    prev: int | None  # ``pu`` (futures)
+    e_ms: int
+    symbol: str
+    bids: list[tuple[float, float]]
+    asks: list[tuple[float, float]]
 
 
 @dataclass
@@ -81,38 +120,100 @@ class _Stream:
     last_id: int | None = None
     synced: bool = False  # the first diff after the snapshot has been applied
     broken: bool = False
-    pending: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    pending: list[tuple[_Line, dict[str, Any], _Diff]] = field(default_factory=list)
+    pending_bytes: int = 0
     symbol: str | None = None
 
 
-def _lines(files: list[Path]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _lines(files: list[Path]) -> Iterator[_Line]:
+    """Each file's ``<receive ns> <json object>`` lines, bounded (``files.iter_lines``); a malformed one stops
+    the read with its file and line."""
     for f in files:
+        loaded = file_time(f)
+        for n, raw in iter_lines(f):
+            line = raw.strip()
+            if not line:
+                continue
+            where = f"{f.name} line {n}"
+            stamp, _, body = line.partition(b" ")
+            try:
+                recv = int(stamp)
+            except ValueError:
+                raise FileFormatError(f"{where}: not '<receive ns> <json>' (the receive time {snippet(stamp, 30)} "
+                                      "is not an integer)") from None
+            try:
+                msg = json.loads(body)
+            except RecursionError:
+                raise FileFormatError(f"{where}: the JSON is nested too deeply") from None
+            except ValueError as e:
+                raise FileFormatError(f"{where}: not '<receive ns> <json>' ({why(e)})") from None
+            if not isinstance(msg, dict):
+                raise FileFormatError(f"{where}: the message is not a JSON object")
+            yield _Line(recv, msg, where, loaded, len(line))
+
+
+def _malformed(where: str, what: str) -> FileFormatError:
+    return FileFormatError(f"{where}: malformed message ({what})")
+
+
+def _int(d: dict[str, Any], key: str, where: str) -> int:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise _malformed(where, f"{key!r} is {'missing' if v is None else 'not an integer'}")
+    try:
+        return int(v)
+    except ValueError:
+        raise _malformed(where, f"{key!r} is not an integer: {snippet(v, 30)}") from None
+
+
+def _levels(v: Any, where: str, key: str) -> list[tuple[float, float]]:
+    """``[[price, size], ...]`` as floats; anything else (or a non-finite number) is malformed."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise _malformed(where, f"{key!r} is not a list of [price, size]")
+    out = []
+    for lv in v:
+        if not isinstance(lv, list | tuple) or len(lv) < 2:
+            raise _malformed(where, f"{key!r} holds {snippet(lv, 30)}, not [price, size]")
         try:
-            with gzip.open(f, "rt") as fh:
-                for n, line in enumerate(fh, 1):
-                    line = line.strip()
-                    if not line:
-                        continue
-                    stamp, _, body = line.partition(" ")
-                    try:
-                        yield int(stamp), json.loads(body)
-                    except ValueError as e:
-                        raise FileFormatError(f"{f.name} line {n}: not '<receive ns> <json>' ({e})") from None
-        except (OSError, EOFError) as e:  # not gzip, or cut short
-            raise FileFormatError(f"{f.name}: cannot read the gzip stream ({e})") from None
+            p, q = float(lv[0]), float(lv[1])
+        except (TypeError, ValueError):
+            raise _malformed(where, f"{key!r} holds {snippet(lv, 30)}, not [price, size] numbers") from None
+        if not (math.isfinite(p) and math.isfinite(q)):
+            raise _malformed(where, f"{key!r} holds a non-finite number: {snippet(lv, 30)}")
+        out.append((p, q))
+    return out
+
+
+def _symbol_text(v: Any, where: str, key: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise _malformed(where, f"{key!r} is {'missing' if v is None else 'not a symbol'}")
+    if len(v.encode()) > MAX_FIELD_BYTES:
+        raise _malformed(where, f"{key!r} is longer than {MAX_FIELD_BYTES:,} bytes (MAX_FIELD_BYTES)")
+    return v
+
+
+def _parse_diff(d: dict[str, Any], where: str) -> _Diff:
+    return _Diff(_int(d, "U", where), _int(d, "u", where), _int(d, "pu", where) if "pu" in d else None,
+                 _int(d, "E", where), _symbol_text(d.get("s"), where, "s"), _levels(d.get("b"), where, "b"),
+                 _levels(d.get("a"), where, "a"))
 
 
 def replay(files: list[Path]) -> Iterator[Event]:
-    """The stream's events in order, the book rebuilt as Binance documents (see the module docstring)."""
+    """The stream's events in order, the book rebuilt as Binance documents (see the module docstring). A
+    malformed message stops the replay with its file and line (a FileFormatError)."""
     st = _Stream()
 
-    def diff(recv: int, d: dict[str, Any]) -> Iterator[Event]:
+    def diff(line: _Line, d: dict[str, Any], p: _Diff) -> Iterator[Event]:
+        recv = line.recv
+        ev = {"where": line.where, "loaded": line.loaded}
         if st.broken:
-            yield Event("skip", recv, d)
+            yield Event("skip", recv, d, **ev)
             return
         assert st.book is not None and st.last_id is not None
-        first, last = int(d["U"]), int(d["u"])
-        futures = "pu" in d
+        first, last = p.first, p.last
+        futures = p.prev is not None
         if not st.synced:
             snap = st.last_id
             if (last < snap) if futures else (last <= snap):
@@ -122,45 +223,61 @@ def replay(files: list[Path]) -> Iterator[Event]:
             if not (lo_ok and hi_ok):
                 st.broken = True
                 yield Event("gap", recv, {**d, "reason": f"first diff U={first} u={last} does not straddle "
-                                                        f"lastUpdateId={snap}"})
+                                                        f"lastUpdateId={snap}"}, **ev)
                 return
             st.synced = True
         else:
-            ok = int(d["pu"]) == st.last_id if futures else first == st.last_id + 1
+            ok = p.prev == st.last_id if futures else first == st.last_id + 1
             if not ok:
                 st.broken = True
-                prev = d.get("pu", first)
-                yield Event("gap", recv, {**d, "reason": f"diff follows {prev}, the book is at {st.last_id}"})
+                prev = p.prev if futures else first
+                yield Event("gap", recv, {**d, "reason": f"diff follows {prev}, the book is at {st.last_id}"}, **ev)
                 return
-        st.book.update(d.get("b", []), d.get("a", []))
+        try:
+            st.book.update(p.bids, p.asks)
+        except FileFormatError as e:
+            raise FileFormatError(f"{line.where}: {e}") from None
         st.last_id = last
-        yield Event("book", recv, d, st.book)
+        yield Event("book", recv, d, st.book, **ev)
 
-    for recv, msg in _lines(files):
+    for line in _lines(files):
+        msg = line.msg
         if "lastUpdateId" in msg:  # a REST snapshot: (re)start the book, then the buffered diffs
-            st.book = DepthBook(msg.get("bids", []), msg.get("asks", []))
-            st.last_id, st.synced, st.broken = int(msg["lastUpdateId"]), False, False
-            buffered, st.pending = st.pending, []
-            for r, d in buffered:
-                yield from diff(r, d)
+            last_id = _int(msg, "lastUpdateId", line.where)
+            bids, asks = _levels(msg.get("bids"), line.where, "bids"), _levels(msg.get("asks"), line.where, "asks")
+            try:
+                st.book = DepthBook(bids, asks)
+            except FileFormatError as e:
+                raise FileFormatError(f"{line.where}: {e}") from None
+            st.last_id, st.synced, st.broken = last_id, False, False
+            buffered, st.pending, st.pending_bytes = st.pending, [], 0
+            for ln, d, p in buffered:
+                yield from diff(ln, d, p)
             continue
         stream, data = msg.get("stream", ""), msg.get("data")
-        if not isinstance(data, dict):
-            continue
+        if not isinstance(stream, str):
+            raise _malformed(line.where, "'stream' is not text")
         if "@depth" in stream:
-            s = data.get("s")
+            if not isinstance(data, dict):
+                raise _malformed(line.where, "a depth message without a 'data' object")
+            p = _parse_diff(data, line.where)
             if st.symbol is None:
-                st.symbol = s
-            elif s != st.symbol:
-                raise FileFormatError(f"one stream per call: found {st.symbol} and {s}")
+                st.symbol = p.symbol
+            elif p.symbol != st.symbol:
+                raise FileFormatError(f"{line.where}: one stream per call: found {snippet(st.symbol, 30)} and "
+                                      f"{snippet(p.symbol, 30)}")
             if st.book is None:
-                st.pending.append((recv, data))
-                if len(st.pending) > 200_000:
-                    raise FileFormatError("200,000 depth diffs and no REST snapshot: not a complete recording")
+                st.pending.append((line, data, p))
+                st.pending_bytes += line.size
+                if len(st.pending) > MAX_BUFFERED_DIFFS or st.pending_bytes > MAX_BUFFERED_BYTES:
+                    raise FileFormatError(f"{line.where}: {len(st.pending):,} depth diffs ({st.pending_bytes:,} "
+                                          f"bytes) and no REST snapshot (at most {MAX_BUFFERED_DIFFS:,} diffs, "
+                                          f"{MAX_BUFFERED_BYTES:,} bytes: MAX_BUFFERED_BYTES): not a complete "
+                                          "recording")
                 continue
-            yield from diff(recv, data)
-        elif stream.endswith("@bookTicker"):
-            yield Event("ticker", recv, data)
+            yield from diff(line, data, p)
+        elif stream.endswith("@bookTicker") and isinstance(data, dict):
+            yield Event("ticker", line.recv, data, where=line.where, loaded=line.loaded)
 
 
 def coinm_contract_usd(symbol: str) -> float:
@@ -169,7 +286,8 @@ def coinm_contract_usd(symbol: str) -> float:
 
 
 def _base_sizes(levels: list[tuple[float, float]], usd: float) -> list[tuple[float, float]]:
-    return [(p, q * usd / p) for p, q in levels]
+    # A price of 0 (or below) has no base-asset size: NaN, and validation quarantines the book.
+    return [(p, q * usd / p if p > 0 else math.nan) for p, q in levels]
 
 
 def _symbol(d: dict[str, Any]) -> tuple[str, str]:
@@ -190,51 +308,69 @@ def _ts(ns: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(microseconds=ns // 1000)
 
 
+def _implausible(symbol: str, source: str, e_ms: Any, recv: int, where: str, loaded: dt.datetime | None
+                 ) -> dict[str, Any]:
+    """The quarantine row of a message whose exchange or receive time is not plausible: its times as text, its
+    file's time as ``received_ts`` (the same on every run, so a re-run finds the same key)."""
+    return {"symbol": symbol, "event_ts": None, "received_ts": loaded or _EPOCH, "source": source,
+            "reason": "implausible_time", "detail": f"E={snippet(e_ms, 30)} ms, received={recv} ns", "origin": where}
+
+
+def _times_ok(e_ms: int, recv: int) -> bool:
+    return plausible_ns(e_ms * 1_000_000) and plausible_ns(recv)
+
+
 def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | None = None,
                        levels: int = MAX_LEVELS) -> Iterator[Batch]:
-    """Sampled snapshots of the rebuilt book (``Batch``es of up to 10,000 rows) and gap quarantine rows."""
-    import pyarrow as pa
-
-    if cadence <= 0:
-        raise FileFormatError("cadence must be > 0")
+    """Sampled snapshots of the rebuilt book (``Batch``es of up to 10,000 rows), gap quarantine rows, and
+    messages whose times are not plausible (``implausible_time``: quarantined, never sampled)."""
+    check_cadence(cadence)
     slot_ms = cadence * 1000
     quotes: list[BookQuote] = []
+    origins: list[str] = []
     rejected: list[dict[str, Any]] = []
-    pending: tuple[int, int, Any, Any, str, str] | None = None  # slot, recv, E, top, symbol, source
+    pending: tuple[int, int, Any, Any, str, str, str] | None = None  # slot, recv, E, top, symbol, source, where
     gap_slots: set[int] = set()
+    loaded: dt.datetime | None = None
 
     def flush() -> Batch:
-        raw = table_from_quotes(quotes)
-        rej = pa.Table.from_pylist(rejected, schema=QUARANTINE_SCHEMA) if rejected else QUARANTINE_SCHEMA.empty_table()
+        b = Batch(table_from_quotes(quotes), rejected_table(rejected), pa.array(origins, pa.string()), loaded)
         quotes.clear()
+        origins.clear()
         rejected.clear()
-        return Batch(raw, rej)
+        return b
 
-    def emit(p: tuple[int, int, Any, Any, str, str]) -> None:
-        _, recv, e_ms, (bids, asks), sym, src = p
+    def emit(p: tuple[int, int, Any, Any, str, str, str]) -> None:
+        _, recv, e_ms, (bids, asks), sym, src, where = p
         quotes.append(BookQuote(symbol or sym, _EPOCH + dt.timedelta(milliseconds=e_ms), _ts(recv), src, bids, asks))
+        origins.append(where)
 
     for ev in replay(sorted(files)):
         if ev.kind == "ticker":
             continue
-        e_ms = int(ev.data.get("E") or 0)
-        slot = int(e_ms // slot_ms)
+        loaded = ev.loaded
+        e_ms = int(ev.data["E"])  # checked by the replay
         sym, src = _symbol(ev.data)
-        if pending is not None and slot != pending[0]:
-            emit(pending)
-            pending = None
-        if ev.kind == "book":
-            assert ev.book is not None
-            bids, asks = ev.book.top(levels)
-            if src == "binance-coinm":  # sizes in contracts: our books count the base asset (px x size = USD)
-                usd = coinm_contract_usd(sym)
-                bids, asks = _base_sizes(bids, usd), _base_sizes(asks, usd)
-            pending = (slot, ev.recv_ns, e_ms, (bids, asks), sym, src)
-        elif slot not in gap_slots:  # "gap" or "skip": the book is unusable in this slot
-            gap_slots.add(slot)
-            rejected.append({"symbol": symbol or sym, "event_ts": _EPOCH + dt.timedelta(milliseconds=e_ms),
-                             "received_ts": _ts(ev.recv_ns), "source": src, "reason": GAP,
-                             "detail": ev.data.get("reason", "the book is unusable until a new snapshot")})
+        if not _times_ok(e_ms, ev.recv_ns):
+            rejected.append(_implausible(symbol or sym, src, ev.data.get("E"), ev.recv_ns, ev.where, ev.loaded))
+        else:
+            slot = int(e_ms // slot_ms)
+            if pending is not None and slot != pending[0]:
+                emit(pending)
+                pending = None
+            if ev.kind == "book":
+                assert ev.book is not None
+                bids, asks = ev.book.top(levels)
+                if src == "binance-coinm":  # sizes in contracts: our books count the base asset (px x size = USD)
+                    usd = coinm_contract_usd(sym)
+                    bids, asks = _base_sizes(bids, usd), _base_sizes(asks, usd)
+                pending = (slot, ev.recv_ns, e_ms, (bids, asks), sym, src, ev.where)
+            elif slot not in gap_slots:  # "gap" or "skip": the book is unusable in this slot
+                gap_slots.add(slot)
+                rejected.append({"symbol": symbol or sym, "event_ts": _EPOCH + dt.timedelta(milliseconds=e_ms),
+                                 "received_ts": _ts(ev.recv_ns), "source": src, "reason": GAP,
+                                 "detail": ev.data.get("reason", "the book is unusable until a new snapshot"),
+                                 "origin": ev.where})
         if len(quotes) + len(rejected) >= BATCH:
             yield flush()
     if pending is not None:
@@ -243,34 +379,71 @@ def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | No
         yield flush()
 
 
+def _l2_levels(v: Any, where: str, levels: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(s, list) for s in v)):
+        raise _malformed(where, "'levels' is not [bids, asks]")
+    out = []
+    for side in v:
+        rows = []
+        for x in side[:levels]:
+            if not isinstance(x, dict):
+                raise _malformed(where, f"a level is {snippet(x, 30)}, not {{px, sz}}")
+            try:
+                p, q = float(x["px"]), float(x["sz"])
+            except (KeyError, TypeError, ValueError):
+                raise _malformed(where, f"a level is {snippet(x, 40)}, not {{px, sz}} numbers") from None
+            if not (math.isfinite(p) and math.isfinite(q)):
+                raise _malformed(where, f"a level holds a non-finite number: {snippet(x, 40)}")
+            rows.append((p, q))
+        out.append(rows)
+    return out[0], out[1]
+
+
 def read_hyperliquid_l2(files: list[Path], cadence: float = 1.0, symbol: str | None = None,
                         levels: int = MAX_LEVELS) -> Iterator[Batch]:
     """Hyperliquid ``l2Book`` recordings (full 20-level snapshots, same line format): the last snapshot of each
     ``cadence`` slot, top 10 levels; ``event_ts`` = Hyperliquid's ``time``, ``received_ts`` = the recorder's.
-    Symbols are ``<coin>-PERP`` (Hyperliquid's books are perpetuals), source ``hyperliquid``."""
-    if cadence <= 0:
-        raise FileFormatError("cadence must be > 0")
+    Symbols are ``<coin>-PERP`` (Hyperliquid's books are perpetuals), source ``hyperliquid``. A snapshot whose
+    times are not plausible is quarantined (``implausible_time``); a malformed one stops the read."""
+    check_cadence(cadence)
     slot_ms = cadence * 1000
     quotes: list[BookQuote] = []
-    last: tuple[int, BookQuote] | None = None
-    for recv, msg in _lines(sorted(files)):
-        if msg.get("channel") != "l2Book" or not isinstance(msg.get("data"), dict):
+    origins: list[str] = []
+    rejected: list[dict[str, Any]] = []
+    last: tuple[int, BookQuote, str] | None = None
+    loaded: dt.datetime | None = None
+
+    def flush() -> Batch:
+        b = Batch(table_from_quotes(quotes), rejected_table(rejected), pa.array(origins, pa.string()), loaded)
+        quotes.clear()
+        origins.clear()
+        rejected.clear()
+        return b
+
+    for line in _lines(sorted(files)):
+        msg = line.msg
+        if msg.get("channel") != "l2Book":
             continue
-        d = msg["data"]
-        try:
-            bids_raw, asks_raw = d["levels"]
-            bids = [(float(x["px"]), float(x["sz"])) for x in bids_raw][:levels]
-            asks = [(float(x["px"]), float(x["sz"])) for x in asks_raw][:levels]
-            e_ms = int(d["time"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FileFormatError(f"l2Book message without levels/time ({e})") from None
-        q = BookQuote(symbol or f"{d.get('coin')}-PERP", _EPOCH + dt.timedelta(milliseconds=e_ms), _ts(recv),
-                      "hyperliquid", bids, asks)
-        slot = int(e_ms // slot_ms)
-        if last is not None and slot != last[0]:
-            quotes.append(last[1])
-        last = (slot, q)
+        d = msg.get("data")
+        if not isinstance(d, dict):
+            raise _malformed(line.where, "an l2Book message without a 'data' object")
+        loaded = line.loaded
+        bids, asks = _l2_levels(d.get("levels"), line.where, levels)
+        e_ms = _int(d, "time", line.where)
+        sym = symbol or f"{_symbol_text(d.get('coin'), line.where, 'coin')}-PERP"
+        if not _times_ok(e_ms, line.recv):
+            rejected.append(_implausible(sym, "hyperliquid", d.get("time"), line.recv, line.where, line.loaded))
+        else:
+            q = BookQuote(sym, _EPOCH + dt.timedelta(milliseconds=e_ms), _ts(line.recv), "hyperliquid", bids, asks)
+            slot = int(e_ms // slot_ms)
+            if last is not None and slot != last[0]:
+                quotes.append(last[1])
+                origins.append(last[2])
+            last = (slot, q, line.where)
+        if len(quotes) + len(rejected) >= BATCH:
+            yield flush()
     if last is not None:
         quotes.append(last[1])
-    if quotes:
-        yield Batch(table_from_quotes(quotes), QUARANTINE_SCHEMA.empty_table())
+        origins.append(last[2])
+    if quotes or rejected:
+        yield flush()

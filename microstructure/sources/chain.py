@@ -14,6 +14,7 @@ The source's own breaker only counts cycles in which none of its calls worked.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 import tomllib
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ from microstructure.sources.guard import (
     Limits,
     SourceError,
 )
-from microstructure.sources.vendor import ConfigError, Fetched, VendorSource
+from microstructure.sources.vendor import ConfigError, Fetched, VendorSource, scrub
 
 # Used when no sources file is given: the roadmap's order (Polygon primary, Alpaca fallback for stocks;
 # Alpaca's real L2 first for crypto, Polygon's deprecated book behind it).
@@ -70,7 +71,10 @@ chain = ["polygon_stocks", "alpaca_stocks"]
 chain = ["alpaca_crypto", "polygon_crypto"]
 """
 
-SOURCE_KEYS = {"kind", "asset", "feed", "base_url", "lot_size", "retries", *Limits.__dataclass_fields__}
+SOURCE_KEYS = {"kind", "asset", "feed", "lot_size", "retries", *Limits.__dataclass_fields__}
+# Where a source's key is sent is the environment's choice only (see vendor.base_url_from_env): a sources file,
+# above all one inside a data dir, may come from anyone.
+BASE_URL_ENV = {"polygon": "MICROSTRUCTURE_POLYGON_BASE_URL", "alpaca": "MICROSTRUCTURE_ALPACA_DATA_URL"}
 
 
 class AuthRejected(ConfigError):
@@ -90,24 +94,68 @@ class Group:
     symbols: list[str]
 
 
-def read_symbols_file(path: Path) -> list[str]:
-    """One symbol per line (or comma-separated); ``#`` starts a comment."""
-    if not path.exists():
+# An explicit symbol list: a few thousand at most in practice (the whole US market, ~10,000 tickers, comes from
+# `--source polygon-market`, which builds its own list). Vendors take a batch of symbols as one comma-separated
+# parameter, so a symbol sent to one holds no separator, space or control character.
+MAX_SYMBOLS = 20_000
+MAX_SYMBOL_CHARS = 32  # OCC option tickers, the longest a vendor spells, have 21
+SYMBOLS_FILE_BYTES = 4 << 20  # 20,000 symbols with room for comments
+_VENDOR_SYMBOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9./:_-]*")  # AAPL, BRK.B, BTC/USD, X:BTCUSD, O:SPY...
+
+
+def check_symbols(symbols: Sequence[str], what: str = "symbol list", vendor: bool = True) -> list[str]:
+    """``symbols`` without repeats, or ConfigError (one line) when there are more than ``MAX_SYMBOLS``, one is
+    empty or longer than ``MAX_SYMBOL_CHARS``, or (``vendor``: the list goes to a vendor) one holds a character
+    no vendor symbol has."""
+    out = list(dict.fromkeys(symbols))
+    if len(out) > MAX_SYMBOLS:
+        raise ConfigError(f"{what}: {len(out):,} symbols; an explicit list holds at most {MAX_SYMBOLS:,} "
+                          "(for every US stock use --source polygon-market)")
+    for s in out:
+        if not s or len(s) > MAX_SYMBOL_CHARS:
+            shown = repr(s) if len(s) <= 40 else f"{s[:37]!r}..."
+            raise ConfigError(f"{what}: symbol {shown} is {len(s)} characters long; a symbol has 1 to "
+                              f"{MAX_SYMBOL_CHARS}")
+        if vendor and not _VENDOR_SYMBOL.fullmatch(s):
+            raise ConfigError(f"{what}: symbol {s!r} holds a character no vendor symbol has (letters, digits and "
+                              ". / : _ - only)")
+    return out
+
+
+def read_symbols_file(path: Path, vendor: bool = True) -> list[str]:
+    """One symbol per line (or comma-separated); ``#`` starts a comment. Read line by line within
+    ``SYMBOLS_FILE_BYTES``; the symbols are checked by :func:`check_symbols`."""
+    if not path.is_file():
         raise ConfigError(f"symbols file not found: {path}")
-    out: list[str] = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0]
-        out += [s.strip() for s in line.replace(",", " ").split() if s.strip()]
-    return list(dict.fromkeys(out))
+    what = f"symbols file {path}"
+    if path.stat().st_size > SYMBOLS_FILE_BYTES:
+        raise ConfigError(f"{what} is larger than {SYMBOLS_FILE_BYTES >> 20} MiB; an explicit list holds at most "
+                          f"{MAX_SYMBOLS:,} symbols (for every US stock use --source polygon-market)")
+    out: dict[str, None] = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                line = line.split("#", 1)[0]
+                out.update((s, None) for s in line.replace(",", " ").split())
+                if len(out) > MAX_SYMBOLS:
+                    break  # check_symbols names the cap
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text") from None
+    return check_symbols(list(out), what, vendor)
 
 
 def build_source(name: str, spec: dict[str, Any]) -> VendorSource:
+    if "base_url" in spec:
+        var = BASE_URL_ENV.get(str(spec.get("kind")), "MICROSTRUCTURE_POLYGON_BASE_URL or "
+                                                           "MICROSTRUCTURE_ALPACA_DATA_URL")
+        raise ConfigError(f"source {name!r}: base_url cannot be set in a sources file (it decides where the API "
+                          f"key is sent); set {var} in the environment for a local stand-in")
     unknown = set(spec) - SOURCE_KEYS
     if unknown:
         raise ConfigError(f"source {name!r}: unknown option(s) {sorted(unknown)}")
     limits = Limits(**{k: spec[k] for k in Limits.__dataclass_fields__ if k in spec})
     kind = spec.get("kind")
-    common = {"name": name, "asset": spec.get("asset", "stocks"), "limits": limits, "base_url": spec.get("base_url"),
+    common = {"name": name, "asset": spec.get("asset", "stocks"), "limits": limits,
               "lot_size": float(spec.get("lot_size", 1.0))}
     if kind == "polygon":
         from microstructure.sources.polygon import PolygonSource
@@ -261,7 +309,7 @@ class ChainSource:
                 continue
             got, latency = self._fetch(name, src, remaining, at, deadline)
             for sym, body in got.malformed:
-                rejected.append(malformed_record(sym, name, dt.datetime.now(dt.UTC), "malformed", body))
+                rejected.append(malformed_record(sym, name, dt.datetime.now(dt.UTC), "malformed", scrub(body)))
             checked = validate(got.table())
             rejected.append(checked.quarantine)
             for s, e in got.errors.items():
@@ -350,7 +398,7 @@ def _timed_fetch(src: VendorSource, batch: tuple[str, ...], at: dt.datetime,
 def _outcome(at: dt.datetime, symbol: str, source: str | None, levels: int, latency: float | None,
              error_class: str | None, detail: str) -> dict[str, Any]:
     return {"cycle_ts": at, "symbol": symbol, "source": source, "book_levels": levels, "latency_ms": latency,
-            "error_class": error_class, "detail": detail[:1000]}
+            "error_class": error_class, "detail": scrub(detail)[:1000]}
 
 
 def load_config(path: Path | None) -> tuple[dict[str, Any], Path]:
@@ -386,7 +434,14 @@ def build_chain(config_path: Path | None = None, symbols: Sequence[str] | None =
             raise ConfigError(f"group {gname!r}: mixes asset classes {sorted(assets)}")
         syms = list(g.get("symbols", []))
         if "symbols_file" in g:
-            syms += read_symbols_file(base / g["symbols_file"])
+            # Inside the sources file's own folder only: a data dir's sources.toml must not be able to read any
+            # file of the user's (say ~/.aws/credentials) and send its words to a vendor as tickers.
+            f = (base / str(g["symbols_file"])).resolve()
+            if not f.is_relative_to(base.resolve()):
+                raise ConfigError(f"group {gname!r}: symbols_file must be inside the sources file's folder "
+                                  f"({base.resolve()}); pass other lists with --symbols-file")
+            syms += read_symbols_file(f)
+        syms = check_symbols(syms, f"group {gname!r}")
         groups.append(Group(gname, chain, assets.pop() if assets else g.get("asset", "stocks"), syms))
     for s in symbols or []:
         if not any(s in g.symbols for g in groups):

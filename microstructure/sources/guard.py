@@ -47,6 +47,11 @@ class SourceError(Exception):
     """A call to a source failed; ``error_class`` is one of the constants above."""
 
     def __init__(self, error_class: str, detail: str = "") -> None:
+        # The detail often quotes a vendor's answer, which may echo our request headers: scrubbed here, once,
+        # so no stored outcome or printed message built from it can carry a key.
+        from microstructure.sources.vendor import scrub
+
+        detail = scrub(detail) if detail else detail
         super().__init__(f"{error_class}: {detail}" if detail else error_class)
         self.error_class = error_class
         self.detail = detail

@@ -31,7 +31,17 @@ from microstructure.sources.guard import (
     SourceError,
     parse_retry_after,
 )
-from microstructure.sources.vendor import ConfigError, Fetched, env_key, http_error_class, ns_to_dt, parse_json
+from microstructure.sources.vendor import (
+    POLYGON_BASE_ENV,
+    ConfigError,
+    Fetched,
+    base_url_from_env,
+    env_key,
+    http_error_class,
+    ns_to_dt,
+    parse_json,
+    scrub,
+)
 
 DEFAULT_BASE = "https://api.polygon.io"
 
@@ -55,7 +65,10 @@ def _vendor_retry(total: int) -> Any:
                 raise RateLimited(parse_retry_after(response.headers.get("Retry-After")), "HTTP 429")
             return super().increment(method, url, response, error, _pool, _stacktrace)
 
-    return _Retry(total=total, status_forcelist=[413, 429, 499, 500, 502, 503, 504], backoff_factor=0.1)
+    # redirect=0: a redirect is an error, never followed. The key rides in a header, and a redirect may
+    # point anywhere (urllib3 keeps headers on a same-host redirect, whatever the scheme).
+    return _Retry(total=total, redirect=0, status_forcelist=[413, 429, 499, 500, 502, 503, 504],
+                  backoff_factor=0.1)
 
 
 def classify(e: BaseException) -> SourceError:
@@ -93,7 +106,7 @@ def classify(e: BaseException) -> SourceError:
 
 class PolygonSource:
     def __init__(self, name: str = "polygon", asset: str = "stocks", limits: Limits | None = None,
-                 base_url: str | None = None, retries: int = 1, lot_size: float = 1.0) -> None:
+                 retries: int = 1, lot_size: float = 1.0) -> None:
         from polygon import RESTClient
 
         if asset not in ("stocks", "crypto"):
@@ -103,7 +116,8 @@ class PolygonSource:
         self.limits = limits or Limits()
         self.lot_size = lot_size
         key = env_key("POLYGON_API_KEY", True, f"source {name!r} needs a Polygon API key in the environment")
-        base = base_url or env_key("MICROSTRUCTURE_POLYGON_BASE_URL", False, "") or DEFAULT_BASE
+        # Where the key goes: Polygon, or a stand-in the environment names (https, or http on loopback).
+        base = base_url_from_env(POLYGON_BASE_ENV) or DEFAULT_BASE
         t = self.limits.timeout_s
         self.client = RESTClient(api_key=key, base=base.rstrip("/"), connect_timeout=t, read_timeout=t,
                                  retries=retries)
@@ -202,9 +216,9 @@ class WholeMarketSource:
     quarantine row (``unavailable``), never dropped silently.
     """
 
-    def __init__(self, name: str = "polygon", limits: Limits | None = None, base_url: str | None = None,
-                 retries: int = 1, lot_size: float = 1.0) -> None:
-        self.inner = PolygonSource(name, "stocks", limits, base_url, retries, lot_size)
+    def __init__(self, name: str = "polygon", limits: Limits | None = None, retries: int = 1,
+                 lot_size: float = 1.0) -> None:
+        self.inner = PolygonSource(name, "stocks", limits, retries, lot_size)
         self.name = name
         self.lot_size = lot_size
 
@@ -276,5 +290,5 @@ class WholeMarketSource:
         if bad:
             rejected = pa.Table.from_pylist(
                 [{"symbol": s, "received_ts": received, "source": self.name, "reason": UNAVAILABLE,
-                  "detail": detail} for s, detail in bad], schema=QUARANTINE_SCHEMA)
+                  "detail": scrub(detail)} for s, detail in bad], schema=QUARANTINE_SCHEMA)
         return PollResult(raw=raw_table(arrays), rejected=rejected)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import pyarrow as pa
-
-from microstructure.book import BookQuote, table_from_quotes
 from microstructure.sources.guard import SourceError
+
+if TYPE_CHECKING:  # kept light: ``cli.main`` imports ``scrub`` from here on every error it prints
+    import pyarrow as pa
+
+    from microstructure.book import BookQuote
 
 
 class ConfigError(Exception):
@@ -33,6 +37,8 @@ class Fetched:
         self.calls_ok += other.calls_ok
 
     def table(self) -> pa.Table:
+        from microstructure.book import table_from_quotes
+
         return table_from_quotes(self.quotes)
 
 
@@ -52,6 +58,95 @@ def env_key(name: str, required: bool, why: str) -> str | None:
     if v is None and required:
         raise ConfigError(f"{name} is not set: {why}")
     return v
+
+
+# ---- where a key may go ------------------------------------------------------------------------------
+POLYGON_BASE_ENV = "MICROSTRUCTURE_POLYGON_BASE_URL"
+ALPACA_BASE_ENV = "MICROSTRUCTURE_ALPACA_DATA_URL"
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or the name ``localhost``: a host where a request never leaves the machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def base_url_from_env(var: str) -> str | None:
+    """A vendor's base URL override from the environment variable ``var``; None keeps the SDK's https default.
+
+    Only the environment moves where a key is sent (a stand-in for tests and benchmarks), never a file: a
+    data dir's ``sources.toml`` may come from anyone. ``https://`` may point anywhere (TLS authenticates the
+    host); plain ``http://`` only to a loopback host, where the key never crosses a network.
+    """
+    from urllib.parse import urlsplit
+
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return None
+    try:
+        u = urlsplit(raw)
+        host = u.hostname
+        _ = u.port  # raises on a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{var} is not a URL") from None
+    if u.scheme not in ("https", "http") or not host:
+        raise ConfigError(f"{var} must be an https:// URL (or http:// to a loopback host)")
+    if u.username is not None or u.password is not None or u.query or u.fragment:
+        raise ConfigError(f"{var} must not hold a user, password, query or fragment")
+    if u.scheme == "http" and not is_loopback(host):
+        raise ConfigError(f"{var}: plain http is allowed only to a loopback host (127.0.0.1, ::1, localhost), "
+                          f"not {host[:100]!r}; use https://")
+    return raw.rstrip("/")
+
+
+# ---- scrubbing secrets from every error text we store or print ------------------------------------------
+SECRET_ENV = ("POLYGON_API_KEY", "APCA_API_KEY_ID", "APCA_API_SECRET_KEY", "DATABENTO_API_KEY",
+              "MICROSTRUCTURE_REDIS_PASSWORD")
+SECRET_SUFFIXES = ("_KEY", "_KEY_ID", "_SECRET", "_TOKEN", "_PASSWORD")
+# A value this short is no credential, and replacing it everywhere would garble every message.
+MIN_SECRET_LEN = 6
+REDACTED = "***"
+_PATTERNS = [
+    # A header a key travels in, however it is printed: "Authorization: Bearer x", {'APCA-API-KEY-ID': 'x'},
+    # ("x-api-key", "x"). The auth scheme word is kept, the credential goes.
+    (re.compile(r"(?i)\b(authorization|proxy-authorization|apca-api-key-id|apca-api-secret-key|x-api-key|api-key)"
+                r"([\"']?\s*[:=,]\s*[\"']?)((?:bearer|basic|token)\s+)?[^\s\"',;&}\]]+"), r"\1\2\3" + REDACTED),
+    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
+    # Query parameters: ?apiKey=x, &api_key=x, token=x.
+    (re.compile(r"(?i)\b(api[_-]?key|access[_-]?token|token|secret|secret[_-]?key|key[_-]?id|password)=[^&\s\"'#;]+"),
+     r"\1=" + REDACTED),
+    # A password in a URL: redis://:pw@host, https://user:pw@host.
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@"), r"\1" + REDACTED + "@"),
+]
+
+
+def _secret_values() -> list[str]:
+    """Every credential in this process's environment, longest first (a key may contain a shorter one)."""
+    from urllib.parse import quote
+
+    vals: set[str] = set()
+    for name, v in os.environ.items():
+        if name in SECRET_ENV or name.upper().endswith(SECRET_SUFFIXES):
+            v = v.strip()
+            if len(v) >= MIN_SECRET_LEN:
+                vals |= {v, quote(v, safe="")}
+    return sorted(vals, key=len, reverse=True)
+
+
+def scrub(text: object) -> str:
+    """``text`` with key values from the environment, auth headers, key query parameters, bearer tokens and
+    URL passwords replaced by ``***``. Every error text that is stored (lake/outcomes, quarantine) or printed
+    goes through here: a vendor error body may echo our request headers."""
+    s = str(text)
+    for v in _secret_values():
+        s = s.replace(v, REDACTED)
+    for pat, repl in _PATTERNS:
+        s = pat.sub(repl, s)
+    return s
 
 
 def parse_json(body: bytes | str, source: str) -> Any:
