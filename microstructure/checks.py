@@ -1,8 +1,9 @@
 """Great Expectations suites for raw snapshots and for features.
 
 Two guards use them:
-* the online path validates every cycle's feature rows before they are pushed (an ephemeral context,
-  no files written per cycle: a failing cycle is quarantined, never served);
+* the online path checks every cycle's feature rows before they are pushed with the same suites compiled to
+  one DuckDB query (``SqlChecker``, the same verdicts and counts as GE): rows failing a row-level expectation
+  are quarantined alone and the rest served; a batch-level failure holds the whole cycle;
 * the offline ``validate`` step checks a date's snapshots and its freshly built features before the
   features are published to Feast, and writes Data Docs under ``<data-dir>/gx``.
 """

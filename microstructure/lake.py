@@ -17,7 +17,8 @@ short by a crash, its plan (``.compacting/plan.json``: the merged file and the f
 reader lists the files between two reads of the generation and drops the replaced files whenever the
 merged one is in its list (:func:`partition_files`); if the generation moved, it lists again. Readers take
 no lock and never wait for a compaction; a crashed compaction is finished by the next one. We measured
-this against moving the lake to Delta Lake (see README "Lake"): this costs two tiny reads per partition.
+this against moving the lake to Delta Lake (docs/lake.md, "Why not Delta Lake?"): this costs two tiny reads
+per partition.
 """
 
 from __future__ import annotations

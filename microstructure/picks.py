@@ -120,7 +120,8 @@ def evaluate(picks: pd.DataFrame, service: MicrostructureService) -> list[dict[s
             continue
         if f["stale"]:
             out.append({**base, "status": "dropped", "filter": "stale",
-                        "reason": f"book is {f['age_s']:.0f} s old (limit {t.freshness_s:g} s)",
+                        "reason": (f"book is {f['age_s']:.0f} s old" if f.get("age_s") is not None
+                                   else "book age unknown") + f" (limit {t.freshness_s:g} s)",
                         "microstructure_risky": True, "risk_reasons": ["book is stale"]})
             continue
         v = apply_filters(f, c["mode"], t)

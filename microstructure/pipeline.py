@@ -108,7 +108,8 @@ class OnlinePublisher:
     see the same history the offline build sees. Rows that cannot affect a later window are pruned
     (``_prune``): only halted rows matter to the 30-minute halt flag, and only undominated mids to the
     5-minute range.
-    A batch that fails the feature checks is quarantined and not pushed.
+    Rows that fail a row-level feature check are quarantined and not pushed; the cycle's other rows are. A
+    batch-level failure holds the whole cycle.
     """
 
     MARGIN = dt.timedelta(seconds=60)  # slack for books that reach us a little late

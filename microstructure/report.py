@@ -253,7 +253,7 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
         if bf.get("profiles"):
             lines += ["Thresholds by asset class: "
                       + ", ".join(f"{_md(k)} {v:,} picks" for k, v in bf["profiles"].items())
-                      + " (the crypto profile: README, \"Thresholds per asset class\").", ""]
+                      + " (the crypto profile: docs/evaluation.md, \"Thresholds per asset class\").", ""]
         lines += ["![bad fills](bad_fills_by_tier.png)", ""]
     else:
         lines += ["insufficient data: no feature rows.", ""]

@@ -21,8 +21,8 @@ def _poll(data_dir, ack, cycles):
 
 def _counts(data_dir):
     glob = data_dir / "lake" / "snapshots" / "*" / "*.parquet"
-    return duckdb.sql(f"SELECT count(*), count(DISTINCT (symbol, event_ts, source)) FROM read_parquet('{glob}')"
-                      ).fetchall()[0]
+    return duckdb.sql("SELECT count(*), count(DISTINCT (symbol, event_ts, source)) FROM read_parquet(?)",
+                      params=[str(glob)]).fetchall()[0]
 
 
 def test_kill_minus_nine_loses_nothing_acknowledged(data_dir):

@@ -1,4 +1,4 @@
-"""DuckDB the way DuckDB users work: the stock CLI loading views.sql as the README says, on a fresh lake whose
+"""DuckDB the way DuckDB users work: the stock CLI loading views.sql as docs/lake.md says, on a fresh lake whose
 datasets are still empty; `microstructure sql` read-only; its prompt; ISO timestamps with microseconds."""
 
 from __future__ import annotations

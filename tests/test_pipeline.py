@@ -20,7 +20,7 @@ from tests.conftest import T0, book
 
 
 def _offline(paths: LakePaths) -> pd.DataFrame:
-    return duckdb.sql(f"SELECT * FROM read_parquet('{paths.glob('features')}')").df()
+    return duckdb.sql("SELECT * FROM read_parquet(?)", params=[paths.glob("features")]).df()
 
 
 def test_online_and_offline_values_are_identical(polled):
@@ -73,7 +73,7 @@ def test_rewriting_the_same_snapshots_adds_nothing(data_dir):
     # A fresh writer (a re-run, a new process) reads the keys back from the lake.
     again = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
     assert again.write(clean).num_rows == 0
-    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{paths.glob('snapshots')}')").fetchall()[0][0] == 2
+    assert duckdb.sql("SELECT count(*) FROM read_parquet(?)", params=[paths.glob("snapshots")]).fetchall()[0][0] == 2
 
 
 def test_compaction_merges_sorts_and_survives_a_crash(data_dir):
@@ -207,5 +207,6 @@ def test_online_cycle_quarantines_a_stale_row_and_serves_the_others(data_dir):
     assert pub.pushed == 1 and pub.rejected == {"expect_column_values_to_be_between(lag_s)": 1}
     s, f = read_online(store, ["S", "F"])
     assert not s.found and f.found
-    q = duckdb.sql(f"SELECT symbol, reason FROM read_parquet('{paths.glob(lake.FEATURES_QUARANTINE)}')").fetchall()
+    q = duckdb.sql("SELECT symbol, reason FROM read_parquet(?)",
+                   params=[paths.glob(lake.FEATURES_QUARANTINE)]).fetchall()
     assert q == [("S", "expect_column_values_to_be_between(lag_s)")]

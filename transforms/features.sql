@@ -1,8 +1,8 @@
 -- features: one row per (symbol, event_ts) order-book snapshot, the single definition of every feature.
 -- Key: (symbol, event_ts). Input: a relation named `snapshots` (book.SNAPSHOT_SCHEMA) holding each
 -- (symbol, event_ts, source) once, as the lake does. The offline build runs
--- this over a date of the lake (plus 30 minutes before it); the online path runs it over the trailing window
--- buffer of the cycle just polled. Same text, same numbers.
+-- this over a date of the lake (plus the 35 minutes before it, HALT_WINDOW + GAP_WINDOW); the online path runs
+-- it over the trailing window buffer of the cycle just polled. Same text, same numbers.
 --
 -- Depth is "top 5 levels" of what the source gave: an L1 source (book_levels = 1) yields top-of-book depth
 -- only, which `book_levels` makes visible rather than hiding.
