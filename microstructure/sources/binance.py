@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from sortedcontainers import SortedDict
 
-from microstructure.book import MAX_LEVELS, BookQuote, plausible_ns, table_from_quotes
+from microstructure.book import MAX_LEVELS, BookQuote, plausible_ns
 from microstructure.sources.files import (
     MAX_BOOK_LEVELS,
     MAX_BUFFERED_BYTES,
@@ -43,8 +42,8 @@ from microstructure.sources.files import (
     check_cadence,
     file_time,
     iter_lines,
-    rejected_table,
     snippet,
+    take_batch,
     why,
 )
 
@@ -334,11 +333,7 @@ def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | No
     loaded: dt.datetime | None = None
 
     def flush() -> Batch:
-        b = Batch(table_from_quotes(quotes), rejected_table(rejected), pa.array(origins, pa.string()), loaded)
-        quotes.clear()
-        origins.clear()
-        rejected.clear()
-        return b
+        return take_batch(quotes, origins, rejected, loaded)
 
     def emit(p: tuple[int, int, Any, Any, str, str, str]) -> None:
         _, recv, e_ms, (bids, asks), sym, src, where = p
@@ -414,11 +409,7 @@ def read_hyperliquid_l2(files: list[Path], cadence: float = 1.0, symbol: str | N
     loaded: dt.datetime | None = None
 
     def flush() -> Batch:
-        b = Batch(table_from_quotes(quotes), rejected_table(rejected), pa.array(origins, pa.string()), loaded)
-        quotes.clear()
-        origins.clear()
-        rejected.clear()
-        return b
+        return take_batch(quotes, origins, rejected, loaded)
 
     for line in _lines(sorted(files)):
         msg = line.msg

@@ -41,8 +41,10 @@ from microstructure.book import (
     QUARANTINE_SCHEMA,
     RAW_SCHEMA,
     TS_TYPE,
+    BookQuote,
     plausible_us,
     raw_table,
+    table_from_quotes,
 )
 from microstructure.output import InputError
 
@@ -273,6 +275,17 @@ class Batch:
 
 def rejected_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA) if rows else QUARANTINE_SCHEMA.empty_table()
+
+
+def take_batch(quotes: list[BookQuote], origins: list[str], rejected: list[dict[str, Any]],
+               loaded: dt.datetime | None) -> Batch:
+    """The streaming readers' pending books, their origins and rejected rows as one Batch; the lists are emptied
+    for the next one."""
+    b = Batch(table_from_quotes(quotes), rejected_table(rejected), pa.array(origins, pa.string()), loaded)
+    quotes.clear()
+    origins.clear()
+    rejected.clear()
+    return b
 
 
 # ---- wide ------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from microstructure.book import MAX_LEVELS, BookQuote, plausible_ns, raw_table, table_from_quotes
+from microstructure.book import MAX_LEVELS, BookQuote, plausible_ns, raw_table
 from microstructure.sources.files import (
     MAX_BOOK_LEVELS,
     Batch,
@@ -37,8 +37,8 @@ from microstructure.sources.files import (
     InstantCounter,
     check_cadence,
     file_time,
-    rejected_table,
     snippet,
+    take_batch,
 )
 
 SOURCE_NAME = "iex-deep"
@@ -269,11 +269,7 @@ def iter_iex_deep(path: Path, cadence_s: float = 1.0, symbols: set[str] | None =
             origins.append(b.snap_at)
 
     def flush() -> Batch:
-        b = Batch(table_from_quotes(quotes), rejected_table(rejected), pa.array(origins, pa.string()), loaded)
-        quotes.clear()
-        origins.clear()
-        rejected.clear()
-        return b
+        return take_batch(quotes, origins, rejected, loaded)
 
     for packet, payload in iter_udp_payloads(path):
         for m in iter_messages(payload, f"{path.name} packet {packet}"):
