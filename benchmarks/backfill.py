@@ -64,8 +64,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     f = tmp / "wide.parquet"
     write_file(f, args.rows)
-    anchor, _, _ = peak_rss_mb([sys.executable, "-c", "import microstructure.cli, microstructure.ingest, "
-                                "microstructure.sources.files, duckdb, pandas"])
+    anchor, _, _ = peak_rss_mb([sys.executable, "-c", "import microstructure.cli.main, microstructure.jobs.ingest, "
+                                "microstructure.recorded.files, duckdb, pandas"])
     peak, took, r = peak_rss_mb([sys.executable, "-m", "microstructure", "backfill", str(f), "--format", "wide",
                                  "--data-dir", str(tmp / "data"), "--json"])
     if r.returncode != 0:

@@ -5,7 +5,7 @@ same, to decide whether to move the lake onto a table format. Run on demand; ass
 
 Per cycle, 150 simulated snapshots are appended (one file / one Delta commit), as a live poll does; then
 a reader lists a consistent snapshot of the table (ours: ``partition_files``; Delta: opening the table at its
-latest version) and counts it with DuckDB, and the table is compacted (ours: ``lake.compact``; Delta:
+latest version) and counts it with DuckDB, and the table is compacted (ours: ``compact``; Delta:
 ``optimize.compact`` + ``vacuum``). Our own write path is the anchor.
 """
 
@@ -26,8 +26,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from microstructure import lake
-from microstructure.book import KEY, SNAPSHOT_SCHEMA, validate
+from microstructure.contract.book import KEY, SNAPSHOT_SCHEMA, validate
+from microstructure.lake.compaction import compact
+from microstructure.lake.paths import SNAPSHOTS, LakePaths
+from microstructure.lake.writer import PartitionWriter
 from microstructure.sources.simulated import SimulatedSource, universe
 
 T0 = dt.datetime(2026, 11, 23, 14, 30, tzinfo=dt.UTC)
@@ -55,8 +57,8 @@ def main() -> None:
     rows: list[tuple[str, str, str]] = []
 
     # ours
-    paths = lake.LakePaths(tmp / "ours")
-    w = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+    paths = LakePaths(tmp / "ours")
+    w = PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
     t = []
     for tbl in data:
         t0 = time.perf_counter()
@@ -66,12 +68,12 @@ def main() -> None:
     t = []
     for _ in range(50):
         t0 = time.perf_counter()
-        files = paths.files(lake.SNAPSHOTS)
+        files = paths.files(SNAPSHOTS)
         duckdb.execute("SELECT count(*) FROM read_parquet(?)", [files]).fetchall()
         t.append(time.perf_counter() - t0)
     rows.append(("consistent read + count (ours)", ms(t), f"{len(files)} files"))
     t0 = time.perf_counter()
-    lake.compact(paths, lake.SNAPSHOTS, T0.date(), KEY, ("symbol", "event_ts"))
+    compact(paths, SNAPSHOTS, T0.date(), KEY, ("symbol", "event_ts"))
     rows.append(("compact the day (ours)", f"{(time.perf_counter() - t0) * 1000:.0f} ms", "one file"))
 
     # Delta Lake

@@ -26,9 +26,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from microstructure import lake
+from microstructure.lake.paths import SNAPSHOTS, LakePaths, with_retry
+from microstructure.lake.views import connect
 from microstructure.sources.simulated import universe
-from microstructure.store import open_store, read_online, registry_dir
+from microstructure.store.lookup import read_online
+from microstructure.store.repo import open_store, registry_dir
 
 
 def main() -> None:
@@ -43,7 +45,7 @@ def main() -> None:
                              str(args.interval), "--cycles", str(cycles), "--symbols", str(args.symbols), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     syms = universe()[: args.symbols]
-    paths = lake.LakePaths(d)
+    paths = LakePaths(d)
     ages: list[float] = []
     rss: list[float] = []
     behind: list[float] = []
@@ -51,7 +53,7 @@ def main() -> None:
     started = None
     while proc.poll() is None:
         time.sleep(1.0)
-        if not (registry_dir(d) / "registry.db").exists() or not paths.has(lake.SNAPSHOTS):
+        if not (registry_dir(d) / "registry.db").exists() or not paths.has(SNAPSHOTS):
             continue
         started = started or time.time()
         if time.time() - started < 10:  # the poller's first cycles load Great Expectations
@@ -65,7 +67,7 @@ def main() -> None:
             break
         rss.append(mb)
         t_lake = dt.datetime.now(dt.UTC)
-        newest = lake.with_retry(lambda: lake.connect(paths).sql(
+        newest = with_retry(lambda: connect(paths).sql(
             "SELECT symbol, max(event_ts) FROM snapshots GROUP BY symbol").fetchall())
         lags.append(max((t_lake - max(t for _, t in newest)).total_seconds(), 0.0))
         store = open_store(d, apply=False)

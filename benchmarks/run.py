@@ -24,11 +24,15 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from microstructure import pipeline
-from microstructure.lake import LakePaths
+from microstructure.features.compute import compute_features
+from microstructure.jobs.build import build_and_publish
+from microstructure.jobs.poll import cycle_times, poll_cycles
+from microstructure.jobs.publisher import OnlinePublisher
+from microstructure.lake.paths import LakePaths
 from microstructure.sources.simulated import SimulatedSource, universe
-from microstructure.store import open_store, read_online, training_set
-from microstructure.transforms import compute_features
+from microstructure.store.lookup import read_online
+from microstructure.store.repo import open_store
+from microstructure.store.training import training_set
 
 T0 = dt.datetime(2026, 11, 23, 14, 30, tzinfo=dt.UTC)
 
@@ -49,16 +53,16 @@ def main() -> None:
     # 1. Poll cycles without the online path, then with it.
     src = SimulatedSource(seed=1)
     n_cycles = 900  # 30 simulated minutes at 2 s
-    stats = pipeline.poll(paths, src, syms, pipeline.cycle_times(T0, 2.0, n_cycles, 0))
+    stats = poll_cycles(paths, src, syms, cycle_times(T0, 2.0, n_cycles, 0))
     rows.append(("poll cycle, 150 symbols (simulate+validate+write)", f"{stats.seconds / n_cycles * 1000:.1f} ms",
                  f"{n_cycles} cycles, {stats.written:,} snapshots"))
     store = open_store(d)
-    from microstructure.checks import SqlChecker
+    from microstructure.checks.sql import SqlChecker
 
-    pub = pipeline.OnlinePublisher(paths, store, SqlChecker())
+    pub = OnlinePublisher(paths, store, SqlChecker())
     src2 = SimulatedSource(seed=2)
-    times = pipeline.cycle_times(T0 + dt.timedelta(hours=1), 2.0, 60, 0)
-    s2 = pipeline.poll(paths, src2, syms, times, publisher=pub, publish_every=1)
+    times = cycle_times(T0 + dt.timedelta(hours=1), 2.0, 60, 0)
+    s2 = poll_cycles(paths, src2, syms, times, publisher=pub, publish_every=1)
     rows.append(("poll cycle + online path (SQL, checks, online push)", f"{s2.seconds / 60 * 1000:.0f} ms",
                  "per cycle, checked and pushed every cycle (live mode)"))
 
@@ -69,7 +73,7 @@ def main() -> None:
     el = time.perf_counter() - t
     rows.append(("feature transform (features.sql)", f"{snaps.num_rows / el:,.0f} rows/s",
                  f"{snaps.num_rows:,} rows in {el:.2f} s"))
-    pipeline.build_and_publish(paths, None, None)
+    build_and_publish(paths, None, None)
 
     # 3. Online lookups.
     lat150, lat1 = [], []
@@ -147,7 +151,7 @@ def chain_cycle() -> tuple[str, str, str]:
         k.guard.bucket.rate = k.guard.bucket.burst = k.guard.bucket.tokens = 1e6
     paths = LakePaths(Path(tempfile.mkdtemp()) / "chain")
     n = 50
-    st = pipeline.poll(paths, chain, [*stocks, *crypto], pipeline.cycle_times(T0, 2.0, n, 0))
+    st = poll_cycles(paths, chain, [*stocks, *crypto], cycle_times(T0, 2.0, n, 0))
     chain.close()
     srv.stop()
     return ("chain poll cycle, 150 symbols over local HTTP (fetch+validate+write+outcomes)",

@@ -51,11 +51,12 @@ def lat(fn, n: int = 500) -> list[float]:  # type: ignore[no-untyped-def]
 
 def filled_store(d: Path, redis_url: str | None):  # type: ignore[no-untyped-def]
     """A data dir whose online store holds 150 symbols (pushed by the real online path)."""
-    from microstructure import pipeline
-    from microstructure.checks import SqlChecker
-    from microstructure.lake import LakePaths
+    from microstructure.checks.sql import SqlChecker
+    from microstructure.jobs.poll import cycle_times, poll_cycles
+    from microstructure.jobs.publisher import OnlinePublisher
+    from microstructure.lake.paths import LakePaths
     from microstructure.sources.simulated import SimulatedSource, universe
-    from microstructure.store import clear_online, forget_store, open_store
+    from microstructure.store.repo import clear_online, forget_store, open_store
 
     if redis_url:
         os.environ["MICROSTRUCTURE_ONLINE_STORE"] = redis_url
@@ -65,15 +66,15 @@ def filled_store(d: Path, redis_url: str | None):  # type: ignore[no-untyped-def
     forget_store(d)
     paths = LakePaths(d)
     store = open_store(d)
-    pub = pipeline.OnlinePublisher(paths, store, SqlChecker())
-    pipeline.poll(paths, SimulatedSource(seed=1), universe(), pipeline.cycle_times(T0, 2.0, 20, 0), publisher=pub,
+    pub = OnlinePublisher(paths, store, SqlChecker())
+    poll_cycles(paths, SimulatedSource(seed=1), universe(), cycle_times(T0, 2.0, 20, 0), publisher=pub,
                   publish_every=1)
     return store
 
 
 def reads(table: Table, label: str, store) -> None:  # type: ignore[no-untyped-def]
     from microstructure.sources.simulated import universe
-    from microstructure.store import read_online
+    from microstructure.store.lookup import read_online
 
     syms = universe()
     ents = [{"symbol": s} for s in syms]
@@ -92,7 +93,8 @@ def reads(table: Table, label: str, store) -> None:  # type: ignore[no-untyped-d
 def reader(url: str, data_dir: str, seconds: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
     os.environ["MICROSTRUCTURE_ONLINE_STORE"] = url
     from microstructure.sources.simulated import universe
-    from microstructure.store import open_store, read_online
+    from microstructure.store.lookup import read_online
+    from microstructure.store.repo import open_store
 
     store = open_store(Path(data_dir), apply=False)
     syms = universe()
@@ -115,11 +117,12 @@ def reader(url: str, data_dir: str, seconds: float, out: mp.Queue) -> None:  # t
 
 def many_readers(url: str, d: Path, n: int, seconds: float = 20.0) -> tuple[str, str, str]:
     """N reader processes while this process polls live (1 s cycles) and pushes every cycle."""
-    from microstructure import pipeline
-    from microstructure.checks import SqlChecker
-    from microstructure.lake import LakePaths
+    from microstructure.checks.sql import SqlChecker
+    from microstructure.jobs.poll import LiveClock, poll_cycles
+    from microstructure.jobs.publisher import OnlinePublisher
+    from microstructure.lake.paths import LakePaths
     from microstructure.sources.simulated import SimulatedSource, universe
-    from microstructure.store import open_store
+    from microstructure.store.repo import open_store
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -130,8 +133,8 @@ def many_readers(url: str, d: Path, n: int, seconds: float = 20.0) -> tuple[str,
     paths = LakePaths(d / "live")
     src = SimulatedSource(seed=9)
     src.live = True
-    pub = pipeline.OnlinePublisher(paths, open_store(d), SqlChecker())
-    stats = pipeline.poll(paths, src, universe(), pipeline.LiveClock(1.0, cycles=int(seconds)), publisher=pub)
+    pub = OnlinePublisher(paths, open_store(d), SqlChecker())
+    stats = poll_cycles(paths, src, universe(), LiveClock(1.0, cycles=int(seconds)), publisher=pub)
     results = [q.get() for _ in procs]
     for p in procs:
         p.join()
@@ -142,21 +145,23 @@ def many_readers(url: str, d: Path, n: int, seconds: float = 20.0) -> tuple[str,
 
 
 def cycle(table: Table) -> None:
-    from microstructure import pipeline
-    from microstructure.book import validate
-    from microstructure.checks import Checker, SqlChecker
-    from microstructure.lake import LakePaths
+    from microstructure.checks.ge import Checker
+    from microstructure.checks.sql import SqlChecker
+    from microstructure.contract.book import validate
+    from microstructure.features.compute import compute_features
+    from microstructure.jobs.poll import cycle_times, poll_cycles
+    from microstructure.jobs.publisher import OnlinePublisher
+    from microstructure.lake.paths import LakePaths
     from microstructure.sources.simulated import SimulatedSource, universe
-    from microstructure.store import open_store
-    from microstructure.transforms import compute_features
+    from microstructure.store.repo import open_store
 
     os.environ.pop("MICROSTRUCTURE_ONLINE_STORE", None)
     d = Path(tempfile.mkdtemp()) / "cycle"
     paths = LakePaths(d)
-    pub = pipeline.OnlinePublisher(paths, open_store(d), SqlChecker())
+    pub = OnlinePublisher(paths, open_store(d), SqlChecker())
     ends: list[float] = []
     n = 250
-    stats = pipeline.poll(paths, SimulatedSource(seed=1), universe(), pipeline.cycle_times(T0, 2.0, n, 0),
+    stats = poll_cycles(paths, SimulatedSource(seed=1), universe(), cycle_times(T0, 2.0, n, 0),
                           publisher=pub, publish_every=1, on_cycle=lambda i, s: ends.append(time.perf_counter()))
     per = np.diff(np.array(ends))[100:] * 1000  # after the 5-minute window has filled
     src = SimulatedSource(seed=2)
@@ -204,13 +209,13 @@ def pandas_features(snap: pd.DataFrame) -> pd.DataFrame:
 def build(table: Table) -> None:
     import pyarrow as pa
 
-    from microstructure import pipeline
-    from microstructure.book import validate
+    from microstructure.contract.book import validate
+    from microstructure.features.compute import compute_features
+    from microstructure.jobs.poll import cycle_times
     from microstructure.sources.simulated import SimulatedSource, universe
-    from microstructure.transforms import compute_features
 
     src = SimulatedSource(seed=1)
-    tabs = [validate(src.poll(universe(), t).raw).clean for t in pipeline.cycle_times(T0, 2.0, 6000, 0)]
+    tabs = [validate(src.poll(universe(), t).raw).clean for t in cycle_times(T0, 2.0, 6000, 0)]
     snaps = pa.concat_tables(tabs).combine_chunks()
     n = snaps.num_rows
     ours = lat(lambda: compute_features(snaps), 3)

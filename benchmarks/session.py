@@ -24,10 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console
 from rich.table import Table
 
-from microstructure import lake, pipeline
-from microstructure.checks import Checker
+from microstructure.checks.ge import Checker
+from microstructure.jobs.poll import COMPACT_EVERY, PollStats, cycle_times, poll_cycles
+from microstructure.jobs.publisher import OnlinePublisher
+from microstructure.lake.paths import OUTCOMES, QUARANTINE, SNAPSHOTS, LakePaths, with_retry
+from microstructure.lake.views import connect
 from microstructure.sources.simulated import SimulatedSource, universe
-from microstructure.store import open_store
+from microstructure.store.repo import open_store
 
 T0 = dt.datetime(2026, 11, 23, 14, 30, tzinfo=dt.UTC)
 
@@ -43,13 +46,13 @@ def main() -> None:
     ap.add_argument("--symbols", type=int, default=150)
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp()) / "data"
-    paths = lake.LakePaths(d)
+    paths = LakePaths(d)
     syms = universe()[: args.symbols]
-    pub = pipeline.OnlinePublisher(paths, open_store(d), Checker())
+    pub = OnlinePublisher(paths, open_store(d), Checker())
     samples: list[tuple[int, float, dict[str, int]]] = []
-    max_files = dict.fromkeys((lake.SNAPSHOTS, lake.OUTCOMES, lake.QUARANTINE), 0)
+    max_files = dict.fromkeys((SNAPSHOTS, OUTCOMES, QUARANTINE), 0)
 
-    def on_cycle(i: int, stats: pipeline.PollStats) -> None:
+    def on_cycle(i: int, stats: PollStats) -> None:
         if (i + 1) % 30 and i + 1 != args.cycles:  # one sample per simulated minute
             return
         files = {}
@@ -64,10 +67,10 @@ def main() -> None:
                   file=sys.stderr)
 
     t0 = time.perf_counter()
-    stats = pipeline.poll(paths, SimulatedSource(seed=7), syms, pipeline.cycle_times(T0, 2.0, args.cycles, 0),
-                          publisher=pub, publish_every=30, on_cycle=on_cycle, compact_every=pipeline.COMPACT_EVERY)
+    stats = poll_cycles(paths, SimulatedSource(seed=7), syms, cycle_times(T0, 2.0, args.cycles, 0),
+                          publisher=pub, publish_every=30, on_cycle=on_cycle, compact_every=COMPACT_EVERY)
     wall = time.perf_counter() - t0
-    in_lake = lake.with_retry(lambda: lake.connect(paths).sql("SELECT count(*) FROM snapshots").fetchall()[0][0])
+    in_lake = with_retry(lambda: connect(paths).sql("SELECT count(*) FROM snapshots").fetchall()[0][0])
 
     def at(frac: float) -> tuple[int, float]:
         k = max(0, min(len(samples) - 1, round(frac * len(samples)) - 1))

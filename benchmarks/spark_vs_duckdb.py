@@ -26,9 +26,10 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
-from microstructure import lake, pipeline
-from microstructure.book import SNAPSHOT_SCHEMA
-from microstructure.lake import LakePaths
+from microstructure.contract.atomic import atomic_write_parquet
+from microstructure.contract.book import SNAPSHOT_SCHEMA
+from microstructure.jobs import build as pipeline
+from microstructure.lake.paths import SNAPSHOTS, LakePaths
 
 T0 = dt.datetime(2026, 3, 2, 14, 30, tzinfo=dt.UTC)
 SYMBOLS = 150
@@ -70,7 +71,7 @@ def write_lake(paths: LakePaths, rows: int) -> None:
                     cols[f"{side}_px_{i}"] = pa.nulls(m, pa.float64())
                     cols[f"{side}_sz_{i}"] = pa.nulls(m, pa.float64())
         table = pa.table({f.name: cols[f.name] for f in SNAPSHOT_SCHEMA}).cast(SNAPSHOT_SCHEMA)
-        lake.atomic_write_parquet(table, paths.partition(lake.SNAPSHOTS, start.date()) / "part-0.parquet")
+        atomic_write_parquet(table, paths.partition(SNAPSHOTS, start.date()) / "part-0.parquet")
         cycles -= n
         day += 1
 
@@ -86,8 +87,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000000,10000000,50000000")
     ap.add_argument("--entities", type=int, default=100_000)
     args = ap.parse_args()
-    from microstructure import spark
-    from microstructure.store import forget_store, open_store, training_set
+    from microstructure.features import spark
+    from microstructure.store.repo import forget_store, open_store
+    from microstructure.store.training import training_set
 
     _, spark_start = timed(spark.session)
     table = Table(title=f"DuckDB vs Spark local[2], 2 cores (Spark session start-up {spark_start:.1f} s, "
@@ -102,7 +104,7 @@ def main() -> None:
         _, duck_build = timed(lambda paths=paths: pipeline.build_and_publish(paths, None, None, engine="duckdb"))
         _, spark_build = timed(lambda paths=paths: pipeline.build_and_publish(paths, None, None, engine="spark"))
         rng = np.random.default_rng(1)
-        days = len(paths.dates(lake.SNAPSHOTS))
+        days = len(paths.dates(SNAPSHOTS))
         span = days * 86400
         ents = pd.DataFrame({"symbol": rng.choice([f"S{i:03d}" for i in range(SYMBOLS)], args.entities),
                              "event_timestamp": pd.Timestamp(T0) + pd.to_timedelta(rng.uniform(0, span,

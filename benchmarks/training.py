@@ -44,10 +44,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from microstructure import pipeline
-from microstructure.lake import LakePaths
+from microstructure.jobs.build import build_and_publish
+from microstructure.jobs.poll import cycle_times, poll_cycles
+from microstructure.lake.paths import LakePaths
 from microstructure.sources.simulated import SimulatedSource, universe
-from microstructure.store import open_store, store_yaml, training_set, write_training_set
+from microstructure.store.repo import open_store, store_yaml
+from microstructure.store.training import training_set, write_training_set
 
 T0 = dt.datetime(2026, 11, 23, 14, 30, tzinfo=dt.UTC)
 
@@ -63,7 +65,7 @@ print(json.dumps({"rc": p.returncode, "stderr": p.stderr[-2000:], "s": time.perf
 def stock_store(data_dir: Path):  # type: ignore[no-untyped-def]
     from feast import FeatureStore
 
-    from microstructure.store import FEATURE_REPO
+    from microstructure.store.repo import FEATURE_REPO
 
     cfg = yaml.safe_load(store_yaml(data_dir).read_text())
     cfg["offline_store"] = {"type": "duckdb"}
@@ -138,8 +140,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
     d = root / "data"
     paths = LakePaths(d)
     syms = universe()
-    pipeline.poll(paths, SimulatedSource(seed=1), syms, pipeline.cycle_times(T0, 2.0, args.cycles, 0))
-    pipeline.build_and_publish(paths, None, None)
+    poll_cycles(paths, SimulatedSource(seed=1), syms, cycle_times(T0, 2.0, args.cycles, 0))
+    build_and_publish(paths, None, None)
     store = open_store(d)
     stock = stock_store(d)
     src = paths.glob("features")

@@ -26,8 +26,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from microstructure import pipeline
-from microstructure.lake import LakePaths
+from microstructure.jobs.poll import LiveClock, PollStats, poll_cycles
+from microstructure.jobs.publisher import OnlinePublisher
+from microstructure.lake.paths import LakePaths
 
 
 def bodies(n: int, variants: int = 8) -> list[bytes]:
@@ -83,16 +84,16 @@ def main() -> None:
 
     import urllib3
 
-    from microstructure.checks import SqlChecker
+    from microstructure.checks.sql import SqlChecker
     from microstructure.sources.guard import Limits
     from microstructure.sources.polygon import WholeMarketSource
-    from microstructure.store import clear_online, open_store
+    from microstructure.store.repo import clear_online, open_store
 
     clear_online()
     d = Path(tempfile.mkdtemp()) / "data"
     paths = LakePaths(d)
     src = WholeMarketSource(limits=Limits(timeout_s=10.0))
-    pub = pipeline.OnlinePublisher(paths, open_store(d), SqlChecker())
+    pub = OnlinePublisher(paths, open_store(d), SqlChecker())
 
     stages: dict[str, list[float]] = {k: [] for k in
                                       ("fetch (client + JSON)", "shape", "features (SQL)", "checks + online push")}
@@ -133,11 +134,11 @@ def main() -> None:
 
     totals: list[float] = []
 
-    def on_cycle(i: int, stats: pipeline.PollStats) -> None:
+    def on_cycle(i: int, stats: PollStats) -> None:
         totals.append(time.perf_counter())
 
-    clock = pipeline.LiveClock(2.0, cycles=args.cycles)
-    stats = pipeline.poll(paths, src, [], clock, publisher=pub, on_cycle=on_cycle, publish_every=1)
+    clock = LiveClock(2.0, cycles=args.cycles)
+    stats = poll_cycles(paths, src, [], clock, publisher=pub, on_cycle=on_cycle, publish_every=1)
     # Per cycle: from the source call to the end of the cycle (lake written, features pushed online); the
     # live clock's sleep between cycles is not counted.
     cycle_ms = (np.array(totals) - np.array(starts)) * 1000

@@ -17,7 +17,7 @@ from feast.data_format import ParquetFormat
 from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Bool, Float64, Int32, String, UnixTimestamp
 
-from microstructure.transforms import ML_FEATURES
+from microstructure.contract.schemas import ML_FEATURES
 
 # The data dir: $MICROSTRUCTURE_DATA_DIR, else the checkout's ./data beside this folder (where the Feast CLI,
 # run from feature_repo/, finds the registry and online store of feature_store.yaml).
@@ -89,7 +89,7 @@ order_book = FeatureView(
 
 # What a scoring model reads. Feast answers with features by name (a map), not by position: clients read
 # them by name; ML_FEATURES (order_imbalance, bid_depth, ask_depth, spread_bps, depth_imbalance) is the
-# documented model order, and microstructure.scoring.ml_features returns them in it.
+# documented model order, and microstructure.trading.scoring.ml_features returns them in it.
 scoring = FeatureService(name="scoring", features=[order_book[ML_FEATURES]],
                          description="The five microstructure features for ML scoring; read them by name.")
 order_book_all = FeatureService(name="order_book_all", features=[order_book],

@@ -1,5 +1,5 @@
-"""Prefect flows: orchestration only. Every step is a plain function in ``microstructure`` (``runner.poll``,
-``pipeline.build_and_publish``, ``pipeline.compact_all``).
+"""Prefect flows: orchestration only. Every step is a plain function in ``microstructure`` (``runner.run_poll``,
+``build_and_publish``, ``compact_all``).
 
 * ``poll_flow``: one long-running flow whose inner loop polls every ``interval`` seconds (Prefect cannot
   start a run every 2 s; a run costs ~1 s), scheduled once per US session (``prefect.yaml`` or
@@ -19,8 +19,11 @@ from typing import Any
 
 from prefect import flow, task
 
-from microstructure import datadir, pipeline, runner
-from microstructure.lake import LakePaths
+from microstructure.jobs import runner
+from microstructure.jobs.build import build_and_publish, compact_all
+from microstructure.jobs.poll import PollStats
+from microstructure.lake import datadir
+from microstructure.lake.paths import LakePaths
 
 # Libraries' deprecation notices (GE, Feast) are not the run's warnings: keep them out of the run's log.
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -39,7 +42,7 @@ def poll_task(data_dir: str, cycles: int | None, interval: float, step: float, s
     log = get_run_logger()
     last = [time.monotonic()]
 
-    def progress(i: int, s: pipeline.PollStats) -> None:
+    def progress(i: int, s: PollStats) -> None:
         if time.monotonic() - last[0] < PROGRESS_EVERY_S:
             return
         last[0] = time.monotonic()
@@ -51,7 +54,7 @@ def poll_task(data_dir: str, cycles: int | None, interval: float, step: float, s
                  "newest online book %s s old", i + 1, s.written, s.coverage(), sum(s.quarantined.values()),
                  sum(s.missing.values()), s.skipped_slots, "?" if age is None else f"{age:.1f}")
 
-    stats = runner.poll(Path(data_dir).resolve(), cycles, interval, step, symbols, seed, fresh, online,
+    stats = runner.run_poll(Path(data_dir).resolve(), cycles, interval, step, symbols, seed, fresh, online,
                         source_kind=source, symbol_list=symbol_list,
                         sources_config=Path(sources_config) if sources_config else None,
                         until=dt.datetime.fromisoformat(until) if until else None, on_cycle=progress)
@@ -62,17 +65,17 @@ def poll_task(data_dir: str, cycles: int | None, interval: float, step: float, s
 
 @task(name="build-check-publish", retries=1)
 def build_task(data_dir: str, dates: list[str]) -> list[dict[str, Any]]:
-    from microstructure.checks import Checker
+    from microstructure.checks.ge import Checker
 
     paths = LakePaths(Path(data_dir))
     days = [dt.date.fromisoformat(d) for d in dates] or None
-    return [r.as_dict() for r in pipeline.build_and_publish(paths, days, Checker(paths.data_dir / "gx"))]
+    return [r.as_dict() for r in build_and_publish(paths, days, Checker(paths.data_dir / "gx"))]
 
 
 @task(name="compact")
 def compact_task(data_dir: str, dates: list[str]) -> dict[str, list[int]]:
     days = [dt.date.fromisoformat(d) for d in dates] or None
-    return {k: list(v) for k, v in pipeline.compact_all(LakePaths(Path(data_dir)), days).items()}
+    return {k: list(v) for k, v in compact_all(LakePaths(Path(data_dir)), days).items()}
 
 
 @flow(name="poll-order-books", retries=2, retry_delay_seconds=60)
@@ -86,7 +89,7 @@ def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float
     alpaca / chain (keys from the environment)."""
     from prefect import get_run_logger
 
-    from microstructure.session import await_session
+    from microstructure.contract.calendar import await_session
 
     until = None
     if session:

@@ -1,3 +1,3 @@
-from microstructure.cli import main
+from microstructure.cli.main import main
 
 main()

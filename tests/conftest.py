@@ -21,7 +21,7 @@ T0 = dt.datetime(2026, 11, 23, 14, 30, tzinfo=dt.UTC)
 
 def book(symbol: str = "AAA", bids=((100.0, 300.0),), asks=((100.1, 100.0),), *, event_ts: dt.datetime = T0,
          received_ts: dt.datetime | None = None, source: str = "test", halted: bool | None = False):
-    from microstructure.book import BookQuote
+    from microstructure.contract.book import BookQuote
 
     return BookQuote(symbol, event_ts, received_ts or event_ts + dt.timedelta(milliseconds=50), source,
                      tuple(bids), tuple(asks), halted)
@@ -37,17 +37,19 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def polled(tmp_path_factory: pytest.TempPathFactory):
     """A small but complete pipeline run shared by read-only tests: 20 symbols x 200 cycles (400 s)."""
-    from microstructure import pipeline
-    from microstructure.checks import Checker
-    from microstructure.lake import LakePaths
+    from microstructure.checks.ge import Checker
+    from microstructure.jobs.build import build_and_publish
+    from microstructure.jobs.poll import cycle_times, poll_cycles
+    from microstructure.jobs.publisher import OnlinePublisher
+    from microstructure.lake.paths import LakePaths
     from microstructure.sources.simulated import SimulatedSource, universe
-    from microstructure.store import open_store
+    from microstructure.store.repo import open_store
 
     d = tmp_path_factory.mktemp("polled") / "data"
     paths = LakePaths(d)
     src = SimulatedSource(seed=11)
     online_rows = []
-    pub = pipeline.OnlinePublisher(paths, open_store(d), Checker())
+    pub = OnlinePublisher(paths, open_store(d), Checker())
     orig = pub.add_cycle
 
     def keep(written):
@@ -56,9 +58,9 @@ def polled(tmp_path_factory: pytest.TempPathFactory):
         return f
 
     pub.add_cycle = keep  # type: ignore[method-assign]
-    stats = pipeline.poll(paths, src, universe()[:20], pipeline.cycle_times(T0, 2.0, 200, 0), publisher=pub,
+    stats = poll_cycles(paths, src, universe()[:20], cycle_times(T0, 2.0, 200, 0), publisher=pub,
                           publish_every=10)
-    builds = pipeline.build_and_publish(paths, None, Checker(d / "gx"))
+    builds = build_and_publish(paths, None, Checker(d / "gx"))
     return {"paths": paths, "stats": stats, "online": online_rows, "builds": builds, "source": src}
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microstructure.sources.files import FileFormatError, parse_ts, read_wide
-from microstructure.sources.iex_deep import DeepFormatError, read_iex_deep
+from microstructure.recorded.files import FileFormatError, parse_ts, read_wide
+from microstructure.recorded.iex_deep import DeepFormatError, read_iex_deep
 from tests.deep_pcap import NS, iextp, plu, status, write_pcap
 
 T = 1_764_000_000 * NS  # 2025-11-24 16:00:00 UTC
@@ -96,8 +96,8 @@ def test_wide_csv_epoch_and_iso_times_and_bad_rows(tmp_path):
 
 
 def test_backfill_times_per_value_implausible_quarantined_good_rows_kept(tmp_path):
-    from microstructure import lake
-    from microstructure.ingest import backfill
+    from microstructure.jobs.ingest import backfill
+    from microstructure.lake import paths as lake
 
     p = tmp_path / "mixed.csv"
     secs = 1_764_000_000
@@ -118,7 +118,7 @@ def test_backfill_times_per_value_implausible_quarantined_good_rows_kept(tmp_pat
 def test_lobster_out_of_time_order_is_an_error(tmp_path, lobster_dir):
     import shutil
 
-    from microstructure.sources.lobster import read_lobster
+    from microstructure.recorded.lobster import read_lobster
 
     for f in lobster_dir.glob("*.csv"):
         shutil.copy(f, tmp_path / f.name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from microstructure.sources.binance import GAP, read_binance_depth, replay
+from microstructure.recorded.binance import GAP, read_binance_depth, replay
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "binance"
 SPOT_BTC = [DATA / "spot" / "btcusdt_20240808.gz", DATA / "spot" / "btcusdt_20240809.gz"]
@@ -109,7 +109,7 @@ def test_backfill_of_one_stream_in_two_files_is_idempotent(tmp_path):
 
 @needs_data
 def test_hyperliquid_l2_snapshots_sampled_per_slot():
-    from microstructure.sources.binance import read_hyperliquid_l2
+    from microstructure.recorded.binance import read_hyperliquid_l2
 
     (batch,) = list(read_hyperliquid_l2([DATA / "hyperliquid" / "btcusd_20250126.gz"], cadence=1.0))
     rows = batch.raw.to_pylist()

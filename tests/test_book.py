@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microstructure.book import SNAPSHOT_SCHEMA, table_from_quotes, validate
+from microstructure.contract.book import SNAPSHOT_SCHEMA, table_from_quotes, validate
 from tests.conftest import book
 
 GOOD_B = ((100.0, 300.0), (99.9, 200.0))
@@ -41,7 +41,7 @@ def test_bad_books_are_quarantined_with_reason(bids, asks, reason):
 
 
 def test_level_gap_is_quarantined():
-    from microstructure.book import raw_table
+    from microstructure.contract.book import raw_table
 
     t = table_from_quotes([book(bids=((100.0, 1.0), (99.9, 1.0)))])
     cols = {n: t.column(n) for n in t.column_names}

@@ -11,11 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microstructure import pipeline
-from microstructure.book import validate
-from microstructure.checks import Checker, SqlChecker
+from microstructure.checks.ge import Checker
+from microstructure.checks.sql import SqlChecker
+from microstructure.contract.book import validate
+from microstructure.features.compute import compute_features
+from microstructure.jobs import poll as pipeline
 from microstructure.sources.simulated import SimulatedSource, universe
-from microstructure.transforms import compute_features
 from tests.conftest import T0
 
 

@@ -126,7 +126,7 @@ def test_picks_nan_scores_are_row_errors_and_output_is_strict_json(ran, tmp_path
 def test_tables_keep_full_precision_and_fold_at_80_columns(ran):
     import os
 
-    from microstructure.output import cell, dumps, number
+    from microstructure.contract.text import cell, dumps, number
 
     assert number(328.29) == "328.29" and number(328.3) == "328.3" and number(1234567.5) == "1,234,567.5"
     assert number(27491.699999999997) == "27,491.7" and number(100.0) == "100" and number(-0.125) == "-0.125"

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from microstructure import lake, pipeline
+from microstructure.jobs import poll as pipeline
+from microstructure.lake.compaction import compact
+from microstructure.lake.paths import SNAPSHOTS, STAGING, LakePaths, partition_files, with_retry
+from microstructure.lake.views import connect, read_snapshots
 from microstructure.sources.simulated import SimulatedSource, universe
 
 T0 = dt.datetime(2026, 11, 23, 14, 30, tzinfo=dt.UTC)
@@ -23,7 +26,7 @@ STAGES = ["after_plan", "after_merged_written", "after_commit", "during_cleanup"
 
 def _fill(d: Path, cycles: int, start: dt.datetime = T0, source: SimulatedSource | None = None) -> SimulatedSource:
     src = source or SimulatedSource(seed=5)
-    pipeline.poll(lake.LakePaths(d), src, universe()[:20], pipeline.cycle_times(start, 2.0, cycles, 0))
+    pipeline.poll(LakePaths(d), src, universe()[:20], pipeline.cycle_times(start, 2.0, cycles, 0))
     return src
 
 
@@ -37,7 +40,7 @@ def small_files(tmp_path_factory) -> Path:
 class Readers:
     """Reader threads the way our readers read: build-features' read_snapshots and the sql views."""
 
-    def __init__(self, paths: lake.LakePaths) -> None:
+    def __init__(self, paths: LakePaths) -> None:
         self.paths = paths
         self.errors: list[str] = []
         self.counts: list[tuple[int, int]] = []  # (rows, distinct keys) per read
@@ -49,13 +52,13 @@ class Readers:
         while not self.stop.is_set():
             try:
                 if kind == "build":
-                    t = lake.read_snapshots(self.paths, lo, hi)
+                    t = read_snapshots(self.paths, lo, hi)
                     keys = set(zip(t.column("symbol").to_pylist(), t.column("event_ts").to_pylist(), strict=True))
                     self.counts.append((t.num_rows, len(keys)))
                 else:
                     # What `microstructure sql` does: views over a consistent listing, listed again if a
                     # file vanished under the query.
-                    self.counts.append(lake.with_retry(lambda: lake.connect(self.paths).sql(
+                    self.counts.append(with_retry(lambda: connect(self.paths).sql(
                         "SELECT count(*), count(DISTINCT (symbol, event_ts, source)) FROM snapshots").fetchall()[0]))
             except Exception as e:  # every failure is a finding
                 self.errors.append(f"{kind}: {type(e).__name__}: {e}")
@@ -71,8 +74,8 @@ class Readers:
             t.join(30)
 
 
-def _truth(paths: lake.LakePaths) -> int:
-    t = lake.read_snapshots(paths, dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2100, 1, 1, tzinfo=dt.UTC))
+def _truth(paths: LakePaths) -> int:
+    t = read_snapshots(paths, dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2100, 1, 1, tzinfo=dt.UTC))
     return t.num_rows
 
 
@@ -80,9 +83,9 @@ def _truth(paths: lake.LakePaths) -> int:
 def test_kill_minus_nine_at_every_stage_of_compaction_with_readers_running(small_files, tmp_path, stage):
     d = tmp_path / "d"
     shutil.copytree(small_files, d)
-    paths = lake.LakePaths(d)
+    paths = LakePaths(d)
     n = _truth(paths)
-    before = len(list(paths.partition(lake.SNAPSHOTS, T0.date()).glob("*.parquet")))
+    before = len(list(paths.partition(SNAPSHOTS, T0.date()).glob("*.parquet")))
     assert before >= 60 and n > 1000
     env = {**os.environ, "MICROSTRUCTURE_CRASH_AT": stage}
     with Readers(paths) as readers:
@@ -100,9 +103,9 @@ def test_kill_minus_nine_at_every_stage_of_compaction_with_readers_running(small
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
     assert readers2.errors == [] and all(c == (n, n) for c in readers2.counts)
-    part = paths.partition(lake.SNAPSHOTS, T0.date())
-    assert len(lake.partition_files(part)) == 1 and len(list(part.glob("*.parquet"))) == 1
-    assert not (part / lake.STAGING).exists()
+    part = paths.partition(SNAPSHOTS, T0.date())
+    assert len(partition_files(part)) == 1 and len(list(part.glob("*.parquet"))) == 1
+    assert not (part / STAGING).exists()
     assert _truth(paths) == n
 
 
@@ -111,7 +114,7 @@ def test_concurrent_writer_compactor_and_readers(tmp_path):
     and a reader never sees fewer rows than an earlier read (nothing vanishes, even for a moment)."""
     d = tmp_path / "d"
     src = _fill(d, 10)
-    paths = lake.LakePaths(d)
+    paths = LakePaths(d)
     seen: list[int] = []
     errors: list[str] = []
     stop = threading.Event()
@@ -120,7 +123,7 @@ def test_concurrent_writer_compactor_and_readers(tmp_path):
         lo, hi = dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
         while not stop.is_set():
             try:
-                t = lake.read_snapshots(paths, lo, hi)
+                t = read_snapshots(paths, lo, hi)
                 keys = set(zip(t.column("symbol").to_pylist(), t.column("event_ts").to_pylist(), strict=True))
                 if len(keys) != t.num_rows:
                     errors.append(f"double count: {t.num_rows} rows, {len(keys)} keys")
@@ -131,7 +134,7 @@ def test_concurrent_writer_compactor_and_readers(tmp_path):
     def compact_loop() -> None:
         while not stop.is_set():
             for level in (0, 1, None):
-                lake.compact(paths, lake.SNAPSHOTS, T0.date(), ("symbol", "event_ts", "source"),
+                compact(paths, SNAPSHOTS, T0.date(), ("symbol", "event_ts", "source"),
                              ("symbol", "event_ts"), level=level, min_files=2)
                 stop.wait(0.01)
 

@@ -186,7 +186,7 @@ def test_a_mistyped_data_dir_is_not_created_by_a_writer_that_needs_a_lake(tmp_pa
 
 
 def test_an_older_data_dir_without_marker_is_adopted_when_it_holds_only_our_folders(tmp_path: Path) -> None:
-    from microstructure import datadir
+    from microstructure.lake import datadir
 
     d = tmp_path / "old"
     (d / "lake" / "snapshots").mkdir(parents=True)
@@ -202,7 +202,7 @@ def test_an_older_data_dir_without_marker_is_adopted_when_it_holds_only_our_fold
 
 
 def test_the_lock_is_reentrant_within_one_process(tmp_path: Path) -> None:
-    from microstructure import datadir
+    from microstructure.lake import datadir
 
     d = tmp_path / "data"
     with datadir.writer(d), datadir.writer(d):

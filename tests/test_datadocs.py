@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from microstructure.book import table_from_quotes, validate
-from microstructure.checks import Checker
-from microstructure.datadocs import _rewrite, remote_references
+from microstructure.checks.datadocs import _rewrite, remote_references
+from microstructure.checks.ge import Checker
+from microstructure.contract.book import table_from_quotes, validate
 from tests.conftest import T0, book
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from microstructure import lake
+from microstructure.lake import paths as lake
 
 VIEWS = Path(__file__).resolve().parents[1] / "transforms" / "views.sql"
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microstructure.evaluate import Boot, verdict, wmean
-from microstructure.fills import L1_NOTE, simulate_fill, walk
+from microstructure.research.fills import L1_NOTE, simulate_fill, walk
+from microstructure.research.stats import Boot, verdict, wmean
 
 BOOK = {"bid_px_1": 99.9, "bid_sz_1": 100, "bid_px_2": 99.8, "bid_sz_2": 200,
         "ask_px_1": 100.1, "ask_sz_1": 100, "ask_px_2": 100.2, "ask_sz_2": 100, "ask_px_3": 100.5, "ask_sz_3": 1000}

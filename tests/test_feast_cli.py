@@ -103,7 +103,8 @@ def test_feast_ui_serves(checkout):
 
 def test_feast_materialize_never_moves_online_back(checkout):
     repo = checkout / "feature_repo"
-    from microstructure.store import open_store, read_online
+    from microstructure.store.lookup import read_online
+    from microstructure.store.repo import open_store
 
     # The poller moves on after the last build: online rows are now newer than anything offline, which is
     # what Feast's stock SQLite store let `feast materialize` overwrite with older offline rows.

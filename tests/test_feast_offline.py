@@ -101,7 +101,7 @@ def stores(tmp_path_factory):
     _data(root / "data")
     objs, services = _objects(root / "data")
     stock = _store(root, "stock", "duckdb")
-    asof = _store(root, "asof", "microstructure.feast_offline.AsofDuckDBOfflineStore")
+    asof = _store(root, "asof", "microstructure.store.asof_offline.AsofDuckDBOfflineStore")
     for s in (stock, asof):
         s.apply(objs)
     return stock, asof, services

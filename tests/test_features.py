@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microstructure.book import table_from_quotes, validate
-from microstructure.transforms import compute_features
+from microstructure.contract.book import table_from_quotes, validate
+from microstructure.features.compute import compute_features
 from tests.conftest import T0, book
 
 M = dt.timedelta(minutes=1)

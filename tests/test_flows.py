@@ -16,7 +16,8 @@ def harness():
 def test_main_flow_end_to_end(harness, data_dir):
     from microstructure.flows.pipeline import build_features_flow, main_flow, poll_flow
 
-    from microstructure import lake
+    from microstructure.lake.paths import LakePaths
+    from microstructure.lake.views import connect
 
     s = main_flow(str(data_dir), cycles=20, interval=0, step=2.0, symbols=5, seed=1)
     assert s["poll"]["cycles"] == 20 and s["poll"]["written"] > 50
@@ -27,7 +28,7 @@ def test_main_flow_end_to_end(harness, data_dir):
     assert p["cycles"] == 3
     res = build_features_flow(str(data_dir))
     assert all(r["published"] for r in res)
-    con = lake.connect(lake.LakePaths(data_dir))
+    con = connect(LakePaths(data_dir))
     n, d = con.sql("SELECT count(*), count(DISTINCT (symbol, event_ts)) FROM features").fetchall()[0]
     assert n == d > 50
 
@@ -37,7 +38,7 @@ def test_session_flow_exits_at_once_without_a_session(harness, tmp_path):
     at once with the reason in its log; never polls past the close."""
     from microstructure.flows.pipeline import poll_flow
 
-    from microstructure.session import poll_window
+    from microstructure.contract.calendar import poll_window
 
     window = poll_window()
     if not isinstance(window, str):

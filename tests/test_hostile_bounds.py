@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from microstructure.picks import MAX_PICKS, MAX_PICKS_BYTES
 from microstructure.sources.chain import MAX_SYMBOLS
+from microstructure.trading.picks import MAX_PICKS, MAX_PICKS_BYTES
 
 MiB = 1 << 20
 
@@ -258,7 +258,8 @@ def test_an_entity_time_pandas_cannot_hold_is_one_error_line(lake, tmp_path, whe
 
 
 def test_training_set_memory_follows_the_batch_not_the_file_and_rows_equal_the_unbatched_join(lake, tmp_path):
-    from microstructure.store import open_store, training_set
+    from microstructure.store.repo import open_store
+    from microstructure.store.training import training_set
 
     small, big = _entities(lake, 40_000, 1), _entities(lake, 600_000, 2)
     for name, df in (("small", small), ("big", big)):
@@ -282,7 +283,8 @@ def test_batched_training_set_equals_feasts_stock_store_unbatched(lake, tmp_path
     import yaml
     from feast import FeatureStore
 
-    from microstructure.store import FEATURE_REPO, open_store, store_yaml, training_set, write_training_set
+    from microstructure.store.repo import FEATURE_REPO, open_store, store_yaml
+    from microstructure.store.training import training_set, write_training_set
 
     ents = _entities(lake, 3_000, 3)
     ents.to_csv(tmp_path / "e.csv", index=False)
@@ -353,7 +355,7 @@ def test_a_feature_source_path_with_a_quote_joins_like_feasts_stock_store(tmp_pa
     plain, quoted = tmp_path / "plain", tmp_path / "o'brien \"data\""
     for d in (plain, quoted):
         _feature_files(d, 7)
-    ours_cfg: dict = {"type": "microstructure.feast_offline.AsofDuckDBOfflineStore"}
+    ours_cfg: dict = {"type": "microstructure.store.asof_offline.AsofDuckDBOfflineStore"}
     if window_bytes is not None:
         ours_cfg["window_bytes"] = window_bytes
     stock = _feast_repo(tmp_path, plain, {"type": "duckdb"})

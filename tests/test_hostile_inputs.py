@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from microstructure.book import BookQuote, table_from_quotes, validate
+from microstructure.contract.book import BookQuote, table_from_quotes, validate
 from tests.deep_pcap import NS, iextp, plu, write_pcap
 
 T = 1_764_000_000  # 2025-11-24 16:00:00 UTC, seconds
@@ -164,8 +164,8 @@ def test_a_million_lobster_messages_with_one_timestamp_are_refused(tmp_path):
 
 
 def test_iex_messages_with_one_timestamp_past_the_bound_are_refused(tmp_path, monkeypatch):
+    from microstructure.recorded.iex_deep import read_iex_deep
     from microstructure.sources import files
-    from microstructure.sources.iex_deep import read_iex_deep
 
     monkeypatch.setattr(files, "MAX_MESSAGES_PER_INSTANT", 5)  # our own bound, lowered to keep the capture small
     pcap = write_pcap(tmp_path / "burst.pcap",
@@ -343,11 +343,11 @@ def test_rows_failing_validation_with_one_time_are_all_stored(tmp_path):
 
 
 def test_quarantine_partition_written_before_origin_existed_still_takes_new_rows(tmp_path):
-    from microstructure.book import QUARANTINE_SCHEMA
+    from microstructure.contract.book import QUARANTINE_SCHEMA
 
     data = tmp_path / "d"
     p = wide_csv(tmp_path / "old.csv", ["AAA,garbage,10,1,10.1,1"])
-    from microstructure.sources.files import file_time
+    from microstructure.recorded.files import file_time
 
     day = file_time(p).date()
     legacy = pa.Table.from_pylist([{"symbol": "ZZZ", "received_ts": file_time(p), "source": "wide",

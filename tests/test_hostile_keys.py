@@ -24,7 +24,8 @@ import pytest
 from werkzeug import Request, Response
 
 from microstructure.sources.chain import build_chain
-from microstructure.sources.vendor import ConfigError, base_url_from_env, scrub
+from microstructure.sources.secrets import scrub
+from microstructure.sources.vendor import ConfigError, base_url_from_env
 from tests.vendor_server import (
     ALPACA_CRYPTO,
     ALPACA_STOCKS,

@@ -21,9 +21,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from microstructure import lake
-from microstructure.evaluate import BASE_FEATURES, base_feature_rows, fit_entry_model
-from microstructure.scoring import (
+from microstructure.contract.schemas import ML_FEATURES
+from microstructure.features.model_inputs import BASE_FEATURES, base_feature_rows
+from microstructure.lake.paths import LakePaths
+from microstructure.lake.views import connect
+from microstructure.research.ml import fit_entry_model
+from microstructure.store.repo import FEATURE_REPO, registry_dir
+from microstructure.trading.scoring import (
     MAX_MODEL_BYTES,
     MODEL_PATH,
     OLD_PICKLE,
@@ -33,8 +37,6 @@ from microstructure.scoring import (
     load_model,
     p_up,
 )
-from microstructure.store import FEATURE_REPO, registry_dir
-from microstructure.transforms import ML_FEATURES
 
 SPOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "binance" / "spot"
 AS_OF = "2024-08-09T00:04:00Z"
@@ -67,7 +69,7 @@ def binance_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def real_rows(binance_dir) -> pd.DataFrame:
     """Every feature row with its base features and a label: did the mid move up over the next 60 s?"""
-    con = lake.connect(lake.LakePaths(binance_dir))
+    con = connect(LakePaths(binance_dir))
     base = base_feature_rows(con, "features")
     feats = con.sql("SELECT symbol, event_ts, " + ", ".join(ML_FEATURES) + " FROM features").df()
     d = base.merge(feats, on=["symbol", "event_ts"]).sort_values(["symbol", "event_ts"]).reset_index(drop=True)
@@ -150,7 +152,7 @@ def test_picks_score_over_the_cli_equals_predict_proba_and_ignores_a_planted_pic
     assert a["status"] == "kept" and a["model_p_up"] == b["model_p_up"] and c["model_p_up"] is not None
     assert b["model_score"] == pytest.approx(1 - a["model_score"], abs=1e-15)
     # The same number the fitted scikit-learn model gives for the pick's row (base features at as_of).
-    con = lake.connect(lake.LakePaths(d))
+    con = connect(LakePaths(d))
     base = base_feature_rows(con, "features")
     for row in (a, c):
         last = base[(base["symbol"] == row["symbol"]) & (base["event_ts"] <= pd.Timestamp(AS_OF))].dropna().iloc[-1]
@@ -348,7 +350,7 @@ def _plant_gx_plugin(d: Path, marker: Path) -> Path:
 def test_planted_great_expectations_yml_plugin_never_runs_on_validate(binance_dir, tmp_path):
     """GE imports the module a store of great_expectations.yml names, from the file's plugins folder. The file is
     rewritten from our own configuration (no plugins folder) before GE opens the project."""
-    from microstructure.checks import Checker
+    from microstructure.checks.ge import Checker
 
     d = _copy(binance_dir, tmp_path)
     Checker(d / "gx")  # the data dir's GE project, as `validate` creates it

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from microstructure.output import visible
+from microstructure.contract.text import visible
 
 # Symbols a vendor, a recorded file or a colleague's export could carry. Each was a crash or a terminal
 # command before: "[/x]" closes a tag nobody opened (Rich raises MarkupError), "[link=...]" makes a hyperlink,
@@ -202,11 +202,13 @@ def test_a_nan_threshold_in_the_environment_is_refused(lake, tmp_path):
 # ---- infinite features ----------------------------------------------------------------------------------------
 def test_an_infinite_feature_fails_ge_and_the_sql_check_alike():
     """The suite's finiteness (GE ranges with finite bounds) and its SQL compilation agree, feature by feature."""
-    from microstructure import pipeline
-    from microstructure.book import validate
-    from microstructure.checks import FLOAT_FEATURES, Checker, SqlChecker
+    from microstructure.checks.ge import Checker
+    from microstructure.checks.sql import SqlChecker
+    from microstructure.checks.suites import FLOAT_FEATURES
+    from microstructure.contract.book import validate
+    from microstructure.features.compute import compute_features
+    from microstructure.jobs import poll as pipeline
     from microstructure.sources.simulated import SimulatedSource, universe
-    from microstructure.transforms import compute_features
     from tests.conftest import T0
 
     src = SimulatedSource(seed=5)
@@ -304,7 +306,7 @@ def test_an_impossible_event_time_pushed_through_feast_is_reported_bad(bad_sqlit
     import pandas as pd
     from feast.data_source import PushMode
 
-    from microstructure.store import forget_store, open_store
+    from microstructure.store.repo import forget_store, open_store
 
     monkeypatch.delenv("MICROSTRUCTURE_ONLINE_STORE", raising=False)
     feats = pq.read_table(glob.glob(str(bad_sqlite / "lake" / "features" / "date=*" / "*.parquet"))[0]).to_pandas()

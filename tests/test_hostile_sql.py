@@ -23,8 +23,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from microstructure import lake, pipeline
-from microstructure.book import KEY, SNAPSHOT_SCHEMA, table_from_quotes
+from microstructure.contract.atomic import atomic_write_parquet
+from microstructure.contract.book import KEY, SNAPSHOT_SCHEMA, table_from_quotes
+from microstructure.jobs.build import build_and_publish
+from microstructure.jobs.market import _has_source
+from microstructure.lake.paths import (
+    FEATURES,
+    FEATURES_QUARANTINE,
+    MERGED_PREFIX,
+    SNAPSHOTS,
+    LakePaths,
+    partition_files,
+)
+from microstructure.lake.views import read_snapshots
+from microstructure.lake.writer import PartitionWriter
 from tests.conftest import book
 
 START = "2026-11-23T14:30:00+00:00"
@@ -61,8 +73,8 @@ def _plant(part: Path, name: str, helpers: list[str], like: pa.Table) -> None:
     assert (part / name).exists()
 
 
-def _rows(paths: lake.LakePaths) -> tuple[int, int]:
-    files = paths.files(lake.SNAPSHOTS)
+def _rows(paths: LakePaths) -> tuple[int, int]:
+    files = paths.files(SNAPSHOTS)
     return duckdb.connect().execute(
         "SELECT count(*), count(DISTINCT (symbol, event_ts, source)) FROM read_parquet(?)", [files]).fetchall()[0]
 
@@ -76,9 +88,9 @@ def polled_dir(tmp_path: Path) -> Path:
 
 
 def test_crafted_file_name_in_a_partition_cannot_run_sql_in_the_next_poll(polled_dir, tmp_path):
-    paths = lake.LakePaths(polled_dir)
-    part = paths.partition(lake.SNAPSHOTS, DAY)
-    _plant(part, *CRAFTED["partition_writer_dedup_load"], pq.read_table(paths.files(lake.SNAPSHOTS)[0]).slice(0, 1))
+    paths = LakePaths(polled_dir)
+    part = paths.partition(SNAPSHOTS, DAY)
+    _plant(part, *CRAFTED["partition_writer_dedup_load"], pq.read_table(paths.files(SNAPSHOTS)[0]).slice(0, 1))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     # Later cycles of the same day: the writer loads the day's keys from the partition, crafted file included.
@@ -90,11 +102,11 @@ def test_crafted_file_name_in_a_partition_cannot_run_sql_in_the_next_poll(polled
 
 
 def test_crafted_file_name_in_a_partition_cannot_run_sql_in_compact(polled_dir, tmp_path):
-    paths = lake.LakePaths(polled_dir)
-    part = paths.partition(lake.SNAPSHOTS, DAY)
+    paths = LakePaths(polled_dir)
+    part = paths.partition(SNAPSHOTS, DAY)
     assert _poll(polled_dir, "2026-11-23T15:30:00+00:00", tmp_path).returncode == 0  # two files to merge
     name, helpers = CRAFTED["compact"]
-    _plant(part, name, helpers, pq.read_table(paths.files(lake.SNAPSHOTS)[0]).slice(0, 1))
+    _plant(part, name, helpers, pq.read_table(paths.files(SNAPSHOTS)[0]).slice(0, 1))
     _, distinct = _rows(paths)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -103,8 +115,8 @@ def test_crafted_file_name_in_a_partition_cannot_run_sql_in_compact(polled_dir, 
     assert not (cwd / MARKER).exists()
     assert not (cwd / "a.parquet").exists()
     # The crafted file was merged as the data it is (its row is a duplicate key: dropped), and is gone.
-    merged = [f.name for f in lake.partition_files(part)]
-    assert len(merged) == 1 and merged[0].startswith(lake.MERGED_PREFIX)
+    merged = [f.name for f in partition_files(part)]
+    assert len(merged) == 1 and merged[0].startswith(MERGED_PREFIX)
     assert not (part / name).exists()
     assert _rows(paths) == (distinct, distinct)
 
@@ -115,23 +127,23 @@ def _one_row(ts: dt.datetime) -> pa.Table:
 
 @pytest.mark.parametrize("reader", ["partition_writer_on_disk_check", "read_snapshots", "has_source"])
 def test_crafted_file_name_in_a_partition_cannot_run_sql_in_a_lake_reader(reader, tmp_path, monkeypatch):
-    paths = lake.LakePaths(tmp_path / "data")
+    paths = LakePaths(tmp_path / "data")
     ts = dt.datetime(2026, 3, 2, 15, tzinfo=dt.UTC)
-    part = paths.partition(lake.SNAPSHOTS, ts.date())
+    part = paths.partition(SNAPSHOTS, ts.date())
     _plant(part, "part-1.parquet", [], _one_row(ts))
     name, helpers = CRAFTED[reader]
     _plant(part, name, helpers, _one_row(ts))
     monkeypatch.chdir(tmp_path)
     if reader == "partition_writer_on_disk_check":
-        w = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+        w = PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
         # Older than the dedup horizon: checked against the files on disk. Its key is there: nothing written.
         assert w.write(_one_row(ts - dt.timedelta(hours=2))).num_rows == 1
         assert w.write(_one_row(ts)).num_rows == 0
     elif reader == "read_snapshots":
-        got = lake.read_snapshots(paths, ts - dt.timedelta(hours=1), ts + dt.timedelta(hours=1))
+        got = read_snapshots(paths, ts - dt.timedelta(hours=1), ts + dt.timedelta(hours=1))
         assert got.num_rows == 2  # part-1 and the crafted file, read as data
     else:
-        assert pipeline._has_source(paths, "simulated")
+        assert _has_source(paths, "simulated")
     assert not (tmp_path / MARKER).exists()
 
 
@@ -152,7 +164,7 @@ def test_data_dir_path_with_quotes_and_a_dollar_variable_works_end_to_end(tmp_pa
         assert secret not in p.stdout + p.stderr, step
     builds = json.loads(_cli("build-features", "--data-dir", str(d), "--json", cwd=cwd, env=env).stdout)
     assert builds and all(b["published"] for b in builds)
-    from microstructure.store import registry_dir  # the registry is derived state in the user's cache
+    from microstructure.store.repo import registry_dir  # the registry is derived state in the user's cache
 
     assert (registry_dir(d) / "registry.db").exists() and (d / "feast" / "online_store.db").exists()
     assert not any(secret in str(f) for f in tmp_path.rglob("*"))
@@ -168,23 +180,23 @@ def _bad_row(like: pa.Table, ts: dt.datetime) -> pa.Table:
 
 
 def test_year_0001_and_9999_rows_from_an_older_version_do_not_block_building_the_other_dates(polled_dir):
-    paths = lake.LakePaths(polled_dir)
-    like = pq.read_table(paths.files(lake.SNAPSHOTS)[0])
+    paths = LakePaths(polled_dir)
+    like = pq.read_table(paths.files(SNAPSHOTS)[0])
     for ts in (dt.datetime(1, 1, 1, 12, tzinfo=dt.UTC), dt.datetime(9999, 12, 31, 12, tzinfo=dt.UTC)):
         # As an older version wrote it: straight into the lake, no reader's quarantine in between.
-        lake.atomic_write_parquet(_bad_row(like, ts), paths.partition(lake.SNAPSHOTS, ts.date()) / "part-old.parquet")
+        atomic_write_parquet(_bad_row(like, ts), paths.partition(SNAPSHOTS, ts.date()) / "part-old.parquet")
     p = _cli("build-features", "--data-dir", str(polled_dir), "--json")
     assert p.returncode == 1, p.stderr  # a date was not published
     got = {b["date"]: b for b in json.loads(p.stdout)}
     assert set(got) == {"0001-01-01", DAY.isoformat(), "9999-12-31"}
     assert got[DAY.isoformat()]["published"] and got[DAY.isoformat()]["features"] > 0
-    assert (paths.partition(lake.FEATURES, DAY) / "features.parquet").exists()
+    assert (paths.partition(FEATURES, DAY) / "features.parquet").exists()
     for bad in ("0001-01-01", "9999-12-31"):
         assert not got[bad]["published"] and got[bad]["snapshots"] == 1
         assert got[bad]["reasons"] and "implausible date" in got[bad]["reasons"][0]
-        assert not paths.partition(lake.FEATURES, dt.date.fromisoformat(bad)).exists()
+        assert not paths.partition(FEATURES, dt.date.fromisoformat(bad)).exists()
         # The reason is kept beside the quarantined batches, where `validate` lists them.
-        recorded = list(paths.partition(lake.FEATURES_QUARANTINE, dt.date.fromisoformat(bad)).glob("*.json"))
+        recorded = list(paths.partition(FEATURES_QUARANTINE, dt.date.fromisoformat(bad)).glob("*.json"))
         assert recorded and "implausible date" in json.loads(recorded[0].read_text())["reasons"][0]
     # Only the good date asked for: it builds, and the exit code says all was published.
     p = _cli("build-features", "--data-dir", str(polled_dir), "--date", DAY.isoformat(), "--json")
@@ -192,31 +204,31 @@ def test_year_0001_and_9999_rows_from_an_older_version_do_not_block_building_the
 
 
 def test_an_unreadable_partition_is_reported_for_its_date_and_the_other_dates_publish(tmp_path):
-    paths = lake.LakePaths(tmp_path / "data")
+    paths = LakePaths(tmp_path / "data")
     good, bad = dt.date(2026, 3, 5), dt.date(2026, 3, 2)
-    w = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+    w = PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
     t0 = dt.datetime.combine(good, dt.time(15), dt.UTC)
     w.write(table_from_quotes([book("AAA", event_ts=t0 + dt.timedelta(seconds=i), source="simulated")
                                for i in range(5)]))
-    part = paths.partition(lake.SNAPSHOTS, bad)
+    part = paths.partition(SNAPSHOTS, bad)
     part.mkdir(parents=True)
     (part / "part-torn.parquet").write_bytes(b"not a parquet file, a torn write by some other tool")
-    res = {r.day: r for r in pipeline.build_and_publish(paths)}
+    res = {r.day: r for r in build_and_publish(paths)}
     assert set(res) == {good, bad}
     assert res[good].published and res[good].features == 5
     assert not res[bad].published and res[bad].reasons[0].startswith("build failed: ")
-    assert (paths.partition(lake.FEATURES, good) / "features.parquet").exists()
+    assert (paths.partition(FEATURES, good) / "features.parquet").exists()
 
 
 def test_a_quote_in_a_symbol_or_source_is_data_in_evaluate_filters(tmp_path):
-    from microstructure import evaluate
+    from microstructure.research import data as evaluate
 
-    paths = lake.LakePaths(tmp_path / "data")
-    w = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+    paths = LakePaths(tmp_path / "data")
+    w = PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
     t0 = dt.datetime(2026, 3, 2, 15, tzinfo=dt.UTC)
     w.write(table_from_quotes([book(sym, event_ts=t0 + dt.timedelta(seconds=i), source=src)
                                for i in range(4) for sym, src in (("O'B", "x' OR 'a'='a"), ("AAA", "sim"))]))
-    assert all(r.published for r in pipeline.build_and_publish(paths))
+    assert all(r.published for r in build_and_publish(paths))
     _, feats, _ = evaluate.load(paths, None, ["O'B"])
     assert set(feats["symbol"]) == {"O'B"} and len(feats) == 4  # before: the quote was stripped, nothing matched
     _, feats, _ = evaluate.load(paths, "x' OR 'a'='a")
@@ -226,7 +238,8 @@ def test_a_quote_in_a_symbol_or_source_is_data_in_evaluate_filters(tmp_path):
 
 
 def test_sql_checker_thresholds_are_bound_not_sql_text():
-    from microstructure.checks import MAX_LAG_S, MIN_LAG_S, SqlChecker
+    from microstructure.checks.sql import SqlChecker
+    from microstructure.checks.suites import MAX_LAG_S, MIN_LAG_S
 
     c = SqlChecker()
     for kind in ("snapshots", "features"):

@@ -16,7 +16,10 @@ import duckdb
 import pytest
 from werkzeug import Request, Response
 
-from microstructure import lake, pipeline
+from microstructure.jobs.poll import LiveClock, poll_cycles
+from microstructure.jobs.publisher import OnlinePublisher
+from microstructure.lake.paths import SNAPSHOTS, LakePaths
+from microstructure.lake.views import connect, read_snapshots
 from microstructure.sources.simulated import SimulatedSource, universe
 from tests.vendor_server import ALPACA_STOCKS, POLY_STOCKS, alpaca_quotes, poly_quote, poly_snapshot
 
@@ -93,7 +96,7 @@ def test_bad_symbols_in_a_batch_never_black_out_the_healthy_ones_and_poll_exits_
     # The last cycle was acknowledged, then the process was gone within 3 s, hanging vendor calls or not.
     assert ended - ack.stat().st_mtime < 3.0, ended - ack.stat().st_mtime
     assert time.monotonic() - t0 < cycles * 1.0 + 20
-    con = lake.connect(lake.LakePaths(d))
+    con = connect(LakePaths(d))
     served = dict(con.sql("SELECT symbol, count(*) FILTER (WHERE error_class IS NULL) FROM outcomes "
                           "GROUP BY symbol").fetchall())
     n_cycles = con.sql("SELECT count(DISTINCT cycle_ts) FROM outcomes").fetchall()[0][0]
@@ -134,14 +137,15 @@ class SlowSource:
 
 
 def test_live_times_are_the_clock_and_overruns_skip_slots(tmp_path):
-    from microstructure.checks import Checker
-    from microstructure.store import open_store, read_online
+    from microstructure.checks.ge import Checker
+    from microstructure.store.lookup import read_online
+    from microstructure.store.repo import open_store
 
-    paths = lake.LakePaths(tmp_path / "d")
+    paths = LakePaths(tmp_path / "d")
     src = SlowSource()
     syms = universe()[:30]
     store = open_store(paths.data_dir)
-    pub = pipeline.OnlinePublisher(paths, store, Checker())
+    pub = OnlinePublisher(paths, store, Checker())
     writes: list[dt.datetime] = []
     ages: list[float] = []
 
@@ -150,10 +154,10 @@ def test_live_times_are_the_clock_and_overruns_skip_slots(tmp_path):
         if i > 0:  # the first cycle also loads Great Expectations (~1 s, once per process)
             ages.extend(r.age_s for r in read_online(store, syms[:5]))
 
-    clock = pipeline.LiveClock(0.25, cycles=8)  # the source alone takes longer than a slot
-    stats = pipeline.poll(paths, src, syms, clock, publisher=pub, on_cycle=on_cycle)
+    clock = LiveClock(0.25, cycles=8)  # the source alone takes longer than a slot
+    stats = poll_cycles(paths, src, syms, clock, publisher=pub, on_cycle=on_cycle)
     assert stats.cycles == 8 and stats.skipped_slots >= 7  # overran every slot: skipped, never queued
-    snaps = lake.read_snapshots(paths, dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime.now(dt.UTC)).to_pylist()
+    snaps = read_snapshots(paths, dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime.now(dt.UTC)).to_pylist()
     assert snaps
     for slot, start, _end in src.spans:
         assert slot <= start  # no slot is stamped before its cycle began
@@ -178,7 +182,7 @@ def test_live_clock_starts_when_first_asked_and_skips_missed_slots():
         slept.append(s)
         now[0] += s
 
-    clock = pipeline.LiveClock(2.0, cycles=4, clock=lambda: now[0], sleep=sleep)
+    clock = LiveClock(2.0, cycles=4, clock=lambda: now[0], sleep=sleep)
     it = iter(clock)
     now[0] = 1005.0  # initialisation took 5 s: the schedule starts now, not at construction
     first = next(it)
@@ -189,7 +193,7 @@ def test_live_clock_starts_when_first_asked_and_skips_missed_slots():
     assert next(it).timestamp() == 1015.0
     with pytest.raises(StopIteration):
         next(it)
-    until = pipeline.LiveClock(1.0, until=dt.datetime.fromtimestamp(1003.5, dt.UTC), clock=lambda: now[0],
+    until = LiveClock(1.0, until=dt.datetime.fromtimestamp(1003.5, dt.UTC), clock=lambda: now[0],
                                sleep=sleep)
     now[0] = 1000.0
     assert [t.timestamp() for t in until] == [1000.0, 1001.0, 1002.0, 1003.0]
@@ -216,15 +220,15 @@ def test_killed_poller_resumes_the_same_market(tmp_path):
     finally:
         proc.wait(30)
     saved = SimulatedSource.load(d / "sim" / "state.npz")
-    paths = lake.LakePaths(d)
+    paths = LakePaths(d)
     con = duckdb.connect()
-    last = con.sql(f"SELECT max(received_ts) FROM read_parquet({paths.files(lake.SNAPSHOTS)!r})").fetchall()[0][0]
+    last = con.sql(f"SELECT max(received_ts) FROM read_parquet({paths.files(SNAPSHOTS)!r})").fetchall()[0][0]
     # The saved market is the one of the last acknowledged cycle (or the one in flight).
     assert abs(saved.now - last.timestamp()) <= 2.0
     r = subprocess.run(_poll_args(d, "--cycles", 3), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     mids = con.sql(f"""SELECT received_ts, (bid_px_1 + ask_px_1) / 2 AS mid FROM
-                       read_parquet({paths.files(lake.SNAPSHOTS)!r}) WHERE symbol = 'MEGA01' ORDER BY received_ts
+                       read_parquet({paths.files(SNAPSHOTS)!r}) WHERE symbol = 'MEGA01' ORDER BY received_ts
                     """).fetchall()
     jumps = [abs(b[1] - a[1]) / a[1] for a, b in itertools.pairwise(mids)]
     assert max(jumps) < 0.02  # one market: no jump back to the seed's prices at the restart
@@ -236,8 +240,8 @@ def test_run_continues_a_market_and_never_mixes_two(tmp_path):
     assert cli(*args).returncode == 0
     r = cli(*args)  # again, on the same data dir: continues the saved market up to now
     assert r.returncode == 0, r.stderr
-    paths = lake.LakePaths(d)
-    mids = duckdb.sql(f"""SELECT (bid_px_1 + ask_px_1) / 2 FROM read_parquet({paths.files(lake.SNAPSHOTS)!r})
+    paths = LakePaths(d)
+    mids = duckdb.sql(f"""SELECT (bid_px_1 + ask_px_1) / 2 FROM read_parquet({paths.files(SNAPSHOTS)!r})
                           WHERE symbol = 'MEGA01' ORDER BY event_ts""").fetchall()
     jumps = [abs(b[0] - a[0]) / a[0] for a, b in itertools.pairwise(mids)]
     assert max(jumps) < 0.02
@@ -250,7 +254,7 @@ def test_run_continues_a_market_and_never_mixes_two(tmp_path):
 
 # ---- sessions from the exchange calendar ------------------------------------------------------------------
 def test_calendar_knows_holidays_and_half_days():
-    from microstructure.session import session_for
+    from microstructure.contract.calendar import session_for
 
     thanksgiving = session_for(dt.date(2026, 11, 26))
     assert not thanksgiving.trading and "holiday" in thanksgiving.reason
@@ -263,7 +267,7 @@ def test_calendar_knows_holidays_and_half_days():
 
 
 def test_session_window_from_the_calendar():
-    from microstructure.session import poll_window
+    from microstructure.contract.calendar import poll_window
 
     utc = dt.UTC
     assert "holiday" in poll_window(dt.datetime(2026, 11, 26, 15, 0, tzinfo=utc))
@@ -275,7 +279,7 @@ def test_session_window_from_the_calendar():
 
 
 def test_session_poll_on_a_day_without_one_exits_at_once(tmp_path):
-    from microstructure.session import poll_window
+    from microstructure.contract.calendar import poll_window
 
     window = poll_window()
     if not isinstance(window, str):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from microstructure import pipeline
-from microstructure.book import validate
-from microstructure.sources.lobster import read_lobster
+from microstructure.contract.book import validate
+from microstructure.jobs import build as pipeline
+from microstructure.recorded.lobster import read_lobster
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "lobster"
 pytestmark = pytest.mark.skipif(not SAMPLE.exists(), reason="shared LOBSTER sample not present")
@@ -40,7 +40,7 @@ def test_backfill_is_idempotent_and_builds_features(data_dir):
     first = subprocess.run(cmd, capture_output=True, text=True, check=True)
     second = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert '"written": 48' in first.stdout and '"written": 0' in second.stdout
-    from microstructure.lake import LakePaths
+    from microstructure.lake.paths import LakePaths
 
     res = pipeline.build_and_publish(LakePaths(data_dir))
     assert res[0].published and res[0].features == 48

@@ -15,8 +15,9 @@ from feast.protos.feast.types.Value_pb2 import Value
 from hypothesis import given
 from hypothesis import strategies as st
 
-from microstructure.online_read import decode
-from microstructure.store import forget_store, open_store, read_online
+from microstructure.store.lookup import read_online
+from microstructure.store.online_read import decode
+from microstructure.store.repo import forget_store, open_store
 
 # This module's own database on the shared server, one per xdist worker: the module fixture runs once per worker,
 # and one worker's flush must not wipe another's keys mid-test.
@@ -111,14 +112,14 @@ def test_a_fresh_market_clears_redis(redis_run, monkeypatch):
     _, client = redis_run
     client.set(b"unrelated-key", b"1")
     monkeypatch.setenv("MICROSTRUCTURE_ONLINE_STORE", REDIS_URL)
-    from microstructure.store import clear_online
+    from microstructure.store.repo import clear_online
 
     assert clear_online() == 12
     assert client.get(b"unrelated-key") == b"1" and client.dbsize() == 1
 
 
 def test_a_password_never_reaches_the_yaml(tmp_path, monkeypatch):
-    from microstructure.store import REDIS_PASSWORD_ENV, store_yaml
+    from microstructure.store.repo import REDIS_PASSWORD_ENV, store_yaml
 
     monkeypatch.setenv("MICROSTRUCTURE_ONLINE_STORE", "redis://:s3cret-pw@127.0.0.1:6379/3")
     monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)
@@ -135,7 +136,7 @@ def test_a_bad_online_store_url_is_one_line(tmp_path):
 
 
 def test_fast_read_used_for_one_view_services_only(polled):
-    from microstructure.store import _read_plan
+    from microstructure.store.lookup import _read_plan
 
     store = open_store(Path(polled["paths"].data_dir))
     assert _read_plan(store, "scoring") is not None

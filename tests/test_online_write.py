@@ -11,11 +11,12 @@ import pyarrow as pa
 import pytest
 import redis
 
-from microstructure import pipeline
-from microstructure.book import validate
+from microstructure.contract.book import validate
+from microstructure.features.compute import compute_features
+from microstructure.jobs import poll as pipeline
 from microstructure.sources.simulated import SimulatedSource, universe
-from microstructure.store import forget_store, open_store, push_online, read_online
-from microstructure.transforms import compute_features
+from microstructure.store.lookup import read_online
+from microstructure.store.repo import forget_store, open_store, push_online
 from tests.conftest import T0
 
 REDIS_DB = 12 + 2 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").lstrip("gw") or 0)  # and REDIS_DB + 1

@@ -9,13 +9,20 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from microstructure import lake, pipeline
-from microstructure.book import KEY, SNAPSHOT_SCHEMA, table_from_quotes, validate
-from microstructure.checks import Checker
-from microstructure.lake import LakePaths
+from microstructure.checks.ge import Checker
+from microstructure.contract.book import KEY, SNAPSHOT_SCHEMA, table_from_quotes, validate
+from microstructure.contract.schemas import FEATURE_NAMES
+from microstructure.jobs.build import build_and_publish
+from microstructure.jobs.poll import cycle_times, poll_cycles
+from microstructure.jobs.publisher import OnlinePublisher
+from microstructure.lake.compaction import compact, recover
+from microstructure.lake.paths import FEATURES, FEATURES_QUARANTINE, SNAPSHOTS, LakePaths
+from microstructure.lake.views import connect
+from microstructure.lake.writer import PartitionWriter
 from microstructure.sources.simulated import SimulatedSource, universe
-from microstructure.store import open_store, read_online, training_set
-from microstructure.transforms import FEATURE_NAMES
+from microstructure.store.lookup import read_online
+from microstructure.store.repo import open_store
+from microstructure.store.training import training_set
 from tests.conftest import T0, book
 
 
@@ -58,7 +65,7 @@ def test_feast_online_store_holds_the_last_cycle(polled):
 
 def test_lake_has_no_duplicates_and_only_complete_files(polled):
     paths = polled["paths"]
-    con = lake.connect(paths)
+    con = connect(paths)
     n, distinct = con.sql("SELECT count(*), count(DISTINCT (symbol, event_ts, source)) FROM snapshots").fetchall()[0]
     assert n == distinct == polled["stats"].written
     assert not list(paths.root.rglob("*.tmp"))
@@ -69,31 +76,31 @@ def test_lake_has_no_duplicates_and_only_complete_files(polled):
 def test_rewriting_the_same_snapshots_adds_nothing(data_dir):
     paths = LakePaths(data_dir)
     clean = validate(table_from_quotes([book("A"), book("B")])).clean
-    assert lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA).write(clean).num_rows == 2
+    assert PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA).write(clean).num_rows == 2
     # A fresh writer (a re-run, a new process) reads the keys back from the lake.
-    again = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+    again = PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
     assert again.write(clean).num_rows == 0
     assert duckdb.sql("SELECT count(*) FROM read_parquet(?)", params=[paths.glob("snapshots")]).fetchall()[0][0] == 2
 
 
 def test_compaction_merges_sorts_and_survives_a_crash(data_dir):
     paths = LakePaths(data_dir)
-    w = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+    w = PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
     for i in range(5):
         w.write(validate(table_from_quotes(
             [book(s, event_ts=T0 + dt.timedelta(seconds=i)) for s in ("B", "A")])).clean)
-    part = paths.partition(lake.SNAPSHOTS, T0.date())
+    part = paths.partition(SNAPSHOTS, T0.date())
     before = sorted(part.glob("*.parquet"))
     assert len(before) == 5
     # Simulate a crash after the commit point: merged file in place, old files not yet deleted.
-    assert lake.compact(paths, lake.SNAPSHOTS, T0.date(), KEY, ("symbol", "event_ts")) == (5, 1)
+    assert compact(paths, SNAPSHOTS, T0.date(), KEY, ("symbol", "event_ts")) == (5, 1)
     t = duckdb.sql(f"SELECT symbol, event_ts FROM read_parquet('{part}/*.parquet')").fetchall()
     assert len(t) == 10 and t == sorted(t)
     # An interrupted compaction before its commit point leaves the partition as it was.
     staging = part / ".compacting"
     staging.mkdir()
     (staging / "plan.json").write_text('{"merged": "compacted-x.parquet", "replaces": ["nope.parquet"]}')
-    lake.recover(part)
+    recover(part)
     assert not staging.exists() and len(list(part.glob("*.parquet"))) == 1
 
 
@@ -103,9 +110,9 @@ def test_training_set_never_sees_a_book_received_after_the_entity_time(data_dir)
     lag = dt.timedelta(seconds=30)
     quotes = [book("A", ((100.0 + i, 10),), ((100.5 + i, 10),), event_ts=T0 + dt.timedelta(seconds=10 * i),
                    received_ts=T0 + dt.timedelta(seconds=10 * i) + lag) for i in range(10)]
-    w = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+    w = PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
     w.write(validate(table_from_quotes(quotes)).clean)
-    res = pipeline.build_and_publish(paths, None, None)
+    res = build_and_publish(paths, None, None)
     assert res[0].published
     ent_times = [T0 + dt.timedelta(seconds=s) for s in (5, 29.999, 30, 45, 59.9999, 95, 420, 420.001)]
     ents = pd.DataFrame({"symbol": "A", "event_timestamp": ent_times, "label": range(len(ent_times))})
@@ -125,32 +132,32 @@ def test_training_set_never_sees_a_book_received_after_the_entity_time(data_dir)
 
 def test_a_batch_failing_its_checks_is_quarantined_not_published(data_dir):
     paths = LakePaths(data_dir)
-    w = lake.PartitionWriter(paths, lake.SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+    w = PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
     ok = [book("A", event_ts=T0 + dt.timedelta(seconds=i)) for i in range(3)]
     # Valid as a book, but the vendor handed it to us 20 minutes late: fails the freshness check.
     stale = book("S", event_ts=T0, received_ts=T0 + dt.timedelta(minutes=20))
     w.write(validate(table_from_quotes([*ok, stale])).clean)
-    res = pipeline.build_and_publish(paths, None, Checker(data_dir / "gx"))
+    res = build_and_publish(paths, None, Checker(data_dir / "gx"))
     assert not res[0].published
     assert any("lag_s" in r for r in res[0].reasons)
-    assert not paths.has(lake.FEATURES)
-    assert list(paths.dataset(lake.FEATURES_QUARANTINE).glob("*/*.json"))
+    assert not paths.has(FEATURES)
+    assert list(paths.dataset(FEATURES_QUARANTINE).glob("*/*.json"))
     assert (data_dir / "gx" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html").exists()
 
 
 def test_online_batch_failing_checks_is_not_pushed(data_dir):
     paths = LakePaths(data_dir)
-    pub = pipeline.OnlinePublisher(paths, open_store(data_dir), Checker())
+    pub = OnlinePublisher(paths, open_store(data_dir), Checker())
     stale = validate(table_from_quotes([book("S", event_ts=T0, received_ts=T0 + dt.timedelta(minutes=20))])).clean
     pub.add_cycle(stale)
     pub.flush()
     assert pub.pushed == 0 and sum(pub.rejected.values()) == 1
     assert read_online(open_store(data_dir), ["S"])[0].found is False
-    assert paths.has(lake.FEATURES_QUARANTINE)
+    assert paths.has(FEATURES_QUARANTINE)
 
 
 def test_simulated_source_is_deterministic_and_informative():
-    times = list(pipeline.cycle_times(T0, 2.0, 400, 0))
+    times = list(cycle_times(T0, 2.0, 400, 0))
 
     def run(seed):
         s = SimulatedSource(seed=seed)
@@ -183,23 +190,23 @@ def test_simulated_state_round_trips(tmp_path):
 
 def test_unknown_symbol_is_quarantined_not_dropped(data_dir):
     paths = LakePaths(data_dir)
-    stats = pipeline.poll(paths, SimulatedSource(seed=1), ["MEGA01", "NOPE"], iter([T0]))
+    stats = poll_cycles(paths, SimulatedSource(seed=1), ["MEGA01", "NOPE"], iter([T0]))
     assert stats.written == 1 and stats.quarantined["unknown_symbol"] == 1
 
 
 @pytest.mark.parametrize("cycles", [1])
 def test_poll_writes_hive_partitions(data_dir, cycles):
     paths = LakePaths(data_dir)
-    pipeline.poll(paths, SimulatedSource(seed=1), universe()[:3], pipeline.cycle_times(T0, 2, cycles, 0))
+    poll_cycles(paths, SimulatedSource(seed=1), universe()[:3], cycle_times(T0, 2, cycles, 0))
     assert (data_dir / "lake" / "snapshots" / f"date={T0.date()}").is_dir()
 
 
 def test_online_cycle_quarantines_a_stale_row_and_serves_the_others(data_dir):
-    from microstructure.checks import SqlChecker
+    from microstructure.checks.sql import SqlChecker
 
     paths = LakePaths(data_dir)
     store = open_store(data_dir)
-    pub = pipeline.OnlinePublisher(paths, store, SqlChecker())
+    pub = OnlinePublisher(paths, store, SqlChecker())
     stale = book("S", event_ts=T0, received_ts=T0 + dt.timedelta(minutes=20))
     fresh = book("F", event_ts=T0 + dt.timedelta(minutes=20), received_ts=T0 + dt.timedelta(minutes=20))
     pub.add_cycle(validate(table_from_quotes([stale, fresh])).clean)
@@ -208,5 +215,5 @@ def test_online_cycle_quarantines_a_stale_row_and_serves_the_others(data_dir):
     s, f = read_online(store, ["S", "F"])
     assert not s.found and f.found
     q = duckdb.sql("SELECT symbol, reason FROM read_parquet(?)",
-                   params=[paths.glob(lake.FEATURES_QUARANTINE)]).fetchall()
+                   params=[paths.glob(FEATURES_QUARANTINE)]).fetchall()
     assert q == [("S", "expect_column_values_to_be_between(lag_s)")]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from microstructure.config import CRYPTO, Thresholds, ThresholdSet, load_threshold_set
-from microstructure.filters import apply_filters
+from microstructure.trading.filters import apply_filters
+from microstructure.trading.thresholds import CRYPTO, Thresholds, ThresholdSet, load_threshold_set
 
 
 @pytest.mark.parametrize(("symbol", "profile"), [("AAPL", "equity"), ("MEGA01", "equity"), ("BTC/USD", "crypto"),

@@ -11,15 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microstructure import pipeline
-from microstructure.book import table_from_quotes, validate
-from microstructure.config import Thresholds, load_thresholds
-from microstructure.filters import apply_filters, risk_marking
-from microstructure.lake import LakePaths
-from microstructure.picks import evaluate, summary
-from microstructure.service import MicrostructureService, calculate_imbalance
+from microstructure.contract.book import table_from_quotes, validate
+from microstructure.jobs.build import build_and_publish
+from microstructure.jobs.poll import cycle_times, poll_cycles
+from microstructure.jobs.publisher import OnlinePublisher
+from microstructure.lake.paths import LakePaths
 from microstructure.sources.simulated import SimulatedSource
-from microstructure.store import open_store
+from microstructure.store.repo import open_store
+from microstructure.trading.filters import apply_filters, risk_marking
+from microstructure.trading.picks import evaluate, summary
+from microstructure.trading.service import MicrostructureService, calculate_imbalance
+from microstructure.trading.thresholds import Thresholds, load_thresholds
 from tests.conftest import T0, book
 
 T = Thresholds()
@@ -108,10 +110,10 @@ def world(data_dir):
     """Twenty simulated symbols polled for 100 cycles from T0, plus a halted and an L1-only symbol."""
     paths = LakePaths(data_dir)
     src = SimulatedSource(seed=2)
-    pub = pipeline.OnlinePublisher(paths, open_store(data_dir), None)
+    pub = OnlinePublisher(paths, open_store(data_dir), None)
     from microstructure.sources.simulated import universe
 
-    pipeline.poll(paths, src, universe()[:20], pipeline.cycle_times(T0, 2.0, 100, 0), publisher=pub)
+    poll_cycles(paths, src, universe()[:20], cycle_times(T0, 2.0, 100, 0), publisher=pub)
     last = T0 + dt.timedelta(seconds=198)
     extra = [book("HALTD", ((10, 1e5),), ((10.01, 1e5),), event_ts=last, halted=True),
              book("L1ONLY", ((50, 5000),), ((50.01, 5000),), event_ts=last)]
@@ -181,7 +183,7 @@ def test_picks_with_bad_rows(world, tmp_path):
         {"symbol": "MEGA01", "side": "buy", "score": 0.6, "mode": "SAFE", "notional": -5},
         {"symbol": None, "side": "buy", "score": 0.6, "mode": "SAFE"},
     ])
-    pipeline.build_and_publish(world["paths"])
+    build_and_publish(world["paths"])
     res = evaluate(picks, s)
     st_ = [r["status"] for r in res]
     assert st_[:4] == ["kept", "dropped", "kept", "kept"] and st_[4:] == ["error"] * 3

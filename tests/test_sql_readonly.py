@@ -23,8 +23,11 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from microstructure import lake, shell
-from microstructure.output import InputError
+from microstructure.cli import sql_shell as shell
+from microstructure.contract.atomic import atomic_write_parquet
+from microstructure.contract.inputs import InputError
+from microstructure.lake.paths import LakePaths, ensure_schemas
+from microstructure.lake.views import connect
 
 T0 = dt.datetime(2026, 11, 23, 14, 30, tzinfo=dt.UTC)
 SECRET = "OUTSIDE_SECRET"  # the symbol of the rows in the parquet file outside the lake
@@ -60,16 +63,16 @@ def tree(root: Path) -> dict[str, str]:
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small lake written by the project's own code: snapshots and outcomes from a poll, features computed by
     features.sql and written as the build does, every dataset's schema file."""
-    from microstructure import pipeline
+    from microstructure.features.compute import compute_features
+    from microstructure.jobs import poll as pipeline
     from microstructure.sources.simulated import SimulatedSource, universe
-    from microstructure.transforms import compute_features
 
     d = tmp_path_factory.mktemp("sqlro") / "data"
-    paths = lake.LakePaths(d)
+    paths = LakePaths(d)
     pipeline.poll(paths, SimulatedSource(seed=5), universe()[:5], pipeline.cycle_times(T0, 2.0, 20, 0))
     feats = compute_features(pq.read_table(paths.files("snapshots")))
-    lake.atomic_write_parquet(feats, paths.partition("features", T0.date()) / "features.parquet")
-    lake.ensure_schemas(paths)
+    atomic_write_parquet(feats, paths.partition("features", T0.date()) / "features.parquet")
+    ensure_schemas(paths)
     return d
 
 
@@ -81,7 +84,7 @@ def world(pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
     shutil.copytree(pristine, d, symlinks=True)
     outside = tmp_path / "outside"
     outside.mkdir()
-    snaps = pq.read_table(lake.LakePaths(d).files("snapshots")).slice(0, 3)
+    snaps = pq.read_table(LakePaths(d).files("snapshots")).slice(0, 3)
     secret_file = outside / "secret.parquet"
     pq.write_table(snaps.set_column(0, "symbol", [[SECRET] * 3]), secret_file)
     cwd, home = tmp_path / "cwd", tmp_path / "home"
@@ -89,8 +92,8 @@ def world(pristine: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> di
     home.mkdir()
     monkeypatch.chdir(cwd)  # in-process sessions: a `.tmp` would appear here
     monkeypatch.setenv("HOME", str(home))
-    features_file = lake.LakePaths(d).files("features")[0]
-    return {"d": d, "paths": lake.LakePaths(d), "secret_file": secret_file, "cwd": cwd, "home": home,
+    features_file = LakePaths(d).files("features")[0]
+    return {"d": d, "paths": LakePaths(d), "secret_file": secret_file, "cwd": cwd, "home": home,
             "marker": tmp_path / "marker", "features_file": features_file,
             "before": tree(d), "env": {"HOME": str(home)}}
 
@@ -267,7 +270,7 @@ def test_symlink_in_a_lake_partition_to_an_outside_parquet_is_never_read(world):
 def test_symlink_between_lake_files_is_still_read(world):
     """The guard is about leaving the lake, not about links: one that stays inside reads normally."""
     w = world
-    inside = lake.LakePaths(w["d"]).files("outcomes")[0]
+    inside = LakePaths(w["d"]).files("outcomes")[0]
     n = json.loads(cli("sql", "SELECT count(*) AS n FROM outcomes", "--data-dir", w["d"], "--json").stdout)[0]["n"]
     Path(inside).with_name("zz-alias.parquet").symlink_to(Path(inside).name)
     got = json.loads(cli("sql", "SELECT count(*) AS n FROM outcomes", "--data-dir", w["d"], "--json").stdout)
@@ -430,9 +433,9 @@ def test_a_normal_query_still_works_with_the_views_columns(world, con):
     n = len(pq.read_table(w["paths"].files("snapshots")))
     got = json.loads(cli("sql", "SELECT count(*) AS n FROM snapshots", "--data-dir", w["d"], "--json").stdout)
     assert got == [{"n": n}]
-    # The same columns as views.sql gives through lake.connect (the folder's date as `date`, views.sql's
+    # The same columns as views.sql gives through connect (the folder's date as `date`, views.sql's
     # computed one as `date_1`), and the same rows.
-    stock = lake.connect(w["paths"])
+    stock = connect(w["paths"])
     for view in shell.DATASETS:
         assert con.sql(f"DESCRIBE {view}").fetchall() == stock.sql(f"DESCRIBE {view}").fetchall(), view
         q = f"SELECT * FROM {view} ORDER BY ALL"

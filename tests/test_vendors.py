@@ -14,7 +14,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from microstructure import lake, pipeline
+from microstructure.jobs import poll as pipeline
+from microstructure.lake.paths import LakePaths
+from microstructure.lake.views import connect
 from microstructure.sources.chain import AuthRejected, ChainSource, Group, build_chain
 from microstructure.sources.guard import CircuitBreaker, Limits, TokenBucket
 from microstructure.sources.vendor import ConfigError
@@ -289,7 +291,7 @@ def test_chain_poll_into_the_lake_records_outcomes_and_coverage(env, tmp_path):
         poly_snapshot(poly_quote("AAPL", 189.50, 189.52)))  # MSFT missing at Polygon -> Alpaca
     env.expect_request(poly_crypto_path("X:DOGEUSD")).respond_with_json({"status": "OK", "data": {}})
     good_alpaca(env)
-    paths = lake.LakePaths(tmp_path / "d")
+    paths = LakePaths(tmp_path / "d")
     chain = build_chain(chain_file(tmp_path), ["DOGE/USD"])
     times = pipeline.cycle_times(AT, 2.0, 3, 0)
     stats = pipeline.poll(paths, chain, ["AAPL", "MSFT", "BTC/USD", "DOGE/USD"], times)
@@ -297,7 +299,7 @@ def test_chain_poll_into_the_lake_records_outcomes_and_coverage(env, tmp_path):
     assert stats.served_by == {"polygon": 3, "alpaca": 3, "alpaca_crypto": 3}
     assert stats.missing == {"unavailable": 3}  # DOGE/USD: neither vendor had it
     assert stats.coverage() == {"l2": 1, "shallow": 0, "l1_only": 2, "none": 1}
-    from microstructure.coverage import coverage
+    from microstructure.lake.coverage import coverage
 
     cov = coverage(paths)
     by = {r["source"]: r for r in cov["sources"]}
@@ -305,7 +307,7 @@ def test_chain_poll_into_the_lake_records_outcomes_and_coverage(env, tmp_path):
     assert cov["overall"] | {"none_symbols": None} == {"l2": 1, "shallow": 0, "l1_only": 2, "none": 1, "symbols": 4,
                                                         "none_symbols": None}
     assert cov["overall"]["none_symbols"] == ["DOGE/USD"]
-    con = lake.connect(paths)
+    con = connect(paths)
     assert con.sql("SELECT count(*) FROM outcomes").fetchall()[0][0] == 12
     assert con.sql("SELECT DISTINCT detail FROM outcomes WHERE symbol = 'DOGE/USD'").fetchall() == [
         ("alpaca_crypto: unknown_symbol; polygon_crypto: unavailable | polygon_crypto crypto book empty or "

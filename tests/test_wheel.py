@@ -40,7 +40,7 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MICROSTRUCTURE_", "PYTHON", "VIRTUAL_ENV"))}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
-    where = sh(py, "-c", "import microstructure, microstructure.sql; print(microstructure.__file__)", cwd=empty,
+    where = sh(py, "-c", "import microstructure, microstructure.transforms; print(microstructure.__file__)", cwd=empty,
                env=env)
     assert str(venv) in where and str(ROOT) not in where
     out = json.loads(sh(venv / "bin" / "microstructure", "run", "--cycles", 20, "--symbols", 5, "--json",

@@ -1,4 +1,4 @@
 """The DuckDB SQL that defines every feature (``features.sql``) and the lake's views (``views.sql``).
 
-Installed as the package ``microstructure.sql`` so a wheel carries the SQL beside the code.
+Installed as the package ``microstructure.transforms`` so a wheel carries the SQL beside the code.
 """

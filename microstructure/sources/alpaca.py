@@ -18,7 +18,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from microstructure.book import BookQuote
+from microstructure.contract.book import BookQuote
 from microstructure.sources.guard import (
     CONNECTION,
     MALFORMED,

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from microstructure.book import QUARANTINE_SCHEMA, RAW_SCHEMA, malformed_record, to_utc_us, validate
-from microstructure.sources.base import OUTCOMES_SCHEMA, PollResult
+from microstructure.contract.book import QUARANTINE_SCHEMA, RAW_SCHEMA, malformed_record, to_utc_us, validate
+from microstructure.contract.outcomes import OUTCOMES_SCHEMA
+from microstructure.sources.base import PollResult
 from microstructure.sources.guard import (
     AUTH,
     BREAKER_OPEN,
@@ -40,7 +41,8 @@ from microstructure.sources.guard import (
     Limits,
     SourceError,
 )
-from microstructure.sources.vendor import ConfigError, Fetched, VendorSource, scrub
+from microstructure.sources.secrets import scrub
+from microstructure.sources.vendor import ConfigError, Fetched, VendorSource
 
 # Used when no sources file is given: the roadmap's order (Polygon primary, Alpaca fallback for stocks;
 # Alpaca's real L2 first for crypto, Polygon's deprecated book behind it).

@@ -17,6 +17,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from microstructure.sources.secrets import scrub
+
 T = TypeVar("T")
 
 # Error classes recorded per symbol and cycle (the ``error_class`` column of lake/outcomes).
@@ -49,8 +51,6 @@ class SourceError(Exception):
     def __init__(self, error_class: str, detail: str = "") -> None:
         # The detail often quotes a vendor's answer, which may echo our request headers: scrubbed here, once,
         # so no stored outcome or printed message built from it can carry a key.
-        from microstructure.sources.vendor import scrub
-
         detail = scrub(detail) if detail else detail
         super().__init__(f"{error_class}: {detail}" if detail else error_class)
         self.error_class = error_class

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from microstructure.book import BookQuote
+from microstructure.contract.book import BookQuote
 from microstructure.sources.guard import (
     CONNECTION,
     MALFORMED,
@@ -31,6 +31,7 @@ from microstructure.sources.guard import (
     SourceError,
     parse_retry_after,
 )
+from microstructure.sources.secrets import scrub
 from microstructure.sources.vendor import (
     POLYGON_BASE_ENV,
     ConfigError,
@@ -40,7 +41,6 @@ from microstructure.sources.vendor import (
     http_error_class,
     ns_to_dt,
     parse_json,
-    scrub,
 )
 
 DEFAULT_BASE = "https://api.polygon.io"
@@ -239,7 +239,7 @@ class WholeMarketSource:
         import numpy as np
         import pyarrow as pa
 
-        from microstructure.book import QUARANTINE_SCHEMA, TS_TYPE, raw_table
+        from microstructure.contract.book import QUARANTINE_SCHEMA, TS_TYPE, raw_table
         from microstructure.sources.base import PollResult
 
         body, received = self.fetch_body()

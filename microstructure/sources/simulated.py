@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from microstructure.book import MAX_LEVELS, TS_TYPE, malformed_record, raw_table
+from microstructure.contract.book import MAX_LEVELS, TS_TYPE, malformed_record, raw_table
 from microstructure.sources.base import PollResult
 
 SOURCE_NAME = "simulated"
@@ -275,7 +275,7 @@ class SimulatedSource:
     # ---- persistence: later polls continue the same book ---------------------------------------
     def save(self, path: Path) -> None:
         """Atomically (temporary file, fsync, rename): a kill at any instant leaves the old or the new state."""
-        from microstructure.lake import atomic_write_bytes
+        from microstructure.contract.atomic import atomic_write_bytes
 
         meta = {"seed": self.seed, "fault_rate": self.fault_rate, "levels": self.levels, "now": self.now,
                 "rng": self.rng.bit_generator.state}

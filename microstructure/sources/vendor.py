@@ -6,7 +6,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -16,7 +15,7 @@ from microstructure.sources.guard import SourceError
 if TYPE_CHECKING:  # kept light: ``cli.main`` imports ``scrub`` from here on every error it prints
     import pyarrow as pa
 
-    from microstructure.book import BookQuote
+    from microstructure.contract.book import BookQuote
 
 
 class ConfigError(Exception):
@@ -37,7 +36,7 @@ class Fetched:
         self.calls_ok += other.calls_ok
 
     def table(self) -> pa.Table:
-        from microstructure.book import table_from_quotes
+        from microstructure.contract.book import table_from_quotes
 
         return table_from_quotes(self.quotes)
 
@@ -101,52 +100,6 @@ def base_url_from_env(var: str) -> str | None:
         raise ConfigError(f"{var}: plain http is allowed only to a loopback host (127.0.0.1, ::1, localhost), "
                           f"not {host[:100]!r}; use https://")
     return raw.rstrip("/")
-
-
-# ---- scrubbing secrets from every error text we store or print ------------------------------------------
-SECRET_ENV = ("POLYGON_API_KEY", "APCA_API_KEY_ID", "APCA_API_SECRET_KEY", "DATABENTO_API_KEY",
-              "MICROSTRUCTURE_REDIS_PASSWORD")
-SECRET_SUFFIXES = ("_KEY", "_KEY_ID", "_SECRET", "_TOKEN", "_PASSWORD")
-# A value this short is no credential, and replacing it everywhere would garble every message.
-MIN_SECRET_LEN = 6
-REDACTED = "***"
-_PATTERNS = [
-    # A header a key travels in, however it is printed: "Authorization: Bearer x", {'APCA-API-KEY-ID': 'x'},
-    # ("x-api-key", "x"). The auth scheme word is kept, the credential goes.
-    (re.compile(r"(?i)\b(authorization|proxy-authorization|apca-api-key-id|apca-api-secret-key|x-api-key|api-key)"
-                r"([\"']?\s*[:=,]\s*[\"']?)((?:bearer|basic|token)\s+)?[^\s\"',;&}\]]+"), r"\1\2\3" + REDACTED),
-    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
-    # Query parameters: ?apiKey=x, &api_key=x, token=x.
-    (re.compile(r"(?i)\b(api[_-]?key|access[_-]?token|token|secret|secret[_-]?key|key[_-]?id|password)=[^&\s\"'#;]+"),
-     r"\1=" + REDACTED),
-    # A password in a URL: redis://:pw@host, https://user:pw@host.
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@"), r"\1" + REDACTED + "@"),
-]
-
-
-def _secret_values() -> list[str]:
-    """Every credential in this process's environment, longest first (a key may contain a shorter one)."""
-    from urllib.parse import quote
-
-    vals: set[str] = set()
-    for name, v in os.environ.items():
-        if name in SECRET_ENV or name.upper().endswith(SECRET_SUFFIXES):
-            v = v.strip()
-            if len(v) >= MIN_SECRET_LEN:
-                vals |= {v, quote(v, safe="")}
-    return sorted(vals, key=len, reverse=True)
-
-
-def scrub(text: object) -> str:
-    """``text`` with key values from the environment, auth headers, key query parameters, bearer tokens and
-    URL passwords replaced by ``***``. Every error text that is stored (lake/outcomes, quarantine) or printed
-    goes through here: a vendor error body may echo our request headers."""
-    s = str(text)
-    for v in _secret_values():
-        s = s.replace(v, REDACTED)
-    for pat, repl in _PATTERNS:
-        s = pat.sub(repl, s)
-    return s
 
 
 def parse_json(body: bytes | str, source: str) -> Any:

@@ -1,0 +1,251 @@
+"""Commands that bring books into the lake: run, poll, backfill.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from microstructure.cli.app import (
+    DAY_S,
+    DEFAULT_DATA,
+    DataDir,
+    Format,
+    JsonOut,
+    Source,
+    UserError,
+    _in_range,
+    _parse_ts,
+    _paths,
+    _quiet_libraries,
+    _writes,
+    app,
+    err,
+    out,
+)
+from microstructure.cli.render import _emit, _null, _print_summary, _progress, _table
+from microstructure.contract.text import dumps
+
+
+# ---- poll / run --------------------------------------------------------------------------------
+def _do_poll(data_dir: Path, cycles: int | None, interval: float, step: float | None, symbols: int,
+             seed: int | None, fresh: bool, online: bool, show_progress: bool, **kw: Any) -> Any:
+    """``runner.run_poll`` with a progress bar; its PollError is a user error (one line, exit 2)."""
+    from microstructure.jobs import runner
+
+    with _progress(cycles, "polling", show_progress) as prog:
+        task = prog.add_task("poll", total=cycles)
+        try:
+            return runner.run_poll(data_dir.resolve(), cycles, interval, step, symbols, seed, fresh, online,
+                               on_cycle=lambda i, s: prog.update(task, completed=i + 1), **kw)
+        except runner.PollError as e:
+            raise UserError(str(e)) from None
+
+
+@app.command()
+@_writes
+def run(
+    data_dir: DataDir = DEFAULT_DATA,
+    cycles: Annotated[int, typer.Option(help="Poll cycles.")] = 300,
+    interval: Annotated[float, typer.Option(help="Wall-clock seconds between cycles; 0 = replay as fast as "
+                                                 "possible on a simulated clock.", callback=_in_range(0, DAY_S))] = 0.0,
+    step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.",
+                                        callback=_in_range(0, DAY_S, lo_open=True))] = 2.0,
+    symbols: Annotated[int, typer.Option(help="How many simulated symbols (max 150).")] = 150,
+    seed: Annotated[int | None, typer.Option(help="Seed of a new simulated market (default 7).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start a new market: removes the data dir's lake, "
+                                                        "market state and online store first.")] = False,
+    prefect: Annotated[bool, typer.Option("--prefect/--no-prefect",
+                                          help="Run through the Prefect flows (local server).")] = False,
+    as_json: JsonOut = False,
+) -> None:
+    """The main job on the embedded simulated source: poll, lake, features, checks, Feast; then a summary.
+
+    A data dir that already holds a market is continued (up to now), never mixed with a new one."""
+    _quiet_libraries()
+    paths = _paths(data_dir)
+    if prefect:
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from microstructure.flows.pipeline import main_flow
+
+        summary = main_flow(str(paths.data_dir), cycles, interval, step, symbols, seed, fresh)
+    else:
+        stats = _do_poll(paths.data_dir, cycles, interval, step, symbols, seed, fresh=fresh, online=True,
+                         show_progress=not as_json)
+        summary = _offline(paths, sorted(stats.dates), not as_json)
+        summary["poll"] = stats.as_dict()
+        summary["symbols"] = symbols
+        online_syms = [] if stats.last_features is None else stats.last_features.column("symbol").to_pylist()
+        from microstructure.jobs.runner import online_sample
+
+        summary.update(online_sample(paths.data_dir, online_syms))
+    _print_summary(summary, data_dir, as_json)
+
+
+def _offline(paths: Any, days: list[dt.date], show: bool) -> dict[str, Any]:
+    from microstructure.checks.ge import Checker
+    from microstructure.jobs import build as pipeline
+
+    with err.status("building features, checking, publishing...", spinner="dots") if show else _null():
+        builds = pipeline.build_and_publish(paths, days, Checker(paths.data_dir / "gx"))
+        compacted = pipeline.compact_all(paths, days)
+    return {"builds": [b.as_dict() for b in builds], "compacted": {k: list(v) for k, v in compacted.items()}}
+
+
+@app.command("poll")
+@_writes
+def poll_cmd(
+    data_dir: DataDir = DEFAULT_DATA,
+    source: Annotated[Source, typer.Option(help="simulated, a vendor, chain (the fallback chain of "
+                                                "--sources-config), or polygon-market (every US stock, "
+                                                "one call a cycle).")] = Source.simulated,
+    cycles: Annotated[int | None, typer.Option(help="Poll cycles (default 30 unless --until/--session).")] = None,
+    until: Annotated[str | None, typer.Option(help="Live: stop at HH:MM New York time today.")] = None,
+    session: Annotated[bool, typer.Option("--session", help="Live: poll today's exchange session (open to "
+                                                            "close, holidays and half days from the "
+                                                            "exchange calendar).")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between cycles; 0 = simulated clock.",
+                                            callback=_in_range(0, DAY_S))] = 2.0,
+    step: Annotated[float, typer.Option(help="Simulated seconds per cycle when --interval is 0.",
+                                        callback=_in_range(0, DAY_S, lo_open=True))] = 2.0,
+    symbols: Annotated[int, typer.Option(help="How many simulated symbols.")] = 150,
+    symbol: Annotated[list[str] | None, typer.Option(help="A symbol to poll (repeatable); crypto as BTC/USD.")]
+    = None,
+    symbols_file: Annotated[Path | None, typer.Option(help="File with one symbol per line.")] = None,
+    sources_config: Annotated[Path | None, typer.Option(help="Fallback chain TOML (default "
+                                                             "<data-dir>/sources.toml, else built-in).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of a new simulated market (refused if the data dir "
+                                                  "holds another).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start a new simulated market: removes the data dir's "
+                                                        "lake, market state and online store first.")] = False,
+    start: Annotated[str | None, typer.Option(help="ISO time of the first cycle (default: now).")] = None,
+    online: Annotated[bool, typer.Option("--online/--no-online", help="Push each cycle to Feast.")] = True,
+    ack_log: Annotated[Path | None, typer.Option(help="Append a line per acknowledged write.")] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Poll a source into the lake: the simulated book (continues the saved one unless --seed) or real vendors."""
+    _quiet_libraries()
+    start_ts = _parse_ts(start) if start else None
+    syms = list(symbol or [])
+    if syms or symbols_file is not None:
+        from microstructure.sources.chain import check_symbols, read_symbols_file
+        from microstructure.sources.vendor import ConfigError
+
+        # Capped (count, length); a list for a vendor holds only characters a vendor symbol has.
+        vendor = Source(source) is not Source.simulated
+        try:
+            if symbols_file is not None:
+                syms += read_symbols_file(symbols_file, vendor=vendor)
+            syms = check_symbols(syms, "--symbol/--symbols-file", vendor=vendor)
+        except ConfigError as e:
+            raise UserError(str(e)) from None
+    end = _poll_end(until, session, interval, as_json)
+    if end is False:
+        return
+    if cycles is None and end is None:
+        cycles = 30
+    stats = _do_poll(data_dir, cycles, interval, step, symbols, seed, fresh=fresh, online=online,
+                     show_progress=not as_json, ack_log=ack_log, start=start_ts, source_kind=Source(source).value,
+                     symbol_list=syms or None, sources_config=sources_config, until=end or None)
+    d = stats.as_dict()
+    if as_json:
+        print(dumps(d))
+    else:
+        out.print(_table("poll", ["", "value"], [[k, v] for k, v in d.items()]))
+
+
+def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) -> dt.datetime | bool | None:
+    """When a live poll stops: ``--until`` today, or today's session close. False: nothing to poll today
+    (the reason is printed, exit 0: a scheduled run on a holiday is not a failure)."""
+    from microstructure.contract import calendar as sess
+
+    if (until or session) and interval <= 0:
+        raise UserError("--until and --session are for live polls (--interval > 0)")
+    if until and session:
+        raise UserError("give --until or --session, not both")
+    now = dt.datetime.now(dt.UTC)
+    if until:
+        try:
+            end = sess.until_today(until, now)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if end <= now:
+            raise UserError(f"--until {until} New York time has already passed today")
+        return end
+    if not session:
+        return None
+    end = sess.await_session(now, on_wait=lambda start: err.print(f"waiting for the open at {start:%H:%M} UTC"))
+    if isinstance(end, str):
+        print(dumps({"polled": False, "reason": end}) if as_json else f"nothing to poll: {end}")
+        return False
+    return end
+
+
+
+
+@app.command()
+@_writes
+def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) (or a LOBSTER / snapshot folder); "
+                                                             "binance-depth: the files of one continuous stream.")],
+             data_dir: DataDir = DEFAULT_DATA,
+             fmt: Annotated[Format, typer.Option("--format", help="What the file is.")] = Format.lobster,
+             symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster) or select (iex-deep) the symbol.")]
+             = None,
+             cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots (lobster, iex-deep, "
+                                                            "binance-depth).",
+                                                       callback=_in_range(0, DAY_S, lo_open=True))]
+             = 1.0,
+             as_json: JsonOut = False) -> None:
+    """Load a recorded order-book file into the lake through the same validation and quarantine. Idempotent."""
+    from microstructure.jobs.ingest import backfill as load
+
+    fmt = Format(fmt).value
+    for path in files:
+        if not path.exists():
+            raise UserError(f"no such file or folder: {path}")
+    from microstructure.recorded.files import check_cadence
+
+    check_cadence(cadence)  # the sane minimum (1 ms) and maximum: one `error:` line before anything is read
+    paths = _paths(data_dir)
+    with _progress(None, "loading", not as_json) as prog:  # streamed: the row count is not known upfront
+        task = prog.add_task("load", total=None)
+        if fmt == "binance-depth":
+            from microstructure.recorded.binance import read_binance_depth
+
+            batches: Any = read_binance_depth(list(files), cadence, symbol)
+        elif fmt == "hyperliquid-l2":
+            from microstructure.recorded.binance import read_hyperliquid_l2
+
+            batches = read_hyperliquid_l2(list(files), cadence, symbol)
+        else:
+            batches = (b for f in files for b in _read_recorded(f, fmt, symbol, cadence))
+        # Readers raise FileFormatError (an InputError) naming the file and position; ``load`` adds what the lake
+        # kept before it. main prints it as one `error:` line, exit 2.
+        st = load(paths, batches, on_batch=lambda s: prog.update(task, completed=s.sampled))
+    res = {"file": ", ".join(str(f) for f in files), "format": fmt, "sampled": st.sampled, "written": st.written,
+           "already_in_lake_or_unchanged": st.duplicates, "quarantined": dict(st.quarantined),
+           "symbols": len(st.symbols), "dates": sorted(st.dates)}
+    _emit([res], "backfill", as_json)
+
+
+def _read_recorded(path: Path, fmt: str, symbol: str | None, cadence: float) -> Any:
+    """The file as a stream of ``Batch``es: every format is read batch by batch, in bounded memory."""
+    if fmt == "wide":
+        from microstructure.recorded.files import read_wide
+
+        return read_wide(path, symbol)
+    if fmt == "snapshots":
+        from microstructure.recorded.files import read_snapshot_file
+
+        return read_snapshot_file(path)
+    if fmt == "lobster":
+        from microstructure.recorded.lobster import iter_lobster
+
+        return iter_lobster(path, cadence, symbol)
+    from microstructure.recorded.iex_deep import iter_iex_deep
+
+    return iter_iex_deep(path, cadence, {symbol} if symbol else None)

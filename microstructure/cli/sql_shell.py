@@ -1,0 +1,380 @@
+"""``microstructure sql``: DuckDB over the lake that can only read, and only the lake.
+
+Why not DuckDB's own path guard: a connection that may read a path (``allowed_paths``) may also write it, so
+``EXPLAIN ANALYZE COPY (...) TO '<a lake file>'`` truncated the lake. Here the DuckDB connection touches no
+path at all, so there is nothing a statement could write, however it is wrapped:
+
+- Python opens the lake's files itself, as ``pyarrow`` datasets over each dataset's consistent file list
+  (``LakePaths.files``), schemas unified like ``union_by_name``. A file that resolves outside the lake (a
+  symlink out) or is not a regular file (a FIFO would hang the open) is refused before anything is read. A
+  dataset with no files yet is its zero-row schema, held in memory.
+- The datasets are registered on an in-memory DuckDB started with ``enable_external_access = false``,
+  DuckDB's local file system disabled, no temp directory (nothing spills, ``<cwd>/.tmp`` is never made or
+  read), extension autoload/autoinstall off, Python replacement scans off (a query cannot name a Python
+  variable), a memory limit and a thread count; then its configuration is locked, so no ``SET``/``PRAGMA``/
+  ``RESET`` can undo any of it. The four views are ``transforms/views.sql`` with its ``read_parquet`` swapped
+  for the registered datasets, so they have the same columns as in any DuckDB client, ``date`` included.
+- Every statement runs under a timeout (a timer thread calls ``con.interrupt()``), and its result is
+  fetched as Arrow batches and refused once it outgrows the memory limit (DuckDB's limit does not count the
+  result handed to Python).
+
+The up-front statement-type check is only a friendlier message ("COPY is not allowed"); the connection
+above is the defence, and tests attack it with the check bypassed. There is no write mode: to write, load
+``transforms/views.sql`` in the stock DuckDB CLI. The prompt (``repl``) runs on the same kind of session.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import stat
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from microstructure.contract.inputs import InputError
+from microstructure.contract.text import visible
+from microstructure.lake import paths as lake
+
+DATASETS = ("snapshots", "features", "quarantine", "outcomes")
+
+# Statement types the friendly check lets through (SHOW / DESCRIBE / SUMMARIZE parse as SELECT). SET and PRAGMA
+# pass it on purpose: the locked configuration is what refuses them, and a test proves it.
+READ_ONLY = {"SELECT", "EXPLAIN", "PRAGMA", "VARIABLE_SET", "SET"}
+
+DEFAULT_TIMEOUT = 60.0  # seconds; --timeout / MICROSTRUCTURE_SQL_TIMEOUT
+MAX_TIMEOUT = 24 * 3600.0
+DEFAULT_MEMORY = "1GB"  # --memory-limit / MICROSTRUCTURE_SQL_MEMORY_LIMIT
+MIN_MEMORY = 64 * 1000**2  # DuckDB cannot run a plain scan in much less
+MAX_STATEMENT_CHARS = 1_000_000  # a prompt statement longer than this is refused, never buffered on
+BATCH_ROWS = 65_536
+
+_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.I)
+
+
+class NotAllowed(InputError):
+    """A statement or lake file a read-only session refuses; the message says why."""
+
+
+class QueryError(InputError):
+    """A statement failed (syntax, memory limit, timeout, ...): one line for the user, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of a session: seconds per statement, and bytes for DuckDB's working memory and, separately,
+    for the result handed back."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    memory_bytes: int = 1000**3
+
+    @classmethod
+    def parse(cls, timeout: float = DEFAULT_TIMEOUT, memory: str = DEFAULT_MEMORY) -> Limits:
+        if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+            raise InputError(f"--timeout must be a number of seconds in (0, {MAX_TIMEOUT:g}], not {timeout}")
+        m = _SIZE.fullmatch(memory)
+        unit = _UNITS.get(m.group(2).lower()) if m else None
+        if m is None or unit is None:
+            raise InputError(f"--memory-limit must be a size such as 512MB or 2GB, not {memory!r}")
+        n = float(m.group(1)) * unit
+        if not (MIN_MEMORY <= n <= 2**50):
+            raise InputError(f"--memory-limit must be between 64MB and 1PB, not {memory!r}")
+        return cls(timeout=timeout, memory_bytes=int(n))
+
+
+def _friendly_size(n: int) -> str:
+    return f"{n / 1000**3:g} GB" if n >= 1000**3 else f"{n / 1000**2:g} MB"
+
+
+def _open_duckdb(limits: Limits) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that cannot touch the file system, with its configuration locked."""
+    con = duckdb.connect(":memory:", config={
+        "enable_external_access": False,  # no COPY TO, ATTACH of a file, read_* of a path, INSTALL/LOAD of a file
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "allow_community_extensions": False,
+        "allow_persistent_secrets": False,  # never read or write ~/.duckdb/stored_secrets
+        "temp_directory": "",  # an in-memory database would spill to <cwd>/.tmp: nothing spills, nothing is read there
+        "max_temp_directory_size": "0B",
+        "memory_limit": f"{limits.memory_bytes}B",
+        "threads": os.cpu_count() or 1,
+        "python_enable_replacements": False,  # `FROM some_name` must not scan a Python variable of that name
+        "python_scan_all_frames": False,
+    })
+    # These are refused in the connect config (TimeZone is ICU's, the file system list needs a running
+    # database, the progress bar is per session); they are set before the lock, before any user statement.
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET enable_progress_bar = false")  # it would draw over the output on a terminal
+    con.execute("SET disabled_filesystems = 'LocalFileSystem'")  # a second wall behind enable_external_access
+    con.execute("SET lock_configuration = true")  # no SET / RESET / PRAGMA can change any of the above
+    return con
+
+
+def lake_dataset(paths: lake.LakePaths, name: str) -> Any:
+    """The dataset's files as one ``pyarrow`` dataset (a zero-row table when it has none): only regular files
+    whose real path is inside the lake, schemas unified across files like DuckDB's ``union_by_name``.
+
+    Each file also carries its folder's date as the column ``date``, as DuckDB's hive-partition detection gives
+    it to ``views.sql`` (whose computed ``date`` then reads as ``date_1``): the same columns as every other
+    DuckDB client, and a filter on ``date`` skips the other days' files instead of reading them.
+    """
+    import datetime as dt
+
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    from microstructure.contract.schemas import EMPTY
+
+    root = paths.root.resolve()
+    real: list[str] = []
+    days: list[Any] = []
+    for f in paths.files(name):
+        p = Path(f).resolve(strict=True)  # FileNotFoundError if a compaction removed it: lake.with_retry lists again
+        if not p.is_relative_to(root):
+            raise NotAllowed(f"{f} resolves outside the lake ({root}): `sql` reads only the lake; "
+                             "remove the link or copy the file in")
+        if not stat.S_ISREG(p.stat().st_mode):
+            raise NotAllowed(f"{f} is not a regular file: `sql` reads only the lake's Parquet files")
+        try:
+            day = dt.date.fromisoformat(Path(f).parent.name.removeprefix("date="))
+        except ValueError:
+            raise InputError(f"{Path(f).parent} is not a date partition (date=YYYY-MM-DD)") from None
+        real.append(str(p))  # the resolved path: pyarrow opens what was checked, not a link
+        days.append(ds.field("date") == pa.scalar(day, pa.date32()))
+    if not real:
+        return EMPTY[name].empty_table()
+    fs, fmt = pafs.LocalFileSystem(), ds.ParquetFileFormat()
+    try:
+        schema = ds.FileSystemDatasetFactory(fs, real, fmt).inspect(promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise InputError(f"lake dataset {name}: {str(e).splitlines()[0]}") from None
+    if "date" not in schema.names:
+        schema = schema.append(pa.field("date", pa.date32()))
+    return ds.FileSystemDataset.from_paths(real, schema=schema, format=fmt, filesystem=fs, partitions=days)
+
+
+def _views() -> dict[str, str]:
+    """``views.sql``'s CREATE VIEW statements, each reading its registered dataset instead of a glob."""
+    from microstructure.contract.schemas import sql
+
+    text = "\n".join(line for line in sql("views").splitlines() if not line.strip().startswith("--"))
+    out = {}
+    for body in filter(None, (s.strip() for s in text.split(";"))):
+        name = re.search(r"VIEW\s+(\w+)", body, re.I).group(1)  # type: ignore[union-attr]
+        read = (f"read_parquet(coalesce(getvariable('lake'), 'data/lake') || '/{name}/*/*.parquet', "
+                "union_by_name = true)")
+        if name not in DATASETS or body.count(read) != 1:
+            raise ValueError(f"views.sql: view {name} does not read {read}")
+        out[name] = body.replace(read, _registered(name))
+    return out
+
+
+def _registered(name: str) -> str:
+    return f"_lake_{name}"  # our constant: safe to put in SQL
+
+
+class Session:
+    """One read-only DuckDB session over the lake (see the module docstring for why it cannot write)."""
+
+    def __init__(self, paths: lake.LakePaths, limits: Limits | None = None) -> None:
+        self.paths = paths
+        self.limits = limits or Limits()
+        self.con = _open_duckdb(self.limits)
+        try:
+            self.refresh()
+            for body in _views().values():
+                self.con.execute(body)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close DuckDB, and with it the datasets, while Python is fully alive: a DuckDB thread that still held
+        a Python object (a dataset scan) at interpreter exit would take the GIL then, and abort the process."""
+        self.con.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def refresh(self) -> None:
+        """Register each dataset on a fresh listing (the views read them by name, so they follow)."""
+        for name in DATASETS:
+            self.con.register(_registered(name), lake_dataset(self.paths, name))
+
+    def check(self, query: str) -> None:
+        """A plain message for statements that are not queries. Not the defence: the connection is."""
+        try:
+            statements = self.con.extract_statements(query)
+        except duckdb.Error as e:
+            raise QueryError(str(e).splitlines()[0]) from None
+        for st in statements:
+            kind = st.type.name
+            if kind not in READ_ONLY:
+                raise NotAllowed(f"{kind} is not allowed: `sql` only reads the lake (to write, load "
+                                 "transforms/views.sql in the DuckDB CLI)")
+
+    def query(self, query: str) -> pa.Table | None:
+        """Run ``query`` (checked, under the timeout, result bounded) as an Arrow table, or None for a statement
+        without rows. A file removed under it by a compaction makes it run again on a fresh listing."""
+        self.check(query)
+        attempt = 0
+
+        def go() -> pa.Table | None:
+            nonlocal attempt
+            if attempt:
+                self.refresh()
+            attempt += 1
+            return self._fetch(query)
+
+        return lake.with_retry(go)
+
+    def df(self, query: str) -> Any:
+        table = self.query(query)
+        # Through DuckDB again, so types convert exactly as DuckDB's own .df() converts them.
+        return None if table is None else self.con.from_arrow(table).df()
+
+    def _fetch(self, query: str) -> pa.Table | None:
+        with _deadline(self.con, self.limits.timeout) as timer:
+            try:
+                rel = self.con.sql(query)
+                if rel is None:
+                    return None
+                batches, size = [], 0
+                with rel.to_arrow_reader(BATCH_ROWS) as reader:  # closed when refused: DuckDB frees the result
+                    for batch in reader:
+                        size += batch.nbytes
+                        if size > self.limits.memory_bytes:
+                            raise QueryError(f"the result is larger than {_friendly_size(self.limits.memory_bytes)}"
+                                             " (--memory-limit): aggregate, or add a LIMIT")
+                        batches.append(batch)
+                    return pa.Table.from_batches(batches, schema=reader.schema)
+            except (duckdb.Error, OSError, pa.ArrowException) as e:
+                if timer.fired:
+                    raise QueryError(f"the statement ran longer than {self.limits.timeout:g} s and was stopped "
+                                     "(--timeout or MICROSTRUCTURE_SQL_TIMEOUT to allow longer)") from None
+                if lake._vanished(e):
+                    raise  # lake.with_retry lists the files again
+                raise _query_error(e) from None
+
+
+def _query_error(e: BaseException) -> QueryError:
+    line = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, duckdb.PermissionException) or "disabled by configuration" in line:
+        return NotAllowed(f"{line} (`sql` reads the lake only)")
+    if isinstance(e, duckdb.OutOfMemoryException):
+        return QueryError(f"{line} (--memory-limit or MICROSTRUCTURE_SQL_MEMORY_LIMIT to allow more)")
+    return QueryError(line)
+
+
+class _Timer:
+    fired = False
+
+
+@contextmanager
+def _deadline(con: duckdb.DuckDBPyConnection, seconds: float) -> Iterator[_Timer]:
+    """Interrupt ``con`` if the block is still running after ``seconds`` (DuckDB has no statement timeout)."""
+    state = _Timer()
+    lock = threading.Lock()
+    running = True
+
+    def fire() -> None:
+        with lock:  # never interrupt after the block ended (DuckDB clears a stale interrupt anyway)
+            if running:
+                state.fired = True
+                con.interrupt()
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield state
+    finally:
+        with lock:
+            running = False
+        timer.cancel()
+
+
+def run(paths: lake.LakePaths, query: str, limits: Limits | None = None) -> Any:
+    """The query's result as a DataFrame (None for a statement without rows)."""
+    with lake.with_retry(lambda: Session(paths, limits)) as session:
+        return session.df(query)
+
+
+def _printable(df: Any) -> Any:
+    """Text cells with control characters shown escaped (a printed ESC must not drive the terminal)."""
+    return df.map(lambda v: visible(v) if isinstance(v, str) else v)
+
+
+def repl(paths: lake.LakePaths, limits: Limits | None = None, stdin: Any = None, out: Any = None) -> None:
+    """A minimal DuckDB prompt: statements end with ``;``; ``.tables``, ``.quit``."""
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    interactive = stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401 - line editing and history for input()
+    with lake.with_retry(lambda: Session(paths, limits)) as session:
+        if interactive:
+            print(f"DuckDB {duckdb.__version__} over {visible(str(paths.root))} (read-only); views: snapshots, "
+                  "features, quarantine, outcomes. End statements with ';', .quit to leave.", file=out)
+        for query in _statements(stdin, out, interactive):
+            _answer(session, query, out, interactive)
+
+
+def _statements(stdin: Any, out: Any, interactive: bool) -> Iterator[str]:
+    """The statements typed or piped in, each whole (up to its ``;``) and at most MAX_STATEMENT_CHARS long."""
+    buf = ""
+    while True:
+        try:
+            line = input("D " if not buf else "· ") if interactive else stdin.readline(MAX_STATEMENT_CHARS + 1)
+        except EOFError:
+            return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the statement being typed
+            buf = ""
+            print(file=out)
+            continue
+        if not interactive and line == "":
+            return
+        cmd = line.strip()
+        if not buf and cmd in (".quit", ".exit"):
+            return
+        if not buf and cmd == ".tables":
+            cmd = "SELECT view_name AS name FROM duckdb_views() WHERE NOT internal AND NOT temporary ORDER BY 1;"
+        buf += cmd + "\n"
+        if len(buf) > MAX_STATEMENT_CHARS:
+            print(f"error: a statement longer than {MAX_STATEMENT_CHARS:,} characters is refused", file=out)
+            buf = ""
+            while not interactive and line and not line.endswith("\n"):  # skip the rest of the long line
+                line = stdin.readline(MAX_STATEMENT_CHARS + 1)
+            continue
+        if buf.rstrip().endswith(";"):
+            yield buf
+            buf = ""
+
+
+def _answer(session: Session, query: str, out: Any, interactive: bool) -> None:
+    try:
+        table = session.query(query)
+        if table is not None and interactive:
+            width = shutil.get_terminal_size((120, 40)).columns
+            session.con.from_arrow(table).show(max_width=width)  # DuckDB's box rendering escapes control chars
+        elif table is not None:
+            print(_printable(session.con.from_arrow(table).df()).to_string(index=False), file=out)
+    except (InputError, duckdb.Error) as e:
+        print(visible(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"), file=out)
+    except KeyboardInterrupt:  # Ctrl-C during a statement stops it, not the prompt
+        session.con.interrupt()
+        print("interrupted", file=out)
