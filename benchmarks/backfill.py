@@ -65,7 +65,7 @@ def main() -> None:
     f = tmp / "wide.parquet"
     write_file(f, args.rows)
     anchor, _, _ = peak_rss_mb([sys.executable, "-c", "import microstructure.cli.main, microstructure.jobs.ingest, "
-                                "microstructure.recorded.files, duckdb, pandas"])
+                                "microstructure.recorded.wide, duckdb, pandas"])
     peak, took, r = peak_rss_mb([sys.executable, "-m", "microstructure", "backfill", str(f), "--format", "wide",
                                  "--data-dir", str(tmp / "data"), "--json"])
     if r.returncode != 0:

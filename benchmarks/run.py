@@ -132,7 +132,7 @@ def chain_cycle() -> tuple[str, str, str]:
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
 
-    from microstructure.sources.chain import build_chain
+    from microstructure.sources.chain_config import build_chain
     from tests.vendor_server import ALPACA_CRYPTO, POLY_STOCKS, alpaca_books, poly_quote, poly_snapshot
 
     stocks = [f"S{i:03d}" for i in range(130)]

@@ -5,7 +5,8 @@ measured in the same run, and the peak memory of a 10M-row ``training-set``:
 
 For each size, twice (median of ``--repeat`` runs, anchor and ours interleaved, so a busy machine slows both):
 
-* frame: ``microstructure.store.training_set`` (entity DataFrame -> Feast -> ``AsofDuckDBOfflineStore`` -> DataFrame)
+* frame: ``microstructure.store.training.training_set`` (entity DataFrame -> Feast -> ``AsofDuckDBOfflineStore``
+  -> DataFrame)
   against one ``ASOF LEFT JOIN`` in DuckDB selecting the same columns with the same TTL (5 min), result as a frame;
 * file: ``write_training_set`` (entity Parquet -> batches through Feast -> Parquet, what the CLI runs) against the
   same ASOF JOIN reading the entity Parquet and writing Parquet (zstd) from DuckDB.

@@ -15,9 +15,11 @@ from pathlib import Path
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.data_format import ParquetFormat
 from feast.on_demand_feature_view import on_demand_feature_view
-from feast.types import Bool, Float64, Int32, String, UnixTimestamp
+from feast.type_map import pa_to_feast_value_type
+from feast.types import Bool, Float64, from_value_type
 
-from microstructure.contract.schemas import ML_FEATURES
+from microstructure.contract.catalogue import FRESHNESS_S
+from microstructure.contract.schemas import ENTITY, EVENT_TIMESTAMP, FEATURES, ML_FEATURES
 
 # The data dir: $MICROSTRUCTURE_DATA_DIR, else the checkout's ./data beside this folder (where the Feast CLI,
 # run from feature_repo/, finds the registry and online store of feature_store.yaml).
@@ -25,7 +27,7 @@ DATA_DIR = Path(os.environ.get("MICROSTRUCTURE_DATA_DIR") or Path(__file__).reso
 
 symbol = Entity(
     name="symbol",
-    join_keys=["symbol"],
+    join_keys=[ENTITY],
     value_type=ValueType.STRING,
     description="A traded instrument's ticker as the source spells it (AAPL, BTC/USD, MEGA01).",
 )
@@ -39,13 +41,13 @@ if os.environ.get("MICROSTRUCTURE_OFFLINE_STORE", "").strip().lower() == "spark"
 
     order_book_source = SparkSource(
         name="order_book_features_source", path=_FEATURES_GLOB, file_format="parquet",
-        timestamp_field="received_ts", created_timestamp_column="event_ts", description=_SOURCE_DOC)
+        timestamp_field=EVENT_TIMESTAMP, created_timestamp_column="event_ts", description=_SOURCE_DOC)
 else:
     order_book_source = FileSource(
         name="order_book_features_source",
         path=_FEATURES_GLOB,
         file_format=ParquetFormat(),
-        timestamp_field="received_ts",
+        timestamp_field=EVENT_TIMESTAMP,
         # Two books received in the same instant: the newer one (by the source's time) wins, in every store.
         created_timestamp_column="event_ts",
         description=_SOURCE_DOC,
@@ -59,29 +61,10 @@ order_book = FeatureView(
     # Offline: a training row sees no book older than this. Online reads ignore TTL (feast#6821);
     # microstructure.store reports the age of every online row and flags stale ones itself.
     ttl=timedelta(minutes=5),
-    schema=[
-        Field(name="event_ts", dtype=UnixTimestamp, description="Source time of the book"),
-        Field(name="source", dtype=String, description="Source that served the book"),
-        Field(name="book_levels", dtype=Int32, description="Levels the source really gave (1 = L1 only)"),
-        Field(name="halted", dtype=Bool, description="Source says trading is halted (null: unknown)"),
-        Field(name="locked", dtype=Bool, description="Best bid equals best ask"),
-        Field(name="best_bid", dtype=Float64),
-        Field(name="best_ask", dtype=Float64),
-        Field(name="bid_size", dtype=Float64, description="Shares at the best bid"),
-        Field(name="ask_size", dtype=Float64, description="Shares at the best ask"),
-        Field(name="mid", dtype=Float64),
-        Field(name="spread_bps", dtype=Float64, description="(ask - bid) / mid * 10000"),
-        Field(name="bid_depth", dtype=Float64, description="Shares on the top 5 bid levels"),
-        Field(name="ask_depth", dtype=Float64, description="Shares on the top 5 ask levels"),
-        Field(name="order_imbalance", dtype=Float64, description="(bid_size - ask_size) / (bid_size + ask_size)"),
-        Field(name="depth_imbalance", dtype=Float64, description="(bid_depth - ask_depth) / (bid_depth + ask_depth)"),
-        Field(name="bid_depth_dollars", dtype=Float64, description="Top-5 bid notional, USD"),
-        Field(name="ask_depth_dollars", dtype=Float64, description="Top-5 ask notional, USD"),
-        Field(name="depth_dollars", dtype=Float64, description="Top-5 notional, both sides, USD"),
-        Field(name="microprice", dtype=Float64, description="Size-weighted mid"),
-        Field(name="gap_pct", dtype=Float64, description="Mid range over trailing 5 min / its low"),
-        Field(name="has_recent_halt", dtype=Bool, description="A halt in the trailing 30 min"),
-    ],
+    # Every served column of features.sql, as declared there (type from the SQL, description from its annotation):
+    # a feature added to the SQL is served without an edit here.
+    schema=[Field(name=c.name, dtype=from_value_type(pa_to_feast_value_type(str(c.type))), description=c.description)
+            for c in FEATURES.features],
     online=True,
     source=order_book_push,
     description="Order-book features per symbol, fresh every poll cycle.",
@@ -102,16 +85,20 @@ order_book_all = FeatureService(name="order_book_all", features=[order_book],
     schema=[Field(name="age_s", dtype=Float64), Field(name="stale", dtype=Bool)],
     mode="pandas",
     description="How old each online book is when it is read (age_s: seconds since its event_ts; stale: no book "
-                "or older than 10 s). Feast ignores TTL online (feast#6821), so every `feast serve` client gets "
-                "the age and the stale flag from Feast itself.",
+                f"or older than {FRESHNESS_S:g} s). Feast ignores TTL online (feast#6821), so every `feast serve` "
+                "client gets the age and the stale flag from Feast itself.",
 )
 def freshness(inputs):  # type: ignore[no-untyped-def]
+    # Imports inside: Feast rebuilds this function from its source text alone (feast.transformation.udf_rehydrate),
+    # without this module's globals.
     import pandas as pd
+
+    from microstructure.contract.catalogue import FRESHNESS_S
 
     col = next(c for c in inputs.columns if c.endswith("event_ts"))
     ts = pd.to_datetime(inputs[col], utc=True, errors="coerce")
     age = (pd.Timestamp.now(tz="UTC") - ts).dt.total_seconds()
-    return pd.DataFrame({"age_s": age.astype("float64"), "stale": (age.isna() | (age > 10.0)).astype(bool)})
+    return pd.DataFrame({"age_s": age.astype("float64"), "stale": (age.isna() | (age > FRESHNESS_S)).astype(bool)})
 
 
 # For online clients (`feast serve`): every feature plus its age and stale flag, computed when read.

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,7 +39,8 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def polled(tmp_path_factory: pytest.TempPathFactory):
-    """A small but complete pipeline run shared by read-only tests: 20 symbols x 200 cycles (400 s)."""
+    """A small but complete pipeline run shared by read-only tests: 20 symbols x 200 cycles (400 s). It takes
+    seconds, so the tests that use it are marked integration."""
     from microstructure.checks.ge import Checker
     from microstructure.jobs.build import build_and_publish
     from microstructure.jobs.poll import cycle_times, poll_cycles
@@ -64,15 +68,34 @@ def polled(tmp_path_factory: pytest.TempPathFactory):
     return {"paths": paths, "stats": stats, "online": online_rows, "builds": builds, "source": src}
 
 
-@pytest.fixture
-def server():
+@pytest.fixture(scope="session")
+def ran(tmp_path_factory: pytest.TempPathFactory):
+    """One data dir made the way a user makes it, shared by the CLI tests: `microstructure run` in a subprocess,
+    60 cycles x 10 symbols. (data dir, its --json summary)."""
+    d = tmp_path_factory.mktemp("cli") / "data"
+    p = subprocess.run([sys.executable, "-m", "microstructure", "run", "--data-dir", str(d), "--cycles", "60",
+                        "--symbols", "10", "--json"], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}: {p.stderr[-2000:]}")
+    return d, json.loads(p.stdout)
+
+
+@pytest.fixture(scope="session")
+def _http_stand_in():
     from pytest_httpserver import HTTPServer
 
     s = HTTPServer(threaded=True)  # threaded: a hanging request must not block the next one
     s.start()
     yield s
-    s.clear()
-    s.stop()
+    s.stop()  # once per session: a stop waits out the server loop's 0.5 s poll
+
+
+@pytest.fixture
+def server(_http_stand_in):
+    """The local stand-in vendor (real HTTP on 127.0.0.1), with no handler and an empty log for each test."""
+    _http_stand_in.clear()
+    yield _http_stand_in
+    _http_stand_in.clear()
 
 
 @pytest.fixture

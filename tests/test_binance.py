@@ -28,6 +28,7 @@ STREAMS = {
 needs_data = pytest.mark.skipif(not SPOT_BTC[0].exists(), reason="../shared/data/binance is not beside the repo")
 
 
+@pytest.mark.integration  # replays a day of a recorded depth stream
 @needs_data
 @pytest.mark.parametrize("name", list(STREAMS))
 def test_rebuilt_book_matches_every_book_ticker_with_the_same_update_id(name):
@@ -84,6 +85,7 @@ def test_diffs_before_the_snapshot_are_buffered_and_a_gap_is_quarantined(tmp_pat
     assert "book is at 104" in gaps[0]["detail"]
 
 
+@pytest.mark.integration  # the CLI's backfill in subprocesses
 @needs_data
 def test_backfill_of_one_stream_in_two_files_is_idempotent(tmp_path):
     d = tmp_path / "data"
@@ -109,7 +111,7 @@ def test_backfill_of_one_stream_in_two_files_is_idempotent(tmp_path):
 
 @needs_data
 def test_hyperliquid_l2_snapshots_sampled_per_slot():
-    from microstructure.recorded.binance import read_hyperliquid_l2
+    from microstructure.recorded.hyperliquid import read_hyperliquid_l2
 
     (batch,) = list(read_hyperliquid_l2([DATA / "hyperliquid" / "btcusd_20250126.gz"], cadence=1.0))
     rows = batch.raw.to_pylist()

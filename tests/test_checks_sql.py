@@ -65,6 +65,7 @@ def _set(table: pa.Table, col: str, row: int, value) -> pa.Table:
 MUTATIONS = ["null", "nan", "negative", "huge", "duplicate", "stale", "crossed", "levels"]
 
 
+@pytest.mark.integration  # 40 broken batches, each through Great Expectations
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(["snapshots", "features"]), mutation=st.sampled_from(MUTATIONS),
        row=st.integers(0, 50), col_pick=st.integers(0, 1000))

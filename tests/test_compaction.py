@@ -1,5 +1,6 @@
-"""Compaction beside readers and writers, and kill -9 at every stage of it: readers never fail, never count a
-row twice, never miss one; the next compaction finishes what a crashed one began."""
+"""Compaction: it merges a partition's files into one sorted file, and an interrupted one is recovered; beside
+readers and writers, and with kill -9 at every stage of it, readers never fail, never count a row twice, never
+miss one; the next compaction finishes what a crashed one began."""
 
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import sys
 import threading
 from pathlib import Path
 
+import duckdb
 import pytest
 
+from microstructure.contract.book import KEY, SNAPSHOT_SCHEMA, table_from_quotes, validate
 from microstructure.jobs import poll as pipeline
-from microstructure.lake.compaction import compact
+from microstructure.lake.compaction import compact, recover
 from microstructure.lake.paths import SNAPSHOTS, STAGING, LakePaths, partition_files, with_retry
 from microstructure.lake.views import connect, read_snapshots
+from microstructure.lake.writer import PartitionWriter
 from microstructure.sources.simulated import SimulatedSource, universe
+from tests.conftest import book
 
 T0 = dt.datetime(2026, 11, 23, 14, 30, tzinfo=dt.UTC)
 STAGES = ["after_plan", "after_merged_written", "after_commit", "during_cleanup", "before_gen_bump"]
@@ -26,8 +31,29 @@ STAGES = ["after_plan", "after_merged_written", "after_commit", "during_cleanup"
 
 def _fill(d: Path, cycles: int, start: dt.datetime = T0, source: SimulatedSource | None = None) -> SimulatedSource:
     src = source or SimulatedSource(seed=5)
-    pipeline.poll(LakePaths(d), src, universe()[:20], pipeline.cycle_times(start, 2.0, cycles, 0))
+    pipeline.poll_cycles(LakePaths(d), src, universe()[:20], pipeline.cycle_times(start, 2.0, cycles, 0))
     return src
+
+
+def test_compaction_merges_sorts_and_survives_a_crash(data_dir):
+    paths = LakePaths(data_dir)
+    w = PartitionWriter(paths, SNAPSHOTS, KEY, SNAPSHOT_SCHEMA)
+    for i in range(5):
+        w.write(validate(table_from_quotes(
+            [book(s, event_ts=T0 + dt.timedelta(seconds=i)) for s in ("B", "A")])).clean)
+    part = paths.partition(SNAPSHOTS, T0.date())
+    before = sorted(part.glob("*.parquet"))
+    assert len(before) == 5
+    # Simulate a crash after the commit point: merged file in place, old files not yet deleted.
+    assert compact(paths, SNAPSHOTS, T0.date(), KEY, ("symbol", "event_ts")) == (5, 1)
+    t = duckdb.sql(f"SELECT symbol, event_ts FROM read_parquet('{part}/*.parquet')").fetchall()
+    assert len(t) == 10 and t == sorted(t)
+    # An interrupted compaction before its commit point leaves the partition as it was.
+    staging = part / ".compacting"
+    staging.mkdir()
+    (staging / "plan.json").write_text('{"merged": "compacted-x.parquet", "replaces": ["nope.parquet"]}')
+    recover(part)
+    assert not staging.exists() and len(list(part.glob("*.parquet"))) == 1
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +71,9 @@ class Readers:
         self.errors: list[str] = []
         self.counts: list[tuple[int, int]] = []  # (rows, distinct keys) per read
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in ("build", "sql")]
+        self.reads = {"build": 0, "sql": 0}  # reads done (or failed), per kind
+        self.progress = threading.Condition()
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in self.reads]
 
     def _run(self, kind: str) -> None:
         lo, hi = dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
@@ -62,6 +90,16 @@ class Readers:
                         "SELECT count(*), count(DISTINCT (symbol, event_ts, source)) FROM snapshots").fetchall()[0]))
             except Exception as e:  # every failure is a finding
                 self.errors.append(f"{kind}: {type(e).__name__}: {e}")
+            with self.progress:
+                self.reads[kind] += 1
+                self.progress.notify_all()
+
+    def read_more(self, n: int) -> None:
+        """Return once each kind of reader has read ``n`` more times (a count of reads, not a stretch of time)."""
+        with self.progress:
+            target = {k: v + n for k, v in self.reads.items()}
+            done = self.progress.wait_for(lambda: all(self.reads[k] >= v for k, v in target.items()), timeout=120)
+        assert done, f"the readers stopped reading: {self.reads}"
 
     def __enter__(self) -> Readers:
         for t in self.threads:
@@ -79,6 +117,7 @@ def _truth(paths: LakePaths) -> int:
     return t.num_rows
 
 
+@pytest.mark.integration  # the CLI's compaction in a subprocess, killed at each stage
 @pytest.mark.parametrize("stage", STAGES)
 def test_kill_minus_nine_at_every_stage_of_compaction_with_readers_running(small_files, tmp_path, stage):
     d = tmp_path / "d"
@@ -92,8 +131,8 @@ def test_kill_minus_nine_at_every_stage_of_compaction_with_readers_running(small
         r = subprocess.run([sys.executable, "-m", "microstructure", "compact", "--data-dir", str(d)],
                            capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == -9, (r.returncode, r.stderr)  # really killed at that stage
-        # Readers go on against the crashed state for a moment.
-        threading.Event().wait(0.5)
+        # Readers go on against the crashed state: each kind reads it twice more.
+        readers.read_more(2)
     assert readers.counts, "readers never read"
     assert readers.errors == []
     assert all(c == (n, n) for c in readers.counts), sorted(set(readers.counts))
@@ -109,6 +148,7 @@ def test_kill_minus_nine_at_every_stage_of_compaction_with_readers_running(small
     assert _truth(paths) == n
 
 
+@pytest.mark.integration  # a poller, a rolling compactor and readers, all at once, for 300 cycles
 def test_concurrent_writer_compactor_and_readers(tmp_path):
     """A poller appends, rolling compaction merges, readers read, all at once: no reader error, no row twice,
     and a reader never sees fewer rows than an earlier read (nothing vanishes, even for a moment)."""

@@ -22,7 +22,7 @@ ENV = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_
 HOLD = """
 import sys
 from pathlib import Path
-from microstructure import datadir
+from microstructure.lake import datadir
 with datadir.writer(Path(sys.argv[1])):
     print("held", flush=True)
     sys.stdin.read()  # hold until the test closes our stdin (or kills us)
@@ -53,11 +53,13 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 def test_a_new_data_dir_gets_its_marker(small: Path) -> None:
     info = json.loads((small / ".microstructure").read_text())
     assert info["created_by"] == "microstructure"
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 @pytest.mark.parametrize("command", [
     ["run", "--cycles", "3", "--symbols", "2"],
     ["poll", "--interval", "0", "--cycles", "2", "--symbols", "2"],
@@ -84,6 +86,7 @@ def test_second_writer_is_refused_with_one_line_naming_the_holder(small: Path, t
         holder.wait()
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 def test_readers_never_need_the_lock(small: Path) -> None:
     holder = hold(small)
     try:
@@ -99,6 +102,7 @@ def test_readers_never_need_the_lock(small: Path) -> None:
         holder.wait()
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 def test_wait_queues_behind_the_holder_and_then_writes(small: Path) -> None:
     holder = hold(small)
     waiter = subprocess.Popen([*CLI, "compact", "--wait", "--json", "--data-dir", str(small)], env=ENV,
@@ -115,6 +119,7 @@ def test_wait_queues_behind_the_holder_and_then_writes(small: Path) -> None:
     assert isinstance(json.loads(out), list)
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 def test_kill_9_of_the_holder_releases_the_lock(small: Path) -> None:
     holder = hold(small)
     os.kill(holder.pid, signal.SIGKILL)
@@ -123,6 +128,7 @@ def test_kill_9_of_the_holder_releases_the_lock(small: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 def test_two_runs_at_once_one_refused_the_other_publishes(tmp_path: Path) -> None:
     d = tmp_path / "data"
     args = [*CLI, "run", "--data-dir", str(d), "--cycles", "15", "--symbols", "3", "--json"]
@@ -137,6 +143,7 @@ def test_two_runs_at_once_one_refused_the_other_publishes(tmp_path: Path) -> Non
     assert winner["builds"] and all(b["published"] for b in winner["builds"])
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 def test_fresh_on_a_folder_not_created_by_microstructure_deletes_nothing(tmp_path: Path) -> None:
     victim = tmp_path / "projects"
     for sub in ("lake", "feast", "sim"):
@@ -154,6 +161,7 @@ def test_fresh_on_a_folder_not_created_by_microstructure_deletes_nothing(tmp_pat
     assert not (victim / ".microstructure").exists()
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 def test_fresh_refuses_a_planted_symlink_marker(tmp_path: Path) -> None:
     victim = tmp_path / "v"
     (victim / "lake").mkdir(parents=True)
@@ -167,6 +175,7 @@ def test_fresh_refuses_a_planted_symlink_marker(tmp_path: Path) -> None:
     assert (victim / "lake" / "keep.txt").read_text() == "x"
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 def test_fresh_clears_a_data_dir_this_project_made(tmp_path: Path) -> None:
     d = tmp_path / "data"
     assert cli("run", "--data-dir", str(d), "--cycles", "3", "--symbols", "2", "--json").returncode == 0
@@ -178,6 +187,7 @@ def test_fresh_clears_a_data_dir_this_project_made(tmp_path: Path) -> None:
     assert not any(f.exists() for f in old)
 
 
+@pytest.mark.integration  # the CLI and a lock holder in subprocesses
 def test_a_mistyped_data_dir_is_not_created_by_a_writer_that_needs_a_lake(tmp_path: Path) -> None:
     d = tmp_path / "typo"
     r = cli("build-features", "--data-dir", str(d))
@@ -201,6 +211,7 @@ def test_an_older_data_dir_without_marker_is_adopted_when_it_holds_only_our_fold
     assert not datadir.is_ours(other)
 
 
+@pytest.mark.integration  # the lock holder is another process
 def test_the_lock_is_reentrant_within_one_process(tmp_path: Path) -> None:
     from microstructure.lake import datadir
 

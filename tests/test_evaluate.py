@@ -1,4 +1,6 @@
-"""Fill simulator (hand-computed), bootstrap and verdict rules, and `evaluate` end to end."""
+"""`evaluate`: the bootstrap and its verdict rules, and the command end to end (report, plots, headline, the
+exported model `picks --score` uses, real LOBSTER data, and its refusals). The fill simulator it builds on is in
+test_fill_simulator.py."""
 
 from __future__ import annotations
 
@@ -9,60 +11,8 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from microstructure.research.fills import L1_NOTE, simulate_fill, walk
 from microstructure.research.stats import Boot, verdict, wmean
-
-BOOK = {"bid_px_1": 99.9, "bid_sz_1": 100, "bid_px_2": 99.8, "bid_sz_2": 200,
-        "ask_px_1": 100.1, "ask_sz_1": 100, "ask_px_2": 100.2, "ask_sz_2": 100, "ask_px_3": 100.5, "ask_sz_3": 1000}
-
-
-def test_buy_walks_asks_hand_computed():
-    # $15,020: 100 sh @ 100.1 = $10,010, then $5,010 / 100.2 = 50 sh -> 150 sh, avg 100.1333.., mid 100.
-    f = simulate_fill(BOOK, "buy", notional=15_020)
-    assert f.filled_fraction == 1 and f.levels_consumed == 2 and not f.unfillable
-    assert f.avg_price == pytest.approx(15_020 / 150)
-    assert f.slippage_bps == pytest.approx((15_020 / 150 - 100) / 100 * 1e4)  # 13.33 bps: not bad
-    assert not f.bad
-    # 250 shares: 100 @ 100.1, 100 @ 100.2, 50 @ 100.5 = 25,055 / 250 = 100.22 -> 22 bps: bad.
-    g = simulate_fill(BOOK, "buy", shares=250)
-    assert g.avg_price == pytest.approx(100.22) and g.slippage_bps == pytest.approx(22.0) and g.bad
-
-
-def test_sell_and_unfillable_and_l1_note():
-    f = simulate_fill(BOOK, "sell", shares=300)  # 100 @ 99.9 + 200 @ 99.8 = 29,950 / 300
-    assert f.avg_price == pytest.approx(29_950 / 300) and f.slippage_bps == pytest.approx((100 - 29_950 / 300) * 100)
-    big = simulate_fill(BOOK, "sell", shares=400)
-    assert big.unfillable and big.bad and big.filled_fraction == pytest.approx(0.75) and big.note == ""
-    l1 = {"bid_px_1": 10.0, "bid_sz_1": 100, "ask_px_1": 10.01, "ask_sz_1": 100}
-    small = simulate_fill(l1, "buy", notional=500)
-    assert not small.bad and small.slippage_bps == pytest.approx(5.0, rel=1e-3)
-    f1 = simulate_fill(l1, "buy", notional=5_000)
-    assert f1.unfillable and f1.note == L1_NOTE
-    with pytest.raises(ValueError, match="exactly one"):
-        simulate_fill(BOOK, "buy")
-    with pytest.raises(ValueError, match="side"):
-        simulate_fill(BOOK, "hold", shares=1)
-
-
-@settings(max_examples=80, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.01, 1000), st.floats(1, 10_000)), min_size=1, max_size=10),
-       st.floats(1, 1e6), st.floats(1, 1e6))
-def test_walk_properties(levels, a, b):
-    """More size never gets a better price; fills never exceed the book; fraction in [0, 1]."""
-    px = np.sort(np.array([p for p, _ in levels]))  # asks: best (lowest) first
-    sz = np.array([s for _, s in levels])
-    mid = np.array([px[0] * 0.999])
-    lo, hi = sorted((a, b))
-    r1 = walk(px[None], sz[None], mid, lo, True, 1.0)
-    r2 = walk(px[None], sz[None], mid, hi, True, 1.0)
-    assert 0 < r1["filled_fraction"][0] <= 1 and 0 < r2["filled_fraction"][0] <= 1
-    assert r2["slippage_bps"][0] >= r1["slippage_bps"][0] - 1e-9
-    assert r2["filled_fraction"][0] <= r1["filled_fraction"][0] + 1e-9
-    cap = float((px * sz).sum())
-    assert r2["unfillable"][0] == (hi > cap * (1 + 1e-12))
 
 
 def test_bootstrap_interval_covers_truth_and_verdicts():
@@ -96,6 +46,7 @@ def evaluated(tmp_path_factory):
     return d, out, res
 
 
+@pytest.mark.integration  # the CLI's run and evaluate in subprocesses
 def test_run_then_evaluate_writes_report_plots_and_headline(evaluated):
     _d, out, res = evaluated
     for f in ("report.md", "results.json", "imbalance_vs_return.png", "bad_fills_by_tier.png", "spread_depth.png",
@@ -121,6 +72,7 @@ def test_run_then_evaluate_writes_report_plots_and_headline(evaluated):
     assert (out / "reliability.png").stat().st_size > 1000 and ml["base_rate_entropy"] > 0.6
 
 
+@pytest.mark.integration  # the CLI's run and evaluate in subprocesses
 def test_two_identical_evaluate_runs_give_identical_results(evaluated, tmp_path):
     d, out, _ = evaluated
     cli("evaluate", "--data-dir", d, "--out", tmp_path / "again", "--json")
@@ -131,6 +83,7 @@ def test_two_identical_evaluate_runs_give_identical_results(evaluated, tmp_path)
     assert a == b
 
 
+@pytest.mark.integration  # the CLI's run and evaluate in subprocesses
 def test_picks_score_uses_the_evaluate_model(evaluated, tmp_path):
     d, _, _ = evaluated
     assert (d / "models" / "entry_model.json").exists() and not (d / "models" / "entry_model.pkl").exists()
@@ -144,10 +97,12 @@ def test_picks_score_uses_the_evaluate_model(evaluated, tmp_path):
     assert c["model_p_up"] is None
 
 
+@pytest.mark.integration  # the CLI's run and evaluate in subprocesses
 def test_evaluate_on_real_lobster_says_insufficient_data(tmp_path, lobster_dir):
     d = tmp_path / "lob"
     cli("backfill", lobster_dir, "--format", "lobster", "--cadence", "0.1", "--data-dir", d, "--json")
     cli("build-features", "--data-dir", d, "--json")
+
     def strict(text: str) -> object:  # json.loads accepts bare NaN; real JSON parsers do not
         def refuse(c: str) -> None:
             raise ValueError(f"not JSON: {c}")
@@ -161,6 +116,7 @@ def test_evaluate_on_real_lobster_says_insufficient_data(tmp_path, lobster_dir):
     assert (d / "report" / "report.md").exists()
 
 
+@pytest.mark.integration  # the CLI's run and evaluate in subprocesses
 def test_evaluate_without_features_is_a_one_line_error(tmp_path):
     r = cli("evaluate", "--data-dir", tmp_path / "nowhere", check=False)
     assert r.returncode == 2 and "not a data dir" in r.stderr and r.stderr.count("\n") == 1

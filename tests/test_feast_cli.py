@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytestmark = pytest.mark.integration  # the stock feast CLI, `feast serve` and `feast ui` in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -117,7 +119,8 @@ def test_feast_materialize_never_moves_online_back(checkout):
     end = dt.datetime.now(dt.UTC)
     feast(repo, "materialize", (end - dt.timedelta(hours=2)).isoformat(), end.isoformat())
     r = subprocess.run([sys.executable, "-c", (
-        "import json, pathlib; from microstructure.store import open_store, read_online; "
+        "import json, pathlib; from microstructure.store.repo import open_store; "
+        "from microstructure.store.lookup import read_online; "
         f"s = open_store(pathlib.Path({str(checkout / 'data')!r})); "
         "print(json.dumps({r.symbol: r.event_ts.isoformat() for r in read_online(s, ['MEGA01', 'LRG01', 'MID01'])}))")],
         capture_output=True, text=True, timeout=300)

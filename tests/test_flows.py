@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.integration  # a temporary Prefect server
+
 
 @pytest.fixture(scope="module")
 def harness():

@@ -20,8 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from microstructure.sources.chain import MAX_SYMBOLS
+from microstructure.sources.symbol_lists import MAX_SYMBOLS
 from microstructure.trading.picks import MAX_PICKS, MAX_PICKS_BYTES
+
+# The CLI in subprocesses, its peak RSS measured; the one in-process test applies two Feast stores and joins.
+pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 

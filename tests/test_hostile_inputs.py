@@ -122,6 +122,7 @@ def deep_book(ts: int, sym: str = "ZIEXT") -> list[bytes]:
 
 
 # ---- grid emission --------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_far_future_message_in_a_tiny_pcap_is_quarantined_not_sampled_to_the_end_of_time(tmp_path):
     pcap = write_pcap(tmp_path / "ff.pcap", [(T * NS, iextp([plu("8", 2**62, "ZIEXT", 10.0, 100)], 1, T * NS))])
     assert pcap.stat().st_size < 210
@@ -134,6 +135,7 @@ def test_far_future_message_in_a_tiny_pcap_is_quarantined_not_sampled_to_the_end
                                                                        "ff.pcap packet 1 message 1")]
 
 
+@pytest.mark.integration
 def test_two_plausible_times_decades_apart_in_a_pcap_are_refused_before_the_grid_is_built(tmp_path):
     early = 800_000_000 * NS  # 1995
     pcap = write_pcap(tmp_path / "span.pcap", [(T * NS, iextp([*deep_book(early), *deep_book(T * NS)], 1, T * NS))])
@@ -143,12 +145,14 @@ def test_two_plausible_times_decades_apart_in_a_pcap_are_refused_before_the_grid
     assert not (tmp_path / "d" / "lake" / "snapshots").exists() or lake_rows(tmp_path / "d", "snapshots").num_rows == 0
 
 
+@pytest.mark.integration
 def test_lobster_sample_at_cadence_2e_7_is_refused_before_reading(tmp_path, lobster_dir):
     r = backfill(lobster_dir, "lobster", tmp_path / "d", "--cadence", "2e-7")
     assert_one_line_refusal(r, "--cadence 2e-07", "MIN_CADENCE_S")
     assert not (tmp_path / "d" / "lake" / "snapshots").exists()
 
 
+@pytest.mark.integration
 def test_lobster_day_at_one_millisecond_is_refused_by_the_grid_cap_before_allocating(tmp_path):
     msg = lobster_pair(tmp_path / "lob", ["1.0", "86399.0"])  # 86.4 M grid times at 1 ms
     r = backfill(msg, "lobster", tmp_path / "d", "--cadence", "0.001")
@@ -156,6 +160,7 @@ def test_lobster_day_at_one_millisecond_is_refused_by_the_grid_cap_before_alloca
     assert r.rss_mb < RSS_BOUND_MB
 
 
+@pytest.mark.integration
 def test_a_million_lobster_messages_with_one_timestamp_are_refused(tmp_path):
     msg = lobster_pair(tmp_path / "lob", ["34200.5"] * 1_000_001)
     r = backfill(msg, "lobster", tmp_path / "d")
@@ -164,13 +169,13 @@ def test_a_million_lobster_messages_with_one_timestamp_are_refused(tmp_path):
 
 
 def test_iex_messages_with_one_timestamp_past_the_bound_are_refused(tmp_path, monkeypatch):
+    from microstructure.recorded import bounds
     from microstructure.recorded.iex_deep import read_iex_deep
-    from microstructure.sources import files
 
-    monkeypatch.setattr(files, "MAX_MESSAGES_PER_INSTANT", 5)  # our own bound, lowered to keep the capture small
+    monkeypatch.setattr(bounds, "MAX_MESSAGES_PER_INSTANT", 5)  # our own bound, lowered to keep the capture small
     pcap = write_pcap(tmp_path / "burst.pcap",
                       [(T * NS, iextp([plu("8", T * NS, "ZIEXT", 10 - i / 100, 1) for i in range(6)], 1, T * NS))])
-    with pytest.raises(files.FileFormatError, match=r"burst.pcap packet 1 message 6: more than 5 messages"):
+    with pytest.raises(bounds.FileFormatError, match=r"burst.pcap packet 1 message 6: more than 5 messages"):
         read_iex_deep(pcap)
 
 
@@ -180,6 +185,7 @@ def _gzip_member_repeated(line: bytes, times: int) -> bytes:
     return gzip.compress(line, compresslevel=9) * times
 
 
+@pytest.mark.integration
 def test_gzip_csv_with_one_500_mb_field_is_refused_without_reading_it_into_memory(tmp_path):
     p = tmp_path / "long.csv.gz"
     with gzip.open(p, "wb", compresslevel=1) as f:
@@ -193,12 +199,14 @@ def test_gzip_csv_with_one_500_mb_field_is_refused_without_reading_it_into_memor
     assert r.rss_mb < RSS_BOUND_MB
 
 
+@pytest.mark.integration
 def test_csv_field_longer_than_the_field_bound_is_refused_with_its_line(tmp_path):
     p = wide_csv(tmp_path / "field.csv", [f"AAA,{T},10,1,10.1,1", f"{'A' * 5000},{T},10,1,10.1,1"])
     r = backfill(p, "wide", tmp_path / "d")
     assert_one_line_refusal(r, "field.csv line 3", "'symbol'", "MAX_FIELD_BYTES")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("codec", ["gzip", "zstd"])
 def test_compression_bomb_is_refused_after_the_ratio_bound_in_bounded_memory(tmp_path, codec):
     # 1 GiB of valid, ignored messages (trades) in ~1 MB: decompression stops at 200x the file's size.
@@ -212,6 +220,7 @@ def test_compression_bomb_is_refused_after_the_ratio_bound_in_bounded_memory(tmp
     assert r.rss_mb < RSS_BOUND_MB
 
 
+@pytest.mark.integration
 def test_json_line_without_end_is_refused_at_the_line_bound(tmp_path):
     p = tmp_path / "noend.gz"
     p.write_bytes(_gzip_member_repeated(b"1" * 2**20, 40))  # 40 MiB, not one newline
@@ -221,16 +230,16 @@ def test_json_line_without_end_is_refused_at_the_line_bound(tmp_path):
 
 
 def test_parquet_row_group_beyond_the_bound_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    from microstructure.sources import files
+    from microstructure.recorded import bounds, streams, wide
 
     p = tmp_path / "wide.parquet"
     n = 1000
     pq.write_table(pa.table({"symbol": ["A"] * n, "ts": [T + i for i in range(n)],
                              "bid_px_1": [1.0 + i for i in range(n)], "bid_sz_1": [1.0] * n,
                              "ask_px_1": [2.0 + i for i in range(n)], "ask_sz_1": [1.0] * n}), p)
-    monkeypatch.setattr(files, "MAX_ROW_GROUP_BYTES", 1000)  # our own bound, lowered: a real 1 GiB file is slow
-    with pytest.raises(files.FileFormatError, match=r"row group 0 .* \(MAX_ROW_GROUP_BYTES\)"):
-        list(files.read_wide(p))
+    monkeypatch.setattr(streams, "MAX_ROW_GROUP_BYTES", 1000)  # our own bound, lowered: a real 1 GiB file is slow
+    with pytest.raises(bounds.FileFormatError, match=r"row group 0 .* \(MAX_ROW_GROUP_BYTES\)"):
+        list(wide.read_wide(p))
 
 
 # ---- implausible times, in every recorded format ---------------------------------------------------------------
@@ -274,6 +283,7 @@ def _iex(tmp: Path) -> tuple[list[Path], str, int]:
     return [write_pcap(tmp / "t.pcap", [(T * NS, iextp(msgs, 1, T * NS))])], "iex-deep", 2
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("build", [_wide, _snapshots, _lobster, _binance, _hyperliquid, _iex],
                          ids=["wide", "snapshots", "lobster", "binance-depth", "hyperliquid-l2", "iex-deep"])
 def test_year_0001_and_year_9999_rows_are_quarantined_as_implausible_time(tmp_path, build):
@@ -292,6 +302,7 @@ def test_year_0001_and_year_9999_rows_are_quarantined_as_implausible_time(tmp_pa
     assert again["written"] == 0 and lake_rows(data, "quarantine").num_rows == n_bad
 
 
+@pytest.mark.integration
 def test_year_0001_snapshot_row_never_blocks_building_the_good_dates(tmp_path):
     files, fmt, _ = _snapshots(tmp_path)
     data = tmp_path / "d"
@@ -317,6 +328,7 @@ def test_validate_quarantines_implausible_times_from_any_source():
 
 
 # ---- the quarantine keeps every rejected row ---------------------------------------------------------------------
+@pytest.mark.integration
 def test_three_unparseable_and_four_implausible_wide_rows_are_all_stored(tmp_path):
     rows = [f"AAA,{T},10,1,10.1,1",
             "AAA,garbage,10,1,10.1,1", "AAA,garbage,10,1,10.1,1", "AAA,not a time,10,1,10.1,1",
@@ -333,6 +345,7 @@ def test_three_unparseable_and_four_implausible_wide_rows_are_all_stored(tmp_pat
     assert lake_rows(data, "quarantine").num_rows == 7  # a re-run of the same file duplicates nothing
 
 
+@pytest.mark.integration
 def test_rows_failing_validation_with_one_time_are_all_stored(tmp_path):
     # Three crossed books for one symbol at one instant: three rejected rows, three stored.
     p = wide_csv(tmp_path / "crossed.csv", [f"AAA,{T},10.2,1,10.1,1"] * 3 + [f"AAA,{T + 1},10,1,10.1,1"])
@@ -342,12 +355,13 @@ def test_rows_failing_validation_with_one_time_are_all_stored(tmp_path):
     assert lake_rows(data, "quarantine").num_rows == 3
 
 
+@pytest.mark.integration
 def test_quarantine_partition_written_before_origin_existed_still_takes_new_rows(tmp_path):
     from microstructure.contract.book import QUARANTINE_SCHEMA
 
     data = tmp_path / "d"
     p = wide_csv(tmp_path / "old.csv", ["AAA,garbage,10,1,10.1,1"])
-    from microstructure.recorded.files import file_time
+    from microstructure.recorded.batch import file_time
 
     day = file_time(p).date()
     legacy = pa.Table.from_pylist([{"symbol": "ZZZ", "received_ts": file_time(p), "source": "wide",
@@ -362,6 +376,7 @@ def test_quarantine_partition_written_before_origin_existed_still_takes_new_rows
 
 
 # ---- absurd numbers ----------------------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_1e308_price_is_quarantined_and_never_gives_an_infinite_mid(tmp_path):
     p = wide_csv(tmp_path / "huge.csv", [f"AAA,{T},1e308,1,1.5e308,1", f"BBB,{T},10,1e300,10.1,1",
                                          f"CCC,{T},1e-300,1,1e-299,1", f"OK,{T},10,1,10.1,1"])
@@ -382,6 +397,7 @@ def test_real_extreme_prices_and_sizes_pass():
     assert v.quarantine.num_rows == 0 and v.clean.num_rows == 3
 
 
+@pytest.mark.integration
 def test_1e308_price_in_a_binance_diff_is_quarantined(tmp_path):
     ns = T_MS * 1_000_000
     p = gz_lines(tmp_path / "abc.gz", [(ns, SNAP), (ns, depth_diff(101, 101, T_MS, asks=[["1e308", "1"]]))])
@@ -490,6 +506,7 @@ def _cut_gzip(tmp: Path) -> Path:
     return p
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_message_is_one_error_line_with_its_position(tmp_path, case):
     build, fmt, where = MALFORMED[case]
@@ -498,8 +515,9 @@ def test_malformed_message_is_one_error_line_with_its_position(tmp_path, case):
 
 
 # ---- a file that fails part-way --------------------------------------------------------------------------------
+@pytest.mark.integration
 def test_mid_file_failure_reports_the_rows_kept_and_the_line_it_stopped_at(tmp_path):
-    n = 100_000  # one batch (files.BATCH_ROWS) is committed before the bad line is read
+    n = 100_000  # one batch (bounds.BATCH_ROWS) is committed before the bad line is read
     good = [f"AAA,{T + i},10,1,10.1,1" for i in range(n + 10)]
     p = wide_csv(tmp_path / "big.csv", [*good[:n], "AAA,1,2", *good[n:]])
     data = tmp_path / "d"

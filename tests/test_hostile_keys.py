@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from werkzeug import Request, Response
 
-from microstructure.sources.chain import build_chain
+from microstructure.sources.chain_config import build_chain
 from microstructure.sources.secrets import scrub
 from microstructure.sources.vendor import ConfigError, base_url_from_env
 from tests.vendor_server import (
@@ -33,9 +33,12 @@ from tests.vendor_server import (
     SECRET_ID,
     SECRET_KEY,
     SECRET_POLY,
+    chain_file,
+    good_alpaca,
     poly_crypto_path,
     poly_quote,
     poly_snapshot,
+    respond,
 )
 
 SECRETS = (SECRET_POLY, SECRET_ID, SECRET_KEY)
@@ -101,6 +104,7 @@ def poll_args(data_dir: Path, *extra: object) -> list[object]:
 
 
 # ---- a sources file cannot choose where a key goes ---------------------------------------------------------
+@pytest.mark.integration
 def test_data_dir_sources_toml_base_url_to_a_loopback_stub_never_receives_a_key(server, tmp_path):
     seen = record_everything(server)
     d = tmp_path / "data"
@@ -111,6 +115,7 @@ def test_data_dir_sources_toml_base_url_to_a_loopback_stub_never_receives_a_key(
     assert seen == [] and server.log == []  # not one request, so not one key
 
 
+@pytest.mark.integration
 def test_data_dir_sources_toml_base_url_to_an_external_host_is_refused_before_any_request(server, tmp_path):
     # Even with a legitimate loopback stand-in set by the environment, the file's host is refused outright.
     seen = record_everything(server)
@@ -150,6 +155,7 @@ def test_env_base_url_https_or_loopback_http_is_allowed(url, monkeypatch):
     assert base_url_from_env("MICROSTRUCTURE_ALPACA_DATA_URL") == url.rstrip("/")
 
 
+@pytest.mark.integration
 def test_env_base_url_http_10_1_2_3_makes_poll_exit_2_and_loopback_stub_works(server, tmp_path):
     server.expect_request(POLY_STOCKS).respond_with_json(
         poly_snapshot(poly_quote("AAPL", 189.50, 189.52), poly_quote("MSFT", 410.0, 410.05)))
@@ -232,6 +238,7 @@ def strings_of(f: Path) -> list[str]:
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stocks", ["error_403", "bad_row"])
 def test_vendor_echoing_request_headers_leaves_no_key_in_the_lake_or_the_terminal(env, tmp_path, stocks):
     if stocks == "error_403":
@@ -265,6 +272,7 @@ def test_vendor_echoing_request_headers_leaves_no_key_in_the_lake_or_the_termina
         assert k not in r.stdout and k not in r.stderr
 
 
+@pytest.mark.integration
 def test_error_line_printed_by_the_cli_never_shows_a_key(tmp_path):
     # A message that would quote a key (here the path of a missing file named after it) is printed scrubbed.
     missing = tmp_path / f"{SECRET_POLY}.toml"
@@ -321,3 +329,25 @@ def test_sources_toml_symbols_file_cannot_read_a_users_file_outside_its_folder(t
         assert chain.symbols == ["AAPL", "MSFT"]
     finally:
         chain.close()
+
+
+# ---- a poll through the CLI with every log at DEBUG ------------------------------------------------
+@pytest.mark.integration
+def test_no_key_reaches_logs_lake_or_prefect_results(env, tmp_path, caplog):
+    import logging
+
+    env.expect_request(POLY_STOCKS).respond_with_handler(respond({"status": "ERROR"}, status=500))
+    good_alpaca(env)
+    cfg = chain_file(tmp_path)
+    d = tmp_path / "data"
+    caplog.set_level(logging.DEBUG)
+    envv = {**os.environ, "PREFECT_LOGGING_LEVEL": "DEBUG"}
+    r = subprocess.run([sys.executable, "-m", "microstructure", "poll", "--source", "chain", "--sources-config",
+                        str(cfg), "--cycles", "2", "--interval", "0", "--no-online", "--json", "--data-dir", str(d)],
+                       capture_output=True, text=True, env=envv, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["served_by"] == {"alpaca": 4, "alpaca_crypto": 2}  # the keys were used
+    texts = [r.stdout, r.stderr, caplog.text]
+    texts += [f.read_bytes().decode("latin-1") for f in d.rglob("*") if f.is_file()]
+    for secret in (SECRET_POLY, SECRET_ID, SECRET_KEY):
+        assert not any(secret in t for t in texts), secret

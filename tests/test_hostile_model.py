@@ -42,7 +42,8 @@ SPOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "binance" / "sp
 AS_OF = "2024-08-09T00:04:00Z"
 COLS = [*BASE_FEATURES, *ML_FEATURES]
 
-pytestmark = pytest.mark.skipif(not SPOT.exists(), reason="shared Binance sample not present")
+pytestmark = [pytest.mark.integration,  # the data dir is built by the CLI, in subprocesses
+              pytest.mark.skipif(not SPOT.exists(), reason="shared Binance sample not present")]
 
 
 def cli(*args: object) -> subprocess.CompletedProcess:

@@ -24,6 +24,8 @@ import pytest
 
 from microstructure.contract.text import visible
 
+pytestmark = pytest.mark.integration  # the CLI in subprocesses, Redis; GE run on every feature twice
+
 # Symbols a vendor, a recorded file or a colleague's export could carry. Each was a crash or a terminal
 # command before: "[/x]" closes a tag nobody opened (Rich raises MarkupError), "[link=...]" makes a hyperlink,
 # ESC [2J clears the screen, ESC ]0; ... BEL retitles the terminal, U+202E reverses the rest of the line, a

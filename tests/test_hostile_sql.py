@@ -87,6 +87,7 @@ def polled_dir(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.integration
 def test_crafted_file_name_in_a_partition_cannot_run_sql_in_the_next_poll(polled_dir, tmp_path):
     paths = LakePaths(polled_dir)
     part = paths.partition(SNAPSHOTS, DAY)
@@ -101,6 +102,7 @@ def test_crafted_file_name_in_a_partition_cannot_run_sql_in_the_next_poll(polled
     assert not (polled_dir / MARKER).exists()
 
 
+@pytest.mark.integration
 def test_crafted_file_name_in_a_partition_cannot_run_sql_in_compact(polled_dir, tmp_path):
     paths = LakePaths(polled_dir)
     part = paths.partition(SNAPSHOTS, DAY)
@@ -147,6 +149,7 @@ def test_crafted_file_name_in_a_partition_cannot_run_sql_in_a_lake_reader(reader
     assert not (tmp_path / MARKER).exists()
 
 
+@pytest.mark.integration
 def test_data_dir_path_with_quotes_and_a_dollar_variable_works_end_to_end(tmp_path):
     # Feast expands $VARS in feature_store.yaml's text: the path's "${...}" must stay literal, never pull in the
     # environment's value (a key).
@@ -179,6 +182,7 @@ def _bad_row(like: pa.Table, ts: dt.datetime) -> pa.Table:
     return t
 
 
+@pytest.mark.integration
 def test_year_0001_and_9999_rows_from_an_older_version_do_not_block_building_the_other_dates(polled_dir):
     paths = LakePaths(polled_dir)
     like = pq.read_table(paths.files(SNAPSHOTS)[0])

@@ -32,6 +32,7 @@ def test_lobster_sample_becomes_valid_ten_level_snapshots():
     assert (t["received_ts"] >= t["event_ts"]).all()
 
 
+@pytest.mark.integration  # the CLI's backfill in subprocesses
 def test_backfill_is_idempotent_and_builds_features(data_dir):
     import subprocess
     import sys

@@ -54,6 +54,7 @@ def test_decode_of_an_unset_value_is_none():
     assert decode(b"") is None and decode(None) is None and decode(Value().SerializeToString()) is None
 
 
+@pytest.mark.integration  # shares the `polled` run: 200 cycles x 20 symbols through GE and Feast
 def test_sqlite_read_equals_get_online_features(polled):
     store = open_store(polled["paths"].data_dir)
     syms = [*sorted({r for t in polled["online"] for r in t.column("symbol").to_pylist()}), "NOPE"]
@@ -82,6 +83,7 @@ def redis_run(tmp_path_factory):
     client.flushdb()
 
 
+@pytest.mark.integration  # a Redis server, and the CLI's run in a subprocess
 def test_run_serves_online_from_redis(redis_run, monkeypatch):
     d, client = redis_run
     keys = list(client.scan_iter(count=1000))
@@ -108,6 +110,7 @@ def test_run_serves_online_from_redis(redis_run, monkeypatch):
     forget_store(d)
 
 
+@pytest.mark.integration  # a Redis server, and the CLI's run in a subprocess
 def test_a_fresh_market_clears_redis(redis_run, monkeypatch):
     _, client = redis_run
     client.set(b"unrelated-key", b"1")
@@ -128,6 +131,7 @@ def test_a_password_never_reaches_the_yaml(tmp_path, monkeypatch):
     assert os.environ[REDIS_PASSWORD_ENV] == "s3cret-pw"
 
 
+@pytest.mark.integration
 def test_a_bad_online_store_url_is_one_line(tmp_path):
     env = {**os.environ, "MICROSTRUCTURE_ONLINE_STORE": "mysql://x"}
     p = subprocess.run([sys.executable, "-m", "microstructure", "run", "--cycles", "1", "--data-dir", str(tmp_path)],
@@ -135,6 +139,7 @@ def test_a_bad_online_store_url_is_one_line(tmp_path):
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "redis://" in p.stderr, p.stderr
 
 
+@pytest.mark.integration  # shares the `polled` run: 200 cycles x 20 symbols through GE and Feast
 def test_fast_read_used_for_one_view_services_only(polled):
     from microstructure.store.lookup import _read_plan
 

@@ -3,7 +3,6 @@ never moves a key back in time."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import sqlite3
 
@@ -14,6 +13,7 @@ import redis
 from microstructure.contract.book import validate
 from microstructure.features.compute import compute_features
 from microstructure.jobs import poll as pipeline
+from microstructure.jobs.publisher import latest_per_symbol
 from microstructure.sources.simulated import SimulatedSource, universe
 from microstructure.store.lookup import read_online
 from microstructure.store.repo import forget_store, open_store, push_online
@@ -30,7 +30,7 @@ def cycles():
     syms = universe()[:20]
     out = []
     for t in pipeline.cycle_times(T0, 2.0, 2, 0):
-        f = pipeline.latest_per_symbol(compute_features(validate(src.poll(syms, t).raw).clean))
+        f = latest_per_symbol(compute_features(validate(src.poll(syms, t).raw).clean))
         out.append(f)
     f = out[1]
     f = f.set_column(f.schema.get_field_index("halted"), "halted",
@@ -73,6 +73,7 @@ def _redis_dump(client: redis.Redis) -> dict[bytes, dict[bytes, bytes]]:
     return {k: client.hgetall(k) for k in sorted(client.scan_iter(count=1000))}
 
 
+@pytest.mark.integration  # a Redis server
 def test_redis_bytes_equal_feasts_write(tmp_path, cycles, monkeypatch):
     dumps = {}
     for name, fast, db in (("feast", False, REDIS_DB), ("ours", True, REDIS_DB + 1)):
@@ -93,56 +94,3 @@ def test_redis_bytes_equal_feasts_write(tmp_path, cycles, monkeypatch):
     assert len(dumps["ours"]) == 20 and dumps["ours"] == dumps["feast"]
 
 
-def test_whole_market_source_shapes_every_ticker(server, monkeypatch):
-    """Polygon's snapshot-all without a filter, through the official client: every quoted ticker becomes an L1
-    row; a ticker without a quote is quarantined, not dropped."""
-    from microstructure.sources.polygon import WholeMarketSource
-    from tests.vendor_server import POLY_STOCKS, poly_quote, poly_snapshot
-
-    ticks = [poly_quote(f"T{i:04d}", 10.0 + i / 100, 10.01 + i / 100, t=1_764_000_000_000_000_000 + i)
-             for i in range(2500)]
-    ticks.append({"ticker": "NOQ", "updated": 0})
-    server.expect_request(POLY_STOCKS).respond_with_json(poly_snapshot(*ticks))
-    monkeypatch.setenv("POLYGON_API_KEY", "k")
-    monkeypatch.setenv("MICROSTRUCTURE_POLYGON_BASE_URL", server.url_for("/").rstrip("/"))
-    res = WholeMarketSource().poll([], dt.datetime.now(dt.UTC))
-    v = validate(res.raw)
-    assert v.clean.num_rows == 2500 and set(v.clean.column("book_levels").to_pylist()) == {1}
-    assert v.clean.column("event_ts")[7].as_py() == dt.datetime.fromtimestamp(1_764_000_000, dt.UTC)
-    assert v.clean.column("bid_px_1")[7].as_py() == 10.07
-    assert res.rejected.column("symbol").to_pylist() == ["NOQ"]
-    assert "tickers=" not in server.log[0][0].url  # one unfiltered call
-
-
-def test_poll_the_whole_market_from_the_cli(server, tmp_path):
-    """`poll --source polygon-market`: every ticker of one unfiltered snapshot call, live, into the lake and
-    online (the real CLI in a subprocess, the official client against the local server)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from tests.vendor_server import POLY_STOCKS, poly_quote, poly_snapshot
-
-    def answer(_request):  # type: ignore[no-untyped-def]
-        from werkzeug.wrappers import Response
-
-        now = time.time_ns()
-        body = poly_snapshot(*[poly_quote(f"T{i:04d}", 20 + i / 100, 20.02 + i / 100, t=now) for i in range(1500)])
-        return Response(json.dumps(body), content_type="application/json")
-
-    server.expect_request(POLY_STOCKS).respond_with_handler(answer)
-    env = {**os.environ, "POLYGON_API_KEY": "k", "MICROSTRUCTURE_POLYGON_BASE_URL": server.url_for("/").rstrip("/")}
-    env.pop("MICROSTRUCTURE_ONLINE_STORE", None)
-    d = tmp_path / "data"
-    p = subprocess.run([sys.executable, "-m", "microstructure", "poll", "--source", "polygon-market", "--cycles", "2",
-                        "--interval", "1", "--data-dir", str(d), "--json"], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr
-    stats = json.loads(p.stdout)
-    assert stats["written"] == 3000 and stats["online_pushed"] == 3000
-    p = subprocess.run([sys.executable, "-m", "microstructure", "online", "T0007", "T1499", "--data-dir", str(d),
-                        "--json"], capture_output=True, text=True, env=env, timeout=120)
-    rows = json.loads(p.stdout)
-    assert [r["best_bid"] for r in rows] == [20.07, 34.99] and all(r["book_levels"] == 1 for r in rows)

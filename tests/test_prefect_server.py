@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+pytestmark = pytest.mark.integration  # a real Prefect server (SQLite and PostgreSQL), its CLI and a worker
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

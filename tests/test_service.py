@@ -1,4 +1,6 @@
-"""MicrostructureService, filters, risky marking, picks: hand-computed thresholds and real stores."""
+"""MicrostructureService and picks against real stores: the imbalance it computes, tradeable or not and why, its
+cache on a controllable clock, the live refresh of a stale book, and picks with bad rows. The filters and
+thresholds it applies are in test_thresholds.py."""
 
 from __future__ import annotations
 
@@ -18,10 +20,9 @@ from microstructure.jobs.publisher import OnlinePublisher
 from microstructure.lake.paths import LakePaths
 from microstructure.sources.simulated import SimulatedSource
 from microstructure.store.repo import open_store
-from microstructure.trading.filters import apply_filters, risk_marking
-from microstructure.trading.picks import evaluate, summary
+from microstructure.trading.picks import check_picks, summary
 from microstructure.trading.service import MicrostructureService, calculate_imbalance
-from microstructure.trading.thresholds import Thresholds, load_thresholds
+from microstructure.trading.thresholds import Thresholds
 from tests.conftest import T0, book
 
 T = Thresholds()
@@ -53,57 +54,6 @@ def test_imbalance_is_bounded_and_antisymmetric(bids, asks):
     assert calculate_imbalance(asks, bids) == pytest.approx(-x, abs=1e-12)
 
 
-# ---- filters: just below, at, just above ----------------------------------------------------------
-def feats(**kw):
-    base = {"spread_bps": 10.0, "depth_dollars": 1e6, "gap_pct": 0.0, "halted": False, "has_recent_halt": False,
-            "order_imbalance": 0.0, "book_levels": 10}
-    return {**base, **kw}
-
-
-@pytest.mark.parametrize(("mode", "limit"), [("SAFE", 50.0), ("AGGRESSIVE", 100.0)])
-def test_spread_threshold(mode, limit):
-    assert apply_filters(feats(spread_bps=limit - 1e-9), mode, T).kept
-    assert apply_filters(feats(spread_bps=limit), mode, T).kept
-    v = apply_filters(feats(spread_bps=limit + 1e-9), mode, T)
-    assert not v.kept and v.filter == "spread" and f"> {limit:g} bps" in v.reason
-
-
-@pytest.mark.parametrize(("mode", "limit"), [("SAFE", 100_000.0), ("AGGRESSIVE", 50_000.0)])
-def test_depth_threshold(mode, limit):
-    v = apply_filters(feats(depth_dollars=limit - 0.01), mode, T)
-    assert not v.kept and v.filter == "depth"
-    assert apply_filters(feats(depth_dollars=limit), mode, T).kept
-    assert apply_filters(feats(depth_dollars=limit + 0.01), mode, T).kept
-
-
-def test_gap_and_halt_filters():
-    assert apply_filters(feats(gap_pct=0.05), "SAFE", T).kept
-    assert apply_filters(feats(gap_pct=0.0500001), "SAFE", T).filter == "gap"
-    assert apply_filters(feats(has_recent_halt=True), "AGGRESSIVE", T).filter == "halt"
-    assert apply_filters(feats(halted=True), "AGGRESSIVE", T).reason == "trading is halted"
-
-
-def test_risky_marking():
-    assert not risk_marking(feats(), "buy", T, stale=False).risky
-    r = risk_marking(feats(depth_dollars=60_000, book_levels=1, order_imbalance=-0.5, gap_pct=0.03), "buy", T, False)
-    assert len(r.reasons) == 4
-    assert risk_marking(feats(order_imbalance=-0.5), "sell", T, False).risky is False  # with the sell
-    assert risk_marking(feats(order_imbalance=0.5), "sell", T, False).risky is True
-    assert risk_marking(feats(order_imbalance=0.49), "sell", T, False).risky is False
-    assert risk_marking(feats(), "buy", T, stale=True).reasons == ["book is stale"]
-
-
-def test_thresholds_from_file_and_environment(tmp_path):
-    f = tmp_path / "m.toml"
-    f.write_text("[thresholds]\nsafe_max_spread_bps = 40\ncache_ttl_s = 2\n")
-    t = load_thresholds(f, env={"MICROSTRUCTURE_SAFE_MAX_SPREAD_BPS": "30"})
-    assert t.safe_max_spread_bps == 30 and t.cache_ttl_s == 2 and t.aggressive_max_spread_bps == 100
-    with pytest.raises(ValueError, match="between 1 and 10"):
-        load_thresholds(None, env={"MICROSTRUCTURE_CACHE_TTL_S": "11"})
-    with pytest.raises(ValueError, match="unknown threshold"):
-        load_thresholds(None, env={}, nope=1)
-
-
 # ---- the service against real Feast ---------------------------------------------------------------
 @pytest.fixture
 def world(data_dir):
@@ -128,6 +78,7 @@ def service(world, now, **kw):
                                  now=lambda: now, **kw)
 
 
+@pytest.mark.integration  # the `world`: 100 cycles x 20 symbols published to Feast, per test
 def test_tradeable_reasons(world):
     s = service(world, world["last"] + dt.timedelta(seconds=2))
     assert s.is_tradeable("MEGA01", "SAFE")["tradeable"] is True
@@ -142,6 +93,7 @@ def test_tradeable_reasons(world):
         s.is_tradeable("MEGA01", "YOLO")
 
 
+@pytest.mark.integration  # the `world`: 100 cycles x 20 symbols published to Feast, per test
 def test_cache_hits_and_expiry_with_a_controllable_clock(world):
     s = service(world, world["last"] + dt.timedelta(seconds=2), cache_ttl_s=5)
     s.get_order_book_features("MEGA01")
@@ -153,6 +105,7 @@ def test_cache_hits_and_expiry_with_a_controllable_clock(world):
     assert s.cache_stats()["misses"] == 2
 
 
+@pytest.mark.integration  # the `world`: 100 cycles x 20 symbols published to Feast, per test
 def test_stale_online_data_triggers_one_live_refresh(world):
     later = world["last"] + dt.timedelta(minutes=10)
     s = service(world, later)
@@ -165,6 +118,7 @@ def test_stale_online_data_triggers_one_live_refresh(world):
     assert s.is_tradeable("MEGA01", "SAFE")["age_s"] < 2
 
 
+@pytest.mark.integration  # the `world`: 100 cycles x 20 symbols published to Feast, per test
 def test_stale_data_without_a_source_answer_is_not_tradeable(world):
     later = world["last"] + dt.timedelta(minutes=10)
     s = service(world, later)
@@ -172,6 +126,7 @@ def test_stale_data_without_a_source_answer_is_not_tradeable(world):
     assert r["tradeable"] is False and r["filter"] in {"stale", "no_data"}
 
 
+@pytest.mark.integration  # the `world`: 100 cycles x 20 symbols published to Feast, per test
 def test_picks_with_bad_rows(world, tmp_path):
     s = service(world, world["last"] + dt.timedelta(seconds=2))
     picks = pd.DataFrame([
@@ -184,7 +139,7 @@ def test_picks_with_bad_rows(world, tmp_path):
         {"symbol": None, "side": "buy", "score": 0.6, "mode": "SAFE"},
     ])
     build_and_publish(world["paths"])
-    res = evaluate(picks, s)
+    res = check_picks(picks, s)
     st_ = [r["status"] for r in res]
     assert st_[:4] == ["kept", "dropped", "kept", "kept"] and st_[4:] == ["error"] * 3
     assert "unknown mode" in res[4]["reason"] and "notional" in res[5]["reason"]

@@ -14,6 +14,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.integration  # Spark in local[2], through the CLI
+
 pytest.importorskip("pyspark", reason="Spark tests need requirements-spark.lock (.ci/run installs it)")
 
 

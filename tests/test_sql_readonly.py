@@ -69,7 +69,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     d = tmp_path_factory.mktemp("sqlro") / "data"
     paths = LakePaths(d)
-    pipeline.poll(paths, SimulatedSource(seed=5), universe()[:5], pipeline.cycle_times(T0, 2.0, 20, 0))
+    pipeline.poll_cycles(paths, SimulatedSource(seed=5), universe()[:5], pipeline.cycle_times(T0, 2.0, 20, 0))
     feats = compute_features(pq.read_table(paths.files("snapshots")))
     atomic_write_parquet(feats, paths.partition("features", T0.date()) / "features.parquet")
     ensure_schemas(paths)
@@ -131,6 +131,7 @@ def con(world: dict) -> Iterator[duckdb.DuckDBPyConnection]:
 # --- writes -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_explain_analyze_copy_cannot_truncate_a_lake_file(world):
     w = world
     target = w["features_file"]
@@ -142,6 +143,7 @@ def test_explain_analyze_copy_cannot_truncate_a_lake_file(world):
     unharmed(w)
 
 
+@pytest.mark.integration
 def test_plain_copy_to_a_lake_file_or_anywhere_writes_nothing(world):
     w = world
     for target in (w["features_file"], f"{w['marker']}.csv",
@@ -152,6 +154,7 @@ def test_plain_copy_to_a_lake_file_or_anywhere_writes_nothing(world):
     unharmed(w)
 
 
+@pytest.mark.integration
 def test_chained_statements_cannot_smuggle_a_copy(world, con):
     w = world
     q = f"SELECT 1; COPY (SELECT 1) TO '{w['features_file']}' (FORMAT parquet, USE_TMP_FILE false); SELECT 2"
@@ -162,6 +165,7 @@ def test_chained_statements_cannot_smuggle_a_copy(world, con):
     unharmed(w)
 
 
+@pytest.mark.integration
 def test_attach_cannot_create_or_open_a_database_file(world):
     w = world
     for q in (f"ATTACH '{w['marker']}' AS m", f"ATTACH '{w['features_file']}' AS f",
@@ -171,6 +175,7 @@ def test_attach_cannot_create_or_open_a_database_file(world):
     unharmed(w)
 
 
+@pytest.mark.integration
 def test_export_database_writes_nothing(world):
     w = world
     q = f"EXPORT DATABASE '{w['marker']}' (FORMAT parquet)"
@@ -180,6 +185,7 @@ def test_export_database_writes_nothing(world):
     unharmed(w)
 
 
+@pytest.mark.integration
 def test_install_and_load_of_extensions_are_refused(world):
     w = world
     fake = w["marker"].with_suffix(".duckdb_extension")  # a planted extension file must never be loaded
@@ -209,6 +215,7 @@ SETTINGS_ATTACKS = [
 ]
 
 
+@pytest.mark.integration
 def test_set_and_reset_cannot_reopen_the_connection(world, con):
     w = world
     attacks = [a.format(marker=w["marker"]) for a in SETTINGS_ATTACKS]
@@ -231,6 +238,7 @@ def test_set_and_reset_cannot_reopen_the_connection(world, con):
 # --- reads outside the lake -------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_reading_files_outside_the_lake_is_refused(world):
     w = world
     s = w["secret_file"]
@@ -247,6 +255,7 @@ def test_reading_files_outside_the_lake_is_refused(world):
     unharmed(w)
 
 
+@pytest.mark.integration
 def test_symlink_in_a_lake_partition_to_an_outside_parquet_is_never_read(world):
     w = world
     part = w["paths"].partition("snapshots", T0.date())
@@ -267,6 +276,7 @@ def test_symlink_in_a_lake_partition_to_an_outside_parquet_is_never_read(world):
     unharmed(w)
 
 
+@pytest.mark.integration
 def test_symlink_between_lake_files_is_still_read(world):
     """The guard is about leaving the lake, not about links: one that stays inside reads normally."""
     w = world
@@ -277,6 +287,7 @@ def test_symlink_between_lake_files_is_still_read(world):
     assert got == [{"n": n + pq.read_metadata(inside).num_rows}]
 
 
+@pytest.mark.integration
 def test_fifo_in_a_lake_partition_is_refused_not_opened(world):
     w = world
     os.mkfifo(w["paths"].partition("snapshots", T0.date()) / "zz-fifo.parquet")  # opening it would block forever
@@ -284,6 +295,7 @@ def test_fifo_in_a_lake_partition_is_refused_not_opened(world):
     assert "not a regular file" in one_error_line(r)
 
 
+@pytest.mark.integration
 def test_parquet_planted_in_the_working_directory_tmp_is_not_readable(world):
     w = world
     tmp = w["cwd"] / ".tmp"
@@ -311,6 +323,7 @@ def test_python_variables_are_not_reachable_by_name(con):
 # --- in-memory statements: harmless ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_create_table_macro_and_pragma_stay_in_memory(world, con):
     w = world
     con.execute("CREATE TABLE t AS SELECT * FROM snapshots")
@@ -342,6 +355,7 @@ def test_create_table_macro_and_pragma_stay_in_memory(world, con):
 # --- the prompt -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_prompt_fed_the_same_attacks_changes_nothing(world):
     w = world
     m, f = w["marker"], w["features_file"]
@@ -368,6 +382,7 @@ def test_prompt_fed_the_same_attacks_changes_nothing(world):
     unharmed(w)
 
 
+@pytest.mark.integration
 def test_prompt_refuses_an_endless_statement_without_buffering_it(world):
     w = world
     r = cli("sql", "--data-dir", w["d"], stdin="SELECT '" + "x" * 3_000_000 + "';\nSELECT 42 AS answer;\n",
@@ -379,6 +394,7 @@ def test_prompt_refuses_an_endless_statement_without_buffering_it(world):
 # --- bounds -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_runaway_cross_join_is_stopped_by_the_statement_timeout(world):
     w = world
     q = "SELECT count(*) FROM range(1000000) a, range(1000000) b WHERE a.range + b.range = 7"
@@ -390,6 +406,7 @@ def test_a_runaway_cross_join_is_stopped_by_the_statement_timeout(world):
     assert "ran longer than 1 s" in r.stdout and r.stdout.rstrip().endswith("42"), r.stdout
 
 
+@pytest.mark.integration
 def test_a_huge_aggregation_hits_the_memory_limit_with_one_error_line(world):
     w = world
     r = cli("sql", "SELECT count(DISTINCT range) FROM range(2000000000)", "--data-dir", w["d"],
@@ -398,6 +415,7 @@ def test_a_huge_aggregation_hits_the_memory_limit_with_one_error_line(world):
     unharmed(w)  # nothing spilled to <cwd>/.tmp
 
 
+@pytest.mark.integration
 def test_a_huge_result_is_refused_before_it_fills_memory(world, tmp_path):
     w = world
     # A parent process runs the CLI, so ru_maxrss of its children is the CLI's alone.
@@ -412,6 +430,7 @@ def test_a_huge_result_is_refused_before_it_fills_memory(world, tmp_path):
     assert peak_mb < 1500, peak_mb  # a 20 GB result, never held
 
 
+@pytest.mark.integration
 def test_limits_that_are_not_numbers_are_refused(world):
     assert "--timeout" in one_error_line(cli("sql", "SELECT 1", "--data-dir", world["d"], "--timeout", "nan"))
     for bad in ({"timeout": math.inf}, {"timeout": 0.0}, {"timeout": -1.0}, {"memory": "lots"}, {"memory": "1KB"},
@@ -421,6 +440,7 @@ def test_limits_that_are_not_numbers_are_refused(world):
     assert shell.Limits.parse(5, "1.5GiB") == shell.Limits(5, int(1.5 * 1024**3))
 
 
+@pytest.mark.integration
 def test_allow_writes_is_gone(world):
     one_error_line(cli("sql", "SELECT 1", "--data-dir", world["d"], "--allow-writes"))
 
@@ -428,6 +448,7 @@ def test_allow_writes_is_gone(world):
 # --- it still reads ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_normal_query_still_works_with_the_views_columns(world, con):
     w = world
     n = len(pq.read_table(w["paths"].files("snapshots")))

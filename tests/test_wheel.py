@@ -10,6 +10,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # builds the wheel and installs it into a fresh virtual environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

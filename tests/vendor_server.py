@@ -1,9 +1,12 @@
-"""Payloads in the vendors' documented JSON shapes, served over real HTTP by pytest-httpserver."""
+"""Payloads in the vendors' documented JSON shapes, served over real HTTP by pytest-httpserver; a vendor that
+stops answering; and the sources file that points a fallback chain at the stand-in."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-import time
+import threading
+from pathlib import Path
 from typing import Any
 
 from werkzeug import Request, Response
@@ -49,14 +52,90 @@ def alpaca_books(books: dict[str, tuple[list[tuple[float, float]], list[tuple[fl
                                "a": [{"p": p, "s": z} for p, z in a]} for s, (b, a) in books.items()}}
 
 
+class Hang:
+    """A vendor that stops answering: each request waits until the test calls :meth:`release`, which it does
+    once the code under test has given up on the call. Code that waited for the answer would never get past
+    the call (until ``safety_s``, and then with an answer the test's checks refuse), so a test proves "did not
+    wait" by what was served, never by timing the call."""
+
+    def __init__(self, safety_s: float = 120.0) -> None:
+        self.safety_s = safety_s
+        self.entered = 0  # requests that reached the hanging vendor
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            self.entered += 1
+        self._released.wait(self.safety_s)
+
+    def release(self) -> None:
+        self._released.set()
+
+
 def respond(body: Any = None, status: int = 200, headers: dict[str, str] | None = None, raw: str | None = None,
-            sleep_s: float = 0.0):
-    """A werkzeug handler: optional delay (a hanging vendor), then the body."""
+            hang: Hang | None = None):
+    """A werkzeug handler: optionally hang first (see :class:`Hang`), then the body."""
 
     def handler(request: Request) -> Response:
-        if sleep_s:
-            time.sleep(sleep_s)
+        if hang is not None:
+            hang.wait()
         text = raw if raw is not None else json.dumps(body)
         return Response(text, status=status, headers=headers or {}, content_type="application/json")
 
     return handler
+
+
+# ---- a fallback chain pointed at the stand-in ------------------------------------------------------
+AT = dt.datetime(2025, 11, 24, 16, 0, 1, tzinfo=dt.UTC)
+FAST = {"timeout_s": 0.8, "rate_per_s": 1000.0, "burst": 1000.0}
+
+
+def chain_file(tmp_path: Path, deadline: float = 2.0, failures: int = 3, cooldown: float = 30.0,
+               retries: int = 1) -> Path:
+    lim = "\n".join(f"{k} = {v}" for k, v in FAST.items())
+    p = tmp_path / "sources.toml"
+    p.write_text(f"""
+cycle_deadline_s = {deadline}
+[sources.polygon]
+kind = "polygon"
+asset = "stocks"
+retries = {retries}
+breaker_failures = {failures}
+breaker_cooldown_s = {cooldown}
+{lim}
+[sources.alpaca]
+kind = "alpaca"
+asset = "stocks"
+feed = "iex"
+{lim}
+[sources.alpaca_crypto]
+kind = "alpaca"
+asset = "crypto"
+{lim}
+[sources.polygon_crypto]
+kind = "polygon"
+asset = "crypto"
+retries = 0
+{lim}
+[groups.stocks]
+chain = ["polygon", "alpaca"]
+symbols = ["AAPL", "MSFT"]
+[groups.crypto]
+chain = ["alpaca_crypto", "polygon_crypto"]
+symbols = ["BTC/USD"]
+""")
+    return p
+
+
+def outcome(res, symbol):
+    rows = res.outcomes.to_pylist()
+    return next(r for r in rows if r["symbol"] == symbol)
+
+
+def good_alpaca(server):
+    server.expect_request(ALPACA_STOCKS).respond_with_handler(
+        respond(alpaca_quotes({"AAPL": (189.50, 3, 189.52, 2), "MSFT": (410.0, 1, 410.05, 4)})))
+    server.expect_request(ALPACA_CRYPTO).respond_with_handler(
+        respond(alpaca_books({"BTC/USD": ([(95000.0 - i, 0.1 * (i + 1)) for i in range(12)][::-1],
+                                          [(95001.0 + i, 0.2) for i in range(12)])})))

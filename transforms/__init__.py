@@ -1,4 +1,5 @@
-"""The DuckDB SQL that defines every feature (``features.sql``) and the lake's views (``views.sql``).
+"""The DuckDB SQL of our derived relations, one file each: every feature and its declaration (``features.sql``),
+the entry model's base inputs (``base_features.sql``) and the lake's views (``views.sql``).
 
 Installed as the package ``microstructure.transforms`` so a wheel carries the SQL beside the code.
 """

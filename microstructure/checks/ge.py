@@ -6,12 +6,15 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from microstructure.checks.sql import _whole_batch
 from microstructure.checks.suites import CheckResult, _expectations
+
+if TYPE_CHECKING:
+    from great_expectations.data_context import AbstractDataContext, FileDataContext
 
 
 def _frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -23,7 +26,7 @@ def _frame(df: pd.DataFrame) -> pd.DataFrame:
 _SITE = "uncommitted/data_docs/local_site/"  # relative to the GE project folder (<docs-dir>/gx)
 
 
-def _docs_context(docs_dir: Path) -> Any:
+def _docs_context(docs_dir: Path) -> FileDataContext:
     """A file-backed GE context under ``docs_dir`` (a data dir's ``gx/``) whose configuration is ours alone.
 
     GE imports the ``module_name`` of every store, site and plugin its ``great_expectations.yml`` names, puts the
@@ -62,6 +65,7 @@ class Checker:
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         logging.getLogger("great_expectations").setLevel(logging.ERROR)
+        self.ctx: AbstractDataContext
         if docs_dir is None:
             self.ctx = gx.get_context(mode="ephemeral")
         else:
@@ -130,7 +134,9 @@ class Checker:
         make_offline(self.site())
 
     def site(self) -> Path:
-        return Path(self.ctx.root_directory) / _SITE
+        root = self.ctx.root_directory
+        assert root is not None  # called with docs only: a file context, which has a folder
+        return Path(root) / _SITE
 
     def docs_index(self) -> Path | None:
         if not self.docs:

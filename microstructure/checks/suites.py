@@ -1,4 +1,7 @@
 """What a batch must satisfy: the Great Expectations suites for snapshots and features.
+
+The features' ranges and not-null checks are not written here: they are declared beside each feature in
+``transforms/features.sql`` and derived below.
 """
 
 from __future__ import annotations
@@ -6,7 +9,10 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from microstructure.contract.catalogue import Column
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -27,6 +33,36 @@ def _float_features() -> list[str]:
 
 
 FLOAT_FEATURES = _float_features()
+
+
+def _bounds(c: Column) -> dict[str, Any]:
+    """GE's between-arguments for one declared feature: its range (``[`` inclusive, ``(`` strict); a float's
+    unbounded side (or both, without a range) at the largest finite float, so the infinities fail."""
+    big = FLOAT_MAX if c.name in FLOAT_FEATURES else None
+
+    def num(v: float | None, default: float | None) -> float | None:
+        return default if v is None else int(v) if v.is_integer() else v
+
+    r = c.range
+    if r is None:
+        return {"min_value": -FLOAT_MAX, "max_value": FLOAT_MAX}
+    out: dict[str, Any] = {"min_value": num(r.lo, big and -big), "max_value": num(r.hi, big)}
+    if r.lo is not None and not r.lo_closed:
+        out["strict_min"] = True
+    if r.hi is not None and not r.hi_closed:
+        out["strict_max"] = True
+    return out
+
+
+def _feature_expectations(E: Any) -> list[Any]:
+    """The expectations the declaration in features.sql implies: each feature's range (a float without one:
+    finite), then each ``not_null`` feature's not-null check."""
+    from microstructure.contract.schemas import FEATURES
+
+    feats = FEATURES.features
+    ranged = [E.ExpectColumnValuesToBeBetween(column=c.name, **_bounds(c))
+              for c in feats if c.range is not None or c.name in FLOAT_FEATURES]
+    return [*ranged, *(E.ExpectColumnValuesToNotBeNull(column=c.name) for c in feats if c.not_null)]
 
 
 def _expectations(kind: str) -> list[Any]:
@@ -60,31 +96,12 @@ def _expectations(kind: str) -> list[Any]:
         ]
     # Every float feature is finite (a 1e308 price made mid = inf, which was published and passed SAFE). GE has no
     # finiteness expectation; a range with finite bounds on both sides excludes +-inf (NaN is GE's "missing", left
-    # to the not-null expectations). So every range below has an upper bound, and each float feature without a
-    # range of its own gets [-FLOAT_MAX, FLOAT_MAX]: a feature added later is covered without an edit here.
-    ranged = [
-        E.ExpectColumnValuesToBeBetween(column="order_imbalance", min_value=-1, max_value=1),
-        E.ExpectColumnValuesToBeBetween(column="depth_imbalance", min_value=-1, max_value=1),
-        E.ExpectColumnValuesToBeBetween(column="spread_bps", min_value=0, max_value=FLOAT_MAX),
-        E.ExpectColumnValuesToBeBetween(column="bid_depth", min_value=0, max_value=FLOAT_MAX),
-        E.ExpectColumnValuesToBeBetween(column="ask_depth", min_value=0, max_value=FLOAT_MAX),
-        E.ExpectColumnValuesToBeBetween(column="depth_dollars", min_value=0, max_value=FLOAT_MAX),
-        E.ExpectColumnValuesToBeBetween(column="gap_pct", min_value=0, max_value=FLOAT_MAX),
-        E.ExpectColumnValuesToBeBetween(column="best_bid", min_value=0, strict_min=True, max_value=FLOAT_MAX),
-        E.ExpectColumnValuesToBeBetween(column="best_ask", min_value=0, strict_min=True, max_value=FLOAT_MAX),
-        E.ExpectColumnValuesToBeBetween(column="mid", min_value=0, strict_min=True, max_value=FLOAT_MAX),
-    ]
-    have = {e.column for e in ranged}
-    finite = [E.ExpectColumnValuesToBeBetween(column=c, min_value=-FLOAT_MAX, max_value=FLOAT_MAX)
-              for c in FLOAT_FEATURES if c not in have]
+    # to the not-null expectations). So a float's unbounded side is bounded at FLOAT_MAX, and a float feature
+    # declared without a range gets [-FLOAT_MAX, FLOAT_MAX]: a feature added to features.sql is covered as declared.
     return [
         *common,
         E.ExpectCompoundColumnsToBeUnique(column_list=["symbol", "event_ts"]),
-        *ranged,
-        *finite,
-        E.ExpectColumnValuesToNotBeNull(column="spread_bps"),
-        E.ExpectColumnValuesToNotBeNull(column="order_imbalance"),
-        E.ExpectColumnValuesToNotBeNull(column="has_recent_halt"),
+        *_feature_expectations(E),
     ]
 
 

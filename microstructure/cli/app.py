@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from microstructure.recorded.registry import FORMATS
+
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Order-book features for intraday signals: poll -> lake -> DuckDB -> GE -> Feast.")
 out = Console()
@@ -35,13 +37,9 @@ class Engine(enum.StrEnum):
     spark = "spark"
 
 
-class Format(enum.StrEnum):
-    snapshots = "snapshots"
-    wide = "wide"
-    lobster = "lobster"
-    iex_deep = "iex-deep"
-    binance_depth = "binance-depth"
-    hyperliquid_l2 = "hyperliquid-l2"
+# `backfill --format`: one member per recorded format, in the registry's order (the one list of formats is
+# ``recorded.registry.FORMATS``). Built from it, so mypy cannot see the members: name one with Format("lobster").
+Format = enum.StrEnum("Format", [(name.replace("-", "_"), name) for name in FORMATS])  # type: ignore[misc]
 
 
 def _version(value: bool) -> None:

@@ -132,7 +132,7 @@ def poll_cmd(
     start_ts = _parse_ts(start) if start else None
     syms = list(symbol or [])
     if syms or symbols_file is not None:
-        from microstructure.sources.chain import check_symbols, read_symbols_file
+        from microstructure.sources.symbol_lists import check_symbols, read_symbols_file
         from microstructure.sources.vendor import ConfigError
 
         # Capped (count, length); a list for a vendor holds only characters a vendor symbol has.
@@ -178,13 +178,11 @@ def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) 
         return end
     if not session:
         return None
-    end = sess.await_session(now, on_wait=lambda start: err.print(f"waiting for the open at {start:%H:%M} UTC"))
-    if isinstance(end, str):
-        print(dumps({"polled": False, "reason": end}) if as_json else f"nothing to poll: {end}")
+    close = sess.await_session(now, on_wait=lambda start: err.print(f"waiting for the open at {start:%H:%M} UTC"))
+    if isinstance(close, str):
+        print(dumps({"polled": False, "reason": close}) if as_json else f"nothing to poll: {close}")
         return False
-    return end
-
-
+    return close
 
 
 @app.command()
@@ -192,7 +190,7 @@ def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) 
 def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) (or a LOBSTER / snapshot folder); "
                                                              "binance-depth: the files of one continuous stream.")],
              data_dir: DataDir = DEFAULT_DATA,
-             fmt: Annotated[Format, typer.Option("--format", help="What the file is.")] = Format.lobster,
+             fmt: Annotated[Format, typer.Option("--format", help="What the file is.")] = Format("lobster"),
              symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster) or select (iex-deep) the symbol.")]
              = None,
              cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots (lobster, iex-deep, "
@@ -203,49 +201,23 @@ def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) 
     """Load a recorded order-book file into the lake through the same validation and quarantine. Idempotent."""
     from microstructure.jobs.ingest import backfill as load
 
-    fmt = Format(fmt).value
+    name = Format(fmt).value
     for path in files:
         if not path.exists():
             raise UserError(f"no such file or folder: {path}")
-    from microstructure.recorded.files import check_cadence
+    from microstructure.recorded.bounds import check_cadence
+    from microstructure.recorded.registry import FORMATS
 
     check_cadence(cadence)  # the sane minimum (1 ms) and maximum: one `error:` line before anything is read
     paths = _paths(data_dir)
     with _progress(None, "loading", not as_json) as prog:  # streamed: the row count is not known upfront
         task = prog.add_task("load", total=None)
-        if fmt == "binance-depth":
-            from microstructure.recorded.binance import read_binance_depth
-
-            batches: Any = read_binance_depth(list(files), cadence, symbol)
-        elif fmt == "hyperliquid-l2":
-            from microstructure.recorded.binance import read_hyperliquid_l2
-
-            batches = read_hyperliquid_l2(list(files), cadence, symbol)
-        else:
-            batches = (b for f in files for b in _read_recorded(f, fmt, symbol, cadence))
+        batches = FORMATS[name](list(files), cadence, symbol)
         # Readers raise FileFormatError (an InputError) naming the file and position; ``load`` adds what the lake
         # kept before it. main prints it as one `error:` line, exit 2.
         st = load(paths, batches, on_batch=lambda s: prog.update(task, completed=s.sampled))
-    res = {"file": ", ".join(str(f) for f in files), "format": fmt, "sampled": st.sampled, "written": st.written,
+    res = {"file": ", ".join(str(f) for f in files), "format": name, "sampled": st.sampled, "written": st.written,
            "already_in_lake_or_unchanged": st.duplicates, "quarantined": dict(st.quarantined),
            "symbols": len(st.symbols), "dates": sorted(st.dates)}
     _emit([res], "backfill", as_json)
 
-
-def _read_recorded(path: Path, fmt: str, symbol: str | None, cadence: float) -> Any:
-    """The file as a stream of ``Batch``es: every format is read batch by batch, in bounded memory."""
-    if fmt == "wide":
-        from microstructure.recorded.files import read_wide
-
-        return read_wide(path, symbol)
-    if fmt == "snapshots":
-        from microstructure.recorded.files import read_snapshot_file
-
-        return read_snapshot_file(path)
-    if fmt == "lobster":
-        from microstructure.recorded.lobster import iter_lobster
-
-        return iter_lobster(path, cadence, symbol)
-    from microstructure.recorded.iex_deep import iter_iex_deep
-
-    return iter_iex_deep(path, cadence, {symbol} if symbol else None)

@@ -91,7 +91,7 @@ def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON o
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
     svc = MicrostructureService(data_dir, load_threshold_set(config or data_dir / "microstructure.toml"))
-    res = pk.evaluate(df, svc)
+    res = pk.check_picks(df, svc)
     if score:
         from microstructure.trading.scoring import ModelMissing, score_picks
 

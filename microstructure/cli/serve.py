@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from microstructure.cli.app import (
-    DAY_S,
     DEFAULT_DATA,
     DataDir,
     JsonOut,
@@ -22,18 +21,20 @@ from microstructure.cli.app import (
     out,
 )
 from microstructure.cli.render import _table
+from microstructure.contract.catalogue import FRESHNESS_S
 from microstructure.contract.text import dumps, text
+from microstructure.trading.thresholds import BOUNDS
 
 
 @app.command()
 def online(symbols: Annotated[list[str], typer.Argument(help="Symbols to look up.")],
            data_dir: DataDir = DEFAULT_DATA,
            freshness: Annotated[float, typer.Option(help="Seconds after which a row is stale.",
-                                                    callback=_in_range(1e-3, 366 * DAY_S))] = 10.0,
+                                                    callback=_in_range(*BOUNDS["freshness_s"]))] = FRESHNESS_S,
            as_json: JsonOut = False) -> None:
     """Online features from Feast, with event time, age and a stale flag."""
     _quiet_libraries()
-    from microstructure.sources.chain import check_symbols
+    from microstructure.sources.symbol_lists import check_symbols
     from microstructure.sources.vendor import ConfigError
     from microstructure.store.lookup import read_online
     from microstructure.store.repo import open_store

@@ -250,7 +250,8 @@ class Session:
     def _fetch(self, query: str) -> pa.Table | None:
         with _deadline(self.con, self.limits.timeout) as timer:
             try:
-                rel = self.con.sql(query)
+                # None for a statement without a result (SET, CREATE ...), which DuckDB's stubs leave out.
+                rel: duckdb.DuckDBPyRelation | None = self.con.sql(query)
                 if rel is None:
                     return None
                 batches, size = [], 0
@@ -271,7 +272,7 @@ class Session:
                 raise _query_error(e) from None
 
 
-def _query_error(e: BaseException) -> QueryError:
+def _query_error(e: BaseException) -> NotAllowed | QueryError:
     line = str(e).splitlines()[0] if str(e) else type(e).__name__
     if isinstance(e, duckdb.PermissionException) or "disabled by configuration" in line:
         return NotAllowed(f"{line} (`sql` reads the lake only)")

@@ -17,6 +17,7 @@ import datetime as dt
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -130,8 +131,9 @@ class BookQuote:
     event_ts: dt.datetime
     received_ts: dt.datetime
     source: str
-    bids: Sequence[tuple[float, float]] = field(default_factory=tuple)  # best first
-    asks: Sequence[tuple[float, float]] = field(default_factory=tuple)
+    # (price, size), best first; a size the vendor did not give is None and stays NULL in the table.
+    bids: Sequence[tuple[float, float | None]] = field(default_factory=tuple)
+    asks: Sequence[tuple[float, float | None]] = field(default_factory=tuple)
     halted: bool | None = None
 
 
@@ -175,7 +177,7 @@ def table_from_quotes(quotes: Iterable[BookQuote]) -> pa.Table:
     return raw_table(arrays)
 
 
-def raw_table(arrays: dict[str, pa.Array | np.ndarray | list]) -> pa.Table:
+def raw_table(arrays: dict[str, pa.Array | np.ndarray | list[Any]]) -> pa.Table:
     """Build a raw (unvalidated) table; ``book_levels`` and ``locked`` are filled in by validation."""
     n = len(arrays["symbol"])
     out = []
@@ -323,7 +325,7 @@ def malformed_record(symbol: str | None, source: str, received_ts: dt.datetime, 
                      detail: object) -> pa.Table:
     """A quarantine row for an answer that could not even be shaped into a snapshot."""
     text = detail if isinstance(detail, str) else json.dumps(detail, default=str)
-    row = {f.name: None for f in QUARANTINE_SCHEMA}
+    row: dict[str, object] = {f.name: None for f in QUARANTINE_SCHEMA}
     row.update(symbol=symbol, source=source, received_ts=to_utc_us(received_ts), reason=reason,
                detail=text[:2000])
     return pa.Table.from_pylist([row], schema=QUARANTINE_SCHEMA)

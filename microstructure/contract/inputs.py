@@ -6,8 +6,13 @@ JSON entity rows) whole, refusing it before it is expanded past its row and byte
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from io import BufferedIOBase
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class InputError(ValueError):
@@ -31,7 +36,10 @@ def _bounded_bytes(path: Path, what: str, max_bytes: int) -> bytes:
     kind = next((k for m, k in _MAGIC.items() if magic.startswith(m)), None)
     if kind in ("zstd", "zip"):
         raise InputError(f"{what} file {path} is {kind}-compressed; use plain, gzip, bz2 or xz")
-    opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}.get(kind or "", open)
+    # Each opener gives a buffered binary stream (GzipFile, BZ2File, LZMAFile, BufferedReader).
+    openers: dict[str, Callable[[Path, Literal["rb"]], BufferedIOBase]] = {
+        "gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}
+    opener = openers.get(kind or "", open)
     chunks, size = [], 0
     with opener(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
@@ -43,7 +51,8 @@ def _bounded_bytes(path: Path, what: str, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_frame(path: Path, what: str, max_rows: int = FRAME_MAX_ROWS, max_bytes: int = FRAME_MAX_BYTES) -> Any:
+def read_frame(path: Path, what: str, max_rows: int = FRAME_MAX_ROWS, max_bytes: int = FRAME_MAX_BYTES
+               ) -> pd.DataFrame:
     """A CSV (optionally gzipped), JSON or Parquet file as a DataFrame, or InputError in plain words.
 
     Bounded before anything is parsed: at most ``max_bytes`` decompressed (counted while decompressing) and

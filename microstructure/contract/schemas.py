@@ -1,23 +1,23 @@
-"""The catalogue of our datasets: the feature schema, the lake's empty schemas and the SQL files that define them.
+"""Our datasets' schemas: the features (derived from their declaration in ``features.sql``), the lake's empty
+schemas, and the SQL files that define them.
 
 ``transforms/`` (installed as ``microstructure.transforms``) holds the SQL; this module only names and loads it.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import duckdb
 import pyarrow as pa
 
-from microstructure.contract.book import QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA, TS_TYPE
+from microstructure.contract.book import QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA
+from microstructure.contract.catalogue import DeclarationError, declare
 from microstructure.contract.outcomes import OUTCOMES_SCHEMA
 
 if TYPE_CHECKING:
-    pass
+    import duckdb
 
 
 def package_dir(name: str) -> Path:
@@ -30,49 +30,34 @@ def package_dir(name: str) -> Path:
 
 TRANSFORMS_DIR = package_dir("microstructure.transforms")
 
-# The trailing windows the feature SQL looks back over (w5 and w30 in features.sql). The online buffer and
-# the offline per-date build must carry at least this much history for the windows to see it all.
-GAP_WINDOW = dt.timedelta(minutes=5)
-HALT_WINDOW = dt.timedelta(minutes=30)
-
-FEATURES_SCHEMA = pa.schema(
-    [
-        pa.field("symbol", pa.string()),
-        pa.field("event_ts", TS_TYPE),
-        pa.field("received_ts", TS_TYPE),
-        pa.field("source", pa.string()),
-        pa.field("book_levels", pa.int32()),
-        pa.field("halted", pa.bool_()),
-        pa.field("locked", pa.bool_()),
-        pa.field("best_bid", pa.float64()),
-        pa.field("best_ask", pa.float64()),
-        pa.field("bid_size", pa.float64()),
-        pa.field("ask_size", pa.float64()),
-        pa.field("mid", pa.float64()),
-        pa.field("spread_bps", pa.float64()),
-        pa.field("bid_depth", pa.float64()),
-        pa.field("ask_depth", pa.float64()),
-        pa.field("order_imbalance", pa.float64()),
-        pa.field("depth_imbalance", pa.float64()),
-        pa.field("bid_depth_dollars", pa.float64()),
-        pa.field("ask_depth_dollars", pa.float64()),
-        pa.field("depth_dollars", pa.float64()),
-        pa.field("microprice", pa.float64()),
-        pa.field("gap_pct", pa.float64()),
-        pa.field("has_recent_halt", pa.bool_()),
-    ]
-)
-FEATURE_NAMES = [f.name for f in FEATURES_SCHEMA if f.name not in ("symbol", "received_ts")]
-# The five roadmap features, in the order models take them (Feast service ``scoring``, ``scoring.py``).
-ML_FEATURES = ["order_imbalance", "bid_depth", "ask_depth", "spread_bps", "depth_imbalance"]
-
-EMPTY = {"snapshots": SNAPSHOT_SCHEMA, "quarantine": QUARANTINE_SCHEMA, "features": FEATURES_SCHEMA,
-         "outcomes": OUTCOMES_SCHEMA}
-
 
 @cache
 def sql(name: str) -> str:
     return (TRANSFORMS_DIR / f"{name}.sql").read_text()
+
+
+# Every feature is declared once, in features.sql: its name, role, unit, range and description on the line that
+# computes it (contract.catalogue reads them), its type from a zero-row run of the SQL over an empty snapshot
+# table. Everything below, the Feast fields, the range checks and the docs' table are derived from that.
+FEATURES = declare(sql("features"), SNAPSHOT_SCHEMA)
+# What the published feature rows are cast to (compute.compute_features, the Spark engine, the lake's empty file).
+FEATURES_SCHEMA = FEATURES.schema
+FEATURE_NAMES = [c.name for c in FEATURES.features]  # what Feast serves: all but the entity and the timestamp
+ENTITY = FEATURES.role("entity")  # Feast's join key
+EVENT_TIMESTAMP = FEATURES.role("timestamp")  # Feast's event time: what a point-in-time join compares
+
+# The trailing windows the feature SQL looks back over, read from its INTERVALs. The online buffer and the
+# offline per-date build must carry at least this much history for the windows to see it all.
+GAP_WINDOW = FEATURES.window("GAP_WINDOW")
+HALT_WINDOW = FEATURES.window("HALT_WINDOW")
+
+# The five roadmap features, in the order models take them (Feast service ``scoring``, ``scoring.py``).
+ML_FEATURES = ["order_imbalance", "bid_depth", "ask_depth", "spread_bps", "depth_imbalance"]
+if not set(ML_FEATURES) <= set(FEATURE_NAMES):
+    raise DeclarationError(f"ML_FEATURES names undeclared features: {sorted(set(ML_FEATURES) - set(FEATURE_NAMES))}")
+
+EMPTY = {"snapshots": SNAPSHOT_SCHEMA, "quarantine": QUARANTINE_SCHEMA, "features": FEATURES_SCHEMA,
+         "outcomes": OUTCOMES_SCHEMA}
 
 
 def to_arrow(rel: duckdb.DuckDBPyRelation) -> pa.Table:

@@ -12,7 +12,14 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+    from rich.text import Text
+
+_T = TypeVar("_T")
 
 
 def plain(v: Any) -> Any:
@@ -113,7 +120,7 @@ def visible(s: str) -> str:
     return _CONTROL.sub(_escaped, s)
 
 
-def text(s: Any) -> Any:
+def text(s: object) -> Text:
     """``s`` as a ``rich.text.Text`` of its visible characters: Rich never parses a Text for markup
     (``[/x]`` crashes a markup parse, ``[link=...]`` makes a hyperlink), emoji codes or highlighting."""
     from rich.text import Text
@@ -128,13 +135,13 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _FORMULA_RE = "^[=+\\-@\t\r]"
 
 
-def csv_text(v: Any) -> Any:
+def csv_text(v: _T) -> _T | str:
     """One CSV cell value: a string that a spreadsheet would run as a formula gets a leading ``'``; numbers
     (a negative price included) and everything else are unchanged."""
     return "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v
 
 
-def csv_frame(df: Any) -> Any:
+def csv_frame(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` ready for ``to_csv``: text cells and column names guarded by ``csv_text``; numeric columns untouched
     (only text can be a formula, and -1.5 must stay a number)."""
     import pandas as pd
@@ -155,7 +162,7 @@ def csv_frame(df: Any) -> Any:
     return out
 
 
-def csv_table(table: Any) -> Any:
+def csv_table(table: pa.Table) -> pa.Table:
     """The Arrow form of ``csv_frame`` for batch writers: string columns guarded, column names too."""
     import pyarrow as pa
     import pyarrow.compute as pc

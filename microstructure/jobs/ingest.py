@@ -99,7 +99,7 @@ class BackfillError(InputError):
 
 def backfill(paths: LakePaths, batches: Iterable[Any], on_batch: Callable[[BackfillStats], None] | None = None
              ) -> BackfillStats:
-    """Load a recorded file's batches (``sources.files.Batch``: shaped rows + rows already rejected) through
+    """Load a recorded file's batches (``recorded.batch.Batch``: shaped rows + rows already rejected) through
     the one ingest path. Batch by batch, so memory is bounded by a batch, not the file; idempotent (keys the
     lake holds are skipped, checked on disk for rows older than the writer's memory).
 

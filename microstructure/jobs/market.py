@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import duckdb
 
 from microstructure.lake import paths as lake
 
 if TYPE_CHECKING:
-    pass
+    from microstructure.sources.base import Source
+    from microstructure.sources.simulated import SimulatedSource
 
 SIM_STATE = Path("sim") / "state.npz"
 
@@ -22,7 +23,7 @@ class MarketConflict(Exception):
     """The data dir holds another simulated market than the one asked for: never mix two in one lake."""
 
 
-def simulated_source(paths: lake.LakePaths, seed: int | None, fresh: bool) -> Any:
+def simulated_source(paths: lake.LakePaths, seed: int | None, fresh: bool) -> SimulatedSource:
     """The data dir's simulated market, continued where it stopped (its state is saved every cycle).
 
     ``fresh`` starts over: the lake, the market state and the online store of the data dir are removed
@@ -64,7 +65,7 @@ def _has_source(paths: lake.LakePaths, source: str) -> bool:
     return lake.with_retry(look)
 
 
-def save_simulated(data_dir: Path, source: Any) -> None:
+def save_simulated(data_dir: Path, source: Source) -> None:
     from microstructure.sources.simulated import SimulatedSource
 
     if isinstance(source, SimulatedSource):

@@ -61,8 +61,9 @@ def run_poll(data_dir: Path, cycles: int | None, interval: float, step: float | 
             # A replay ends at about now, so its last cycle is what the online store should hold; a saved
             # market continues from where it stopped, never earlier, and never past now.
             start = now - dt.timedelta(seconds=step_s * (cycles - 1))
-            if getattr(source, "now", None) is not None:
-                start = max(start, dt.datetime.fromtimestamp(source.now, dt.UTC) + dt.timedelta(seconds=step_s))
+            saved_now = getattr(source, "now", None)  # a saved simulated market's clock
+            if saved_now is not None:
+                start = max(start, dt.datetime.fromtimestamp(saved_now, dt.UTC) + dt.timedelta(seconds=step_s))
                 cycles = min(cycles, int((now - start).total_seconds() // step_s) + 1)
         times = cycle_times(start, step_s, max(cycles, 0), 0, end_at_now)
     publisher = None
@@ -99,7 +100,7 @@ def run_poll(data_dir: Path, cycles: int | None, interval: float, step: float | 
 def vendor_source(kind: str, symbol_list: list[str] | None, sources_config: Path | None,
                    data_dir: Path) -> tuple[Any, list[str]]:
     """A fallback chain from the sources file (``chain``) or one vendor's part of it (polygon, alpaca)."""
-    from microstructure.sources.chain import build_chain
+    from microstructure.sources.chain_config import build_chain
     from microstructure.sources.vendor import ConfigError
 
     if kind == "polygon-market":

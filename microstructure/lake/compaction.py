@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow.parquet as pq
@@ -132,7 +133,7 @@ def compact(paths: LakePaths, dataset: str, day: dt.date, key: Iterable[str], or
         lock.release()
 
 
-def _finish(part: Path, plan: dict, crash_midway: bool = False) -> None:
+def _finish(part: Path, plan: dict[str, Any], crash_midway: bool = False) -> None:
     """Delete what the committed plan replaces, then end the compaction (generation, plan, staging)."""
     for i, f in enumerate(plan.get("replaces", [])):
         (part / f).unlink(missing_ok=True)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import duckdb
 
@@ -126,7 +126,7 @@ def partition_files(part: Path) -> list[Path]:
     raise RuntimeError(f"{part}: the partition kept changing while being listed")
 
 
-def _read_plan(part: Path) -> dict | None:
+def _read_plan(part: Path) -> dict[str, Any] | None:
     try:
         return json.loads((part / STAGING / "plan.json").read_text())
     except (FileNotFoundError, ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -24,7 +25,11 @@ def _day_of(table: pa.Table) -> pa.Array:
     return pc.strftime(ts, format="%Y-%m-%d").combine_chunks()
 
 
-def _keys(table: pa.Table, key: tuple[str, ...]) -> list[tuple]:
+# A row's key: its key columns' values in key order, timestamps as epoch microseconds (ints).
+Key = tuple[Any, ...]
+
+
+def _keys(table: pa.Table, key: tuple[str, ...]) -> list[Key]:
     cols = []
     for k in key:
         c = table.column(k)
@@ -53,14 +58,14 @@ class PartitionWriter:
         # The key as DuckDB selects it (timestamps as epoch µs), to compare with _keys() tuples. Column names
         # are our schemas' constants, quoted; file lists and values are always bound parameters.
         self._key_sql = ", ".join(f"epoch_us({_ident(k)})" if k.endswith("_ts") else _ident(k) for k in key)
-        self._seen: dict[dt.date, dict[tuple, int]] = {}  # key -> its timestamp (epoch us)
+        self._seen: dict[dt.date, dict[Key, int]] = {}  # key -> its timestamp (epoch us)
         self._floor: dict[dt.date, int] = {}  # keys older than this may be on disk only
-        self._newest: dict[tuple, tuple] = {}  # key without its time -> newest key written
+        self._newest: dict[Key, Key] = {}  # key without its time -> newest key written
         self._pruned_at: dict[dt.date, int] = {}
         ensure_schemas(paths)
         self.small_files: dict[dt.date, int] = {}  # files this writer added since the last compaction
 
-    def _state_for(self, day: dt.date) -> dict[tuple, int]:
+    def _state_for(self, day: dt.date) -> dict[Key, int]:
         if day not in self._seen:
             if len(self._seen) >= 2:  # a poller moves on to the next day; old days are checked on disk
                 oldest = min(self._seen)
@@ -69,7 +74,7 @@ class PartitionWriter:
             part = self.paths.partition(self.dataset, day)
             cols, ts = self._key_sql, _ident(self.ts_col)
 
-            def load() -> list[tuple] | None:
+            def load() -> list[Key] | None:
                 files = [str(f) for f in partition_files(part)]  # listed again on every retry
                 if not files:
                     return None
@@ -81,7 +86,7 @@ class PartitionWriter:
                 return [(lo,), *rows]
 
             got = with_retry(load)
-            seen: dict[tuple, int] = {}
+            seen: dict[Key, int] = {}
             floor = -(2**63)
             if got is not None:
                 floor = got[0][0]
@@ -95,7 +100,7 @@ class PartitionWriter:
         con.register("_typed", self.schema.empty_table())
         return "(SELECT * FROM _typed UNION ALL BY NAME SELECT * FROM read_parquet($files, union_by_name = true))"
 
-    def _on_disk(self, day: dt.date, keys: list[tuple]) -> set[tuple]:
+    def _on_disk(self, day: dt.date, keys: list[Key]) -> set[Key]:
         """Which of ``keys`` the partition on disk already holds (for rows older than the memory horizon)."""
         if not keys:
             return set()
@@ -103,7 +108,7 @@ class PartitionWriter:
         cols = self._key_sql
         part = self.paths.partition(self.dataset, day)
 
-        def look() -> set[tuple]:
+        def look() -> set[Key]:
             files = [str(f) for f in partition_files(part)]
             if not files:
                 return set()

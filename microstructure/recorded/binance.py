@@ -1,8 +1,8 @@
 """Recorded Binance depth streams, replayed into our snapshots.
 
 A recording is gzip text, one message a line: ``<local receive time, ns> <websocket JSON>`` (depth diffs,
-``bookTicker``, trades) plus one REST depth snapshot line (``lastUpdateId``). The book is rebuilt exactly as
-Binance documents it:
+``bookTicker``, trades; read by ``recorded.json_lines``) plus one REST depth snapshot line (``lastUpdateId``). The
+book is rebuilt exactly as Binance documents it:
 
 * diffs that arrive before the snapshot are buffered;
 * spot: drop diffs with ``u <= lastUpdateId``; the first applied one has ``U <= lastUpdateId + 1 <= u``; then each
@@ -23,7 +23,6 @@ Memory is the book plus one batch of rows.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,23 +31,23 @@ from typing import Any
 
 from sortedcontainers import SortedDict
 
-from microstructure.contract.book import MAX_LEVELS, BookQuote, plausible_ns
-from microstructure.recorded.files import (
-    MAX_BOOK_LEVELS,
-    MAX_BUFFERED_BYTES,
-    MAX_FIELD_BYTES,
-    Batch,
-    FileFormatError,
-    check_cadence,
-    file_time,
-    iter_lines,
-    snippet,
-    take_batch,
-    why,
+from microstructure.contract.book import MAX_LEVELS, BookQuote
+from microstructure.recorded.batch import Batch, take_batch
+from microstructure.recorded.bounds import MAX_BOOK_LEVELS, MAX_BUFFERED_BYTES, FileFormatError, check_cadence, snippet
+from microstructure.recorded.json_lines import (
+    BATCH,
+    EPOCH,
+    Line,
+    implausible_row,
+    int_field,
+    malformed,
+    read_lines,
+    symbol_field,
+    times_ok,
+    ts_from_ns,
 )
 
 GAP = "sequence_gap"
-BATCH = 10_000
 MAX_BUFFERED_DIFFS = 200_000  # diffs before the first REST snapshot (real recordings: a handful)
 
 
@@ -94,15 +93,6 @@ class Event:
 
 
 @dataclass
-class _Line:
-    recv: int
-    msg: dict[str, Any]
-    where: str
-    loaded: dt.datetime
-    size: int
-
-
-@dataclass
 class _Diff:
     first: int
     last: int
@@ -119,50 +109,9 @@ class _Stream:
     last_id: int | None = None
     synced: bool = False  # the first diff after the snapshot has been applied
     broken: bool = False
-    pending: list[tuple[_Line, dict[str, Any], _Diff]] = field(default_factory=list)
+    pending: list[tuple[Line, dict[str, Any], _Diff]] = field(default_factory=list)
     pending_bytes: int = 0
     symbol: str | None = None
-
-
-def _lines(files: list[Path]) -> Iterator[_Line]:
-    """Each file's ``<receive ns> <json object>`` lines, bounded (``files.iter_lines``); a malformed one stops
-    the read with its file and line."""
-    for f in files:
-        loaded = file_time(f)
-        for n, raw in iter_lines(f):
-            line = raw.strip()
-            if not line:
-                continue
-            where = f"{f.name} line {n}"
-            stamp, _, body = line.partition(b" ")
-            try:
-                recv = int(stamp)
-            except ValueError:
-                raise FileFormatError(f"{where}: not '<receive ns> <json>' (the receive time {snippet(stamp, 30)} "
-                                      "is not an integer)") from None
-            try:
-                msg = json.loads(body)
-            except RecursionError:
-                raise FileFormatError(f"{where}: the JSON is nested too deeply") from None
-            except ValueError as e:
-                raise FileFormatError(f"{where}: not '<receive ns> <json>' ({why(e)})") from None
-            if not isinstance(msg, dict):
-                raise FileFormatError(f"{where}: the message is not a JSON object")
-            yield _Line(recv, msg, where, loaded, len(line))
-
-
-def _malformed(where: str, what: str) -> FileFormatError:
-    return FileFormatError(f"{where}: malformed message ({what})")
-
-
-def _int(d: dict[str, Any], key: str, where: str) -> int:
-    v = d.get(key)
-    if isinstance(v, bool) or not isinstance(v, int | str):
-        raise _malformed(where, f"{key!r} is {'missing' if v is None else 'not an integer'}")
-    try:
-        return int(v)
-    except ValueError:
-        raise _malformed(where, f"{key!r} is not an integer: {snippet(v, 30)}") from None
 
 
 def _levels(v: Any, where: str, key: str) -> list[tuple[float, float]]:
@@ -170,32 +119,24 @@ def _levels(v: Any, where: str, key: str) -> list[tuple[float, float]]:
     if v is None:
         return []
     if not isinstance(v, list):
-        raise _malformed(where, f"{key!r} is not a list of [price, size]")
+        raise malformed(where, f"{key!r} is not a list of [price, size]")
     out = []
     for lv in v:
         if not isinstance(lv, list | tuple) or len(lv) < 2:
-            raise _malformed(where, f"{key!r} holds {snippet(lv, 30)}, not [price, size]")
+            raise malformed(where, f"{key!r} holds {snippet(lv, 30)}, not [price, size]")
         try:
             p, q = float(lv[0]), float(lv[1])
         except (TypeError, ValueError):
-            raise _malformed(where, f"{key!r} holds {snippet(lv, 30)}, not [price, size] numbers") from None
+            raise malformed(where, f"{key!r} holds {snippet(lv, 30)}, not [price, size] numbers") from None
         if not (math.isfinite(p) and math.isfinite(q)):
-            raise _malformed(where, f"{key!r} holds a non-finite number: {snippet(lv, 30)}")
+            raise malformed(where, f"{key!r} holds a non-finite number: {snippet(lv, 30)}")
         out.append((p, q))
     return out
 
 
-def _symbol_text(v: Any, where: str, key: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise _malformed(where, f"{key!r} is {'missing' if v is None else 'not a symbol'}")
-    if len(v.encode()) > MAX_FIELD_BYTES:
-        raise _malformed(where, f"{key!r} is longer than {MAX_FIELD_BYTES:,} bytes (MAX_FIELD_BYTES)")
-    return v
-
-
 def _parse_diff(d: dict[str, Any], where: str) -> _Diff:
-    return _Diff(_int(d, "U", where), _int(d, "u", where), _int(d, "pu", where) if "pu" in d else None,
-                 _int(d, "E", where), _symbol_text(d.get("s"), where, "s"), _levels(d.get("b"), where, "b"),
+    return _Diff(int_field(d, "U", where), int_field(d, "u", where), int_field(d, "pu", where) if "pu" in d else None,
+                 int_field(d, "E", where), symbol_field(d.get("s"), where, "s"), _levels(d.get("b"), where, "b"),
                  _levels(d.get("a"), where, "a"))
 
 
@@ -204,9 +145,9 @@ def replay(files: list[Path]) -> Iterator[Event]:
     malformed message stops the replay with its file and line (a FileFormatError)."""
     st = _Stream()
 
-    def diff(line: _Line, d: dict[str, Any], p: _Diff) -> Iterator[Event]:
+    def diff(line: Line, d: dict[str, Any], p: _Diff) -> Iterator[Event]:
         recv = line.recv
-        ev = {"where": line.where, "loaded": line.loaded}
+        ev: dict[str, Any] = {"where": line.where, "loaded": line.loaded}
         if st.broken:
             yield Event("skip", recv, d, **ev)
             return
@@ -239,10 +180,10 @@ def replay(files: list[Path]) -> Iterator[Event]:
         st.last_id = last
         yield Event("book", recv, d, st.book, **ev)
 
-    for line in _lines(files):
+    for line in read_lines(files):
         msg = line.msg
         if "lastUpdateId" in msg:  # a REST snapshot: (re)start the book, then the buffered diffs
-            last_id = _int(msg, "lastUpdateId", line.where)
+            last_id = int_field(msg, "lastUpdateId", line.where)
             bids, asks = _levels(msg.get("bids"), line.where, "bids"), _levels(msg.get("asks"), line.where, "asks")
             try:
                 st.book = DepthBook(bids, asks)
@@ -255,10 +196,10 @@ def replay(files: list[Path]) -> Iterator[Event]:
             continue
         stream, data = msg.get("stream", ""), msg.get("data")
         if not isinstance(stream, str):
-            raise _malformed(line.where, "'stream' is not text")
+            raise malformed(line.where, "'stream' is not text")
         if "@depth" in stream:
             if not isinstance(data, dict):
-                raise _malformed(line.where, "a depth message without a 'data' object")
+                raise malformed(line.where, "a depth message without a 'data' object")
             p = _parse_diff(data, line.where)
             if st.symbol is None:
                 st.symbol = p.symbol
@@ -300,25 +241,6 @@ def _symbol(d: dict[str, Any]) -> tuple[str, str]:
     return f"{s}-PERP", "binance-usdm"
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _ts(ns: int) -> dt.datetime:
-    return _EPOCH + dt.timedelta(microseconds=ns // 1000)
-
-
-def _implausible(symbol: str, source: str, e_ms: Any, recv: int, where: str, loaded: dt.datetime | None
-                 ) -> dict[str, Any]:
-    """The quarantine row of a message whose exchange or receive time is not plausible: its times as text, its
-    file's time as ``received_ts`` (the same on every run, so a re-run finds the same key)."""
-    return {"symbol": symbol, "event_ts": None, "received_ts": loaded or _EPOCH, "source": source,
-            "reason": "implausible_time", "detail": f"E={snippet(e_ms, 30)} ms, received={recv} ns", "origin": where}
-
-
-def _times_ok(e_ms: int, recv: int) -> bool:
-    return plausible_ns(e_ms * 1_000_000) and plausible_ns(recv)
-
-
 def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | None = None,
                        levels: int = MAX_LEVELS) -> Iterator[Batch]:
     """Sampled snapshots of the rebuilt book (``Batch``es of up to 10,000 rows), gap quarantine rows, and
@@ -337,7 +259,8 @@ def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | No
 
     def emit(p: tuple[int, int, Any, Any, str, str, str]) -> None:
         _, recv, e_ms, (bids, asks), sym, src, where = p
-        quotes.append(BookQuote(symbol or sym, _EPOCH + dt.timedelta(milliseconds=e_ms), _ts(recv), src, bids, asks))
+        quotes.append(BookQuote(symbol or sym, EPOCH + dt.timedelta(milliseconds=e_ms), ts_from_ns(recv), src,
+                                bids, asks))
         origins.append(where)
 
     for ev in replay(sorted(files)):
@@ -346,8 +269,8 @@ def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | No
         loaded = ev.loaded
         e_ms = int(ev.data["E"])  # checked by the replay
         sym, src = _symbol(ev.data)
-        if not _times_ok(e_ms, ev.recv_ns):
-            rejected.append(_implausible(symbol or sym, src, ev.data.get("E"), ev.recv_ns, ev.where, ev.loaded))
+        if not times_ok(e_ms, ev.recv_ns):
+            rejected.append(implausible_row(symbol or sym, src, ev.data.get("E"), ev.recv_ns, ev.where, ev.loaded))
         else:
             slot = int(e_ms // slot_ms)
             if pending is not None and slot != pending[0]:
@@ -362,8 +285,8 @@ def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | No
                 pending = (slot, ev.recv_ns, e_ms, (bids, asks), sym, src, ev.where)
             elif slot not in gap_slots:  # "gap" or "skip": the book is unusable in this slot
                 gap_slots.add(slot)
-                rejected.append({"symbol": symbol or sym, "event_ts": _EPOCH + dt.timedelta(milliseconds=e_ms),
-                                 "received_ts": _ts(ev.recv_ns), "source": src, "reason": GAP,
+                rejected.append({"symbol": symbol or sym, "event_ts": EPOCH + dt.timedelta(milliseconds=e_ms),
+                                 "received_ts": ts_from_ns(ev.recv_ns), "source": src, "reason": GAP,
                                  "detail": ev.data.get("reason", "the book is unusable until a new snapshot"),
                                  "origin": ev.where})
         if len(quotes) + len(rejected) >= BATCH:
@@ -374,67 +297,3 @@ def read_binance_depth(files: list[Path], cadence: float = 1.0, symbol: str | No
         yield flush()
 
 
-def _l2_levels(v: Any, where: str, levels: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(s, list) for s in v)):
-        raise _malformed(where, "'levels' is not [bids, asks]")
-    out = []
-    for side in v:
-        rows = []
-        for x in side[:levels]:
-            if not isinstance(x, dict):
-                raise _malformed(where, f"a level is {snippet(x, 30)}, not {{px, sz}}")
-            try:
-                p, q = float(x["px"]), float(x["sz"])
-            except (KeyError, TypeError, ValueError):
-                raise _malformed(where, f"a level is {snippet(x, 40)}, not {{px, sz}} numbers") from None
-            if not (math.isfinite(p) and math.isfinite(q)):
-                raise _malformed(where, f"a level holds a non-finite number: {snippet(x, 40)}")
-            rows.append((p, q))
-        out.append(rows)
-    return out[0], out[1]
-
-
-def read_hyperliquid_l2(files: list[Path], cadence: float = 1.0, symbol: str | None = None,
-                        levels: int = MAX_LEVELS) -> Iterator[Batch]:
-    """Hyperliquid ``l2Book`` recordings (full 20-level snapshots, same line format): the last snapshot of each
-    ``cadence`` slot, top 10 levels; ``event_ts`` = Hyperliquid's ``time``, ``received_ts`` = the recorder's.
-    Symbols are ``<coin>-PERP`` (Hyperliquid's books are perpetuals), source ``hyperliquid``. A snapshot whose
-    times are not plausible is quarantined (``implausible_time``); a malformed one stops the read."""
-    check_cadence(cadence)
-    slot_ms = cadence * 1000
-    quotes: list[BookQuote] = []
-    origins: list[str] = []
-    rejected: list[dict[str, Any]] = []
-    last: tuple[int, BookQuote, str] | None = None
-    loaded: dt.datetime | None = None
-
-    def flush() -> Batch:
-        return take_batch(quotes, origins, rejected, loaded)
-
-    for line in _lines(sorted(files)):
-        msg = line.msg
-        if msg.get("channel") != "l2Book":
-            continue
-        d = msg.get("data")
-        if not isinstance(d, dict):
-            raise _malformed(line.where, "an l2Book message without a 'data' object")
-        loaded = line.loaded
-        bids, asks = _l2_levels(d.get("levels"), line.where, levels)
-        e_ms = _int(d, "time", line.where)
-        sym = symbol or f"{_symbol_text(d.get('coin'), line.where, 'coin')}-PERP"
-        if not _times_ok(e_ms, line.recv):
-            rejected.append(_implausible(sym, "hyperliquid", d.get("time"), line.recv, line.where, line.loaded))
-        else:
-            q = BookQuote(sym, _EPOCH + dt.timedelta(milliseconds=e_ms), _ts(line.recv), "hyperliquid", bids, asks)
-            slot = int(e_ms // slot_ms)
-            if last is not None and slot != last[0]:
-                quotes.append(last[1])
-                origins.append(last[2])
-            last = (slot, q, line.where)
-        if len(quotes) + len(rejected) >= BATCH:
-            yield flush()
-    if last is not None:
-        quotes.append(last[1])
-        origins.append(last[2])
-    if quotes or rejected:
-        yield flush()

@@ -28,18 +28,16 @@ from typing import Any
 import pyarrow as pa
 
 from microstructure.contract.book import MAX_LEVELS, BookQuote, plausible_ns, raw_table
-from microstructure.recorded.files import (
+from microstructure.recorded.batch import Batch, file_time, take_batch
+from microstructure.recorded.bounds import (
     MAX_BOOK_LEVELS,
-    Batch,
-    BoundedStream,
     FileFormatError,
     GridBudget,
     InstantCounter,
     check_cadence,
-    file_time,
     snippet,
-    take_batch,
 )
+from microstructure.recorded.streams import BoundedStream
 
 SOURCE_NAME = "iex-deep"
 DEEP_PROTOCOL = 0x8004
@@ -243,7 +241,7 @@ class _Book:
 def iter_iex_deep(path: Path, cadence_s: float = 1.0, symbols: set[str] | None = None) -> Iterator[Batch]:
     """Replay a DEEP capture into sampled snapshots, in ``Batch``es. A message whose timestamp is not plausible
     is quarantined (``implausible_time``) and applied to nothing: it never moves the grid. The grid is bounded
-    (``files.MAX_GRID_POINTS``) and so are messages per instant and levels per book side."""
+    (``bounds.MAX_GRID_POINTS``) and so are messages per instant and levels per book side."""
     check_cadence(cadence_s)
     step = round(cadence_s * 1e9)
     loaded = file_time(path)

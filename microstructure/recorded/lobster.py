@@ -9,7 +9,7 @@ last message at or before t: ``event_ts`` is that message's time, ``received_ts`
 The two files are streamed side by side in chunks (a day of any size loads in bounded memory). Times are
 integer nanoseconds, so grid times are exact. A message whose time is not a number (``unparseable_time``) or
 not plausible (``implausible_time``, ``book.EARLIEST`` .. a day ahead) is quarantined with its row and never
-moves the grid; the bounds of ``sources.files`` (cadence, grid points, messages per instant, line length,
+moves the grid; the bounds of ``recorded.bounds`` (cadence, grid points, messages per instant, line length,
 decompressed size) apply. A malformed row stops the read with its file and row number.
 """
 
@@ -19,7 +19,7 @@ import datetime as dt
 import io
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -28,20 +28,17 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from microstructure.contract.book import EARLIEST, MAX_LEVELS, TS_TYPE, latest_plausible, plausible_us, raw_table
-from microstructure.recorded.files import (
+from microstructure.recorded.batch import Batch, file_time, rejected_table
+from microstructure.recorded.bounds import (
     BATCH_ROWS,
     MAX_LINE_BYTES,
-    Batch,
-    BoundedStream,
     FileFormatError,
     GridBudget,
     InstantCounter,
     check_cadence,
-    file_time,
-    line_chunks,
-    rejected_table,
     snippet,
 )
+from microstructure.recorded.streams import BoundedStream, line_chunks
 
 SOURCE_NAME = "lobster"
 NY = ZoneInfo("America/New_York")
@@ -134,6 +131,11 @@ def _parse(lines: list[bytes], first_no: int, name: str, width: int) -> np.ndarr
                 raise FileFormatError(f"{name} row {first_no + i}: field {j + 1} is not a number: {snippet(f)}"
                                       ) from None
     raise FileFormatError(f"{name} rows {first_no}..{first_no + len(lines) - 1}: cannot read them as numbers")
+
+
+def _row_names(name: str, rows: np.ndarray) -> Callable[[int], str]:
+    """``where(i)`` for a check: the i-th message's file and row."""
+    return lambda i: f"{name} row {int(rows[i])}"
 
 
 def _width(line: bytes) -> int:
@@ -259,11 +261,11 @@ def iter_lobster(path: Path, cadence_s: float = 1.0, symbol: str | None = None) 
             prev = np.concatenate([[carry[0]], t_ns]) if carry else t_ns
             back = np.flatnonzero(np.diff(prev) < 0)
             if len(back):
-                i = int(back[0]) + (0 if carry else 1)
-                before = carry[0] if carry and i == 0 else t_ns[i - 1]
-                raise FileFormatError(f"{msg_f.name} row {int(rows[i])}: times go backwards ({before / 1e9} then "
-                                      f"{t_ns[i] / 1e9} s after midnight); a LOBSTER message file is in time order")
-            instant.add_many(t_ns, lambda i, rows=rows: f"{msg_f.name} row {int(rows[i])}")
+                at = int(back[0]) + (0 if carry else 1)
+                before = carry[0] if carry and at == 0 else t_ns[at - 1]
+                raise FileFormatError(f"{msg_f.name} row {int(rows[at])}: times go backwards ({before / 1e9} then "
+                                      f"{t_ns[at] / 1e9} s after midnight); a LOBSTER message file is in time order")
+            instant.add_many(t_ns, _row_names(msg_f.name, rows))
             halt = m[:, 1] == 7
             last_halt = np.maximum.accumulate(np.where(halt, np.arange(len(t_ns)), -1))
             was = carry[3] if carry else False

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from microstructure.contract.text import visible
+from microstructure.research.ml import MIN_ML_ROWS
+from microstructure.trading.thresholds import Thresholds
 
 
 def _fmt(v: Any, unit: str = "") -> str:
@@ -134,8 +136,10 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
         axes[0].set_xscale("log")
         axes[0].set_xlabel("spread (bps, log scale)")
         axes[0].set_ylabel(f"feature rows (of {len(sp):,})")
-        axes[0].axvline(50, color="g", ls="--", label="SAFE 50 bps")
-        axes[0].axvline(100, color="r", ls="--", label="AGGRESSIVE 100 bps")
+        t = Thresholds()  # the default (equity) limits the lines mark
+        axes[0].axvline(t.safe_max_spread_bps, color="g", ls="--", label=f"SAFE {t.safe_max_spread_bps:g} bps")
+        axes[0].axvline(t.aggressive_max_spread_bps, color="r", ls="--",
+                        label=f"AGGRESSIVE {t.aggressive_max_spread_bps:g} bps")
         axes[0].legend(fontsize=8)
         dd = feats["depth_dollars"].clip(lower=1)
         axes[1].hist(dd, bins=np.logspace(np.log10(dd.min()), np.log10(dd.max()) + 1e-9, 60))
@@ -144,8 +148,9 @@ def plots(res: dict[str, Any], out: Path) -> list[str]:
             lambda v, _: f"${v / 1e6:g}M" if v >= 1e6 else f"${v / 1e3:g}k" if v >= 1e3 else f"${v:g}"))
         axes[1].set_xlabel("top-5 depth, both sides (USD, log scale)")
         axes[1].set_ylabel(f"feature rows (of {len(dd):,})")
-        axes[1].axvline(100_000, color="g", ls="--", label="SAFE $100k")
-        axes[1].axvline(50_000, color="r", ls="--", label="AGGRESSIVE $50k")
+        axes[1].axvline(t.safe_min_depth_usd, color="g", ls="--", label=f"SAFE ${t.safe_min_depth_usd / 1e3:g}k")
+        axes[1].axvline(t.aggressive_min_depth_usd, color="r", ls="--",
+                        label=f"AGGRESSIVE ${t.aggressive_min_depth_usd / 1e3:g}k")
         axes[1].legend(fontsize=8)
     fig.suptitle("Spread and depth distributions (all feature rows)")
     stamp(fig)
@@ -293,7 +298,7 @@ def write_report(res: dict[str, Any], out: Path) -> Path:
                   f"the test base rate is {ml['base_rate_entropy']:.4f}: a calibrated model scores below it.", "",
                   "![reliability](reliability.png)"]
     else:
-        lines += [f"insufficient data ({ml.get('n', 0)} labelled rows; need {1000}+ with both outcomes in the "
+        lines += [f"insufficient data ({ml.get('n', 0)} labelled rows; need {MIN_ML_ROWS}+ with both outcomes in the "
                   "out-of-sample folds)."]
     cov = res["coverage"]["overall"]
     lines += ["", "## Data and coverage", "", f"Symbols: {cov['symbols']} — L2 (≥ 5 levels) {cov['l2']}, shallow "

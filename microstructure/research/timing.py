@@ -34,7 +34,7 @@ def signal_study(fr: pd.DataFrame, horizons: list[int], rng: np.random.Generator
     out: dict[str, Any] = {}
     fr = fr[~fr["halted"].fillna(False).astype(bool)]
     for sig in ("order_imbalance", "depth_imbalance"):
-        res = {}
+        res: dict[str, dict[str, float | bool | tuple[float, float]]] = {}  # target -> its statistics
         for target in ["next_move", *[f"ret_{h}" for h in horizons]]:
             d = fr[[sig, target, "symbol", "event_ts"]].dropna()
             s, y = np.sign(d[sig].to_numpy()), np.sign(d[target].to_numpy())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from microstructure.contract.book import BookQuote
 from microstructure.sources.guard import (
@@ -39,17 +39,25 @@ from microstructure.sources.vendor import (
     http_error_class,
 )
 
+if TYPE_CHECKING:
+    from alpaca.data.historical import CryptoHistoricalDataClient, StockHistoricalDataClient
+    from requests import PreparedRequest, Response
+    from requests.adapters import HTTPAdapter
+
 UNKNOWN = "unknown_symbol"
 
 
-def _adapter(timeout_s: float) -> Any:
+def _adapter(timeout_s: float) -> HTTPAdapter:
     from requests.adapters import HTTPAdapter
 
     class _VendorAdapter(HTTPAdapter):
-        def send(self, request: Any, **kwargs: Any) -> Any:
-            if kwargs.get("timeout") is None:
-                kwargs["timeout"] = (timeout_s, timeout_s)
-            resp = super().send(request, **kwargs)
+        # HTTPAdapter.send's own parameters and defaults (requests.Session.send passes them by keyword).
+        def send(self, request: PreparedRequest, stream: bool = False,
+                 timeout: float | tuple[float | None, float | None] | None = None, verify: bool | str = True,
+                 cert: str | tuple[str, str] | None = None, proxies: dict[str, str] | None = None) -> Response:
+            if timeout is None:
+                timeout = (timeout_s, timeout_s)
+            resp = super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
             if resp.status_code == 429:
                 resp.close()
                 raise RateLimited(parse_retry_after(resp.headers.get("Retry-After")), "HTTP 429")
@@ -90,6 +98,7 @@ class AlpacaSource:
         self.limits = limits or Limits()
         # Where the keys go: Alpaca, or a stand-in the environment names (https, or http on loopback).
         base = base_url_from_env(ALPACA_BASE_ENV)
+        self.client: StockHistoricalDataClient | CryptoHistoricalDataClient
         if asset == "stocks":
             from alpaca.data.historical import StockHistoricalDataClient
 
@@ -116,8 +125,10 @@ class AlpacaSource:
         return f"AlpacaSource(name={self.name!r}, asset={self.asset!r}, feed={self.feed!r})"
 
     def fetch(self, symbols: Sequence[str], at: dt.datetime, deadline: float | None = None) -> Fetched:
+        from alpaca.data.historical import StockHistoricalDataClient
+
         out = Fetched()
-        if self.asset == "stocks":
+        if isinstance(self.client, StockHistoricalDataClient):  # asset "stocks" (__init__ made the client)
             from alpaca.data.enums import DataFeed
             from alpaca.data.requests import StockLatestQuoteRequest
 
@@ -136,11 +147,11 @@ class AlpacaSource:
         else:
             from alpaca.data.requests import CryptoLatestOrderbookRequest
 
-            req = CryptoLatestOrderbookRequest(symbol_or_symbols=list(symbols))
-            got = self.guard.call(self.client.get_crypto_latest_orderbook, req, deadline=deadline)
+            book_req = CryptoLatestOrderbookRequest(symbol_or_symbols=list(symbols))
+            books = self.guard.call(self.client.get_crypto_latest_orderbook, book_req, deadline=deadline)
             received = dt.datetime.now(dt.UTC)
             for s in symbols:
-                b = got.get(s)
+                b = books.get(s)
                 if b is None:
                     out.errors[s] = SourceError(UNKNOWN, f"{self.name} has no order book for {s}")
                     continue

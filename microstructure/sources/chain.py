@@ -1,11 +1,11 @@
-"""One fallback chain per symbol group, configured in one TOML file (see ``sources.example.toml``).
+"""One fallback chain per symbol group, run each cycle (configured in one TOML file, read by ``chain_config``).
 
 Each cycle, each group's symbols go to its first source; the symbols it did not serve with a valid book go
 to the next, and so on until the chain or the cycle's deadline runs out. A symbol nobody served is
 recorded as missing, with the reason from the last source tried. Groups are polled in parallel, so a
 stalled stock vendor cannot starve the crypto group. The simulated source is never part of a chain.
 
-Faults are isolated per symbol (:class:`Isolation`): a batched call that hangs or fails in a way one symbol
+Faults are isolated per symbol (``sources.isolation``): a batched call that hangs or fails in a way one symbol
 can cause is split in halves, in the same cycle while the deadline allows and otherwise in the next, until
 the culprits stand alone behind breakers of their own; the healthy symbols keep riding one batch call.
 The source's own breaker only counts cycles in which none of its calls worked.
@@ -14,13 +14,10 @@ The source's own breaker only counts cycles in which none of its calls worked.
 from __future__ import annotations
 
 import datetime as dt
-import re
 import time
-import tomllib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,46 +34,12 @@ from microstructure.sources.guard import (
     INVALID_BOOK,
     NOT_CONFIGURED,
     SPLITTABLE,
-    CircuitBreaker,
     Limits,
     SourceError,
 )
+from microstructure.sources.isolation import Isolation
 from microstructure.sources.secrets import scrub
 from microstructure.sources.vendor import ConfigError, Fetched, VendorSource
-
-# Used when no sources file is given: the roadmap's order (Polygon primary, Alpaca fallback for stocks;
-# Alpaca's real L2 first for crypto, Polygon's deprecated book behind it).
-DEFAULT_CONFIG = """
-cycle_deadline_s = 2.5
-
-[sources.polygon_stocks]
-kind = "polygon"
-asset = "stocks"
-
-[sources.alpaca_stocks]
-kind = "alpaca"
-asset = "stocks"
-feed = "iex"
-
-[sources.alpaca_crypto]
-kind = "alpaca"
-asset = "crypto"
-
-[sources.polygon_crypto]
-kind = "polygon"
-asset = "crypto"
-
-[groups.stocks]
-chain = ["polygon_stocks", "alpaca_stocks"]
-
-[groups.crypto]
-chain = ["alpaca_crypto", "polygon_crypto"]
-"""
-
-SOURCE_KEYS = {"kind", "asset", "feed", "lot_size", "retries", *Limits.__dataclass_fields__}
-# Where a source's key is sent is the environment's choice only (see vendor.base_url_from_env): a sources file,
-# above all one inside a data dir, may come from anyone.
-BASE_URL_ENV = {"polygon": "MICROSTRUCTURE_POLYGON_BASE_URL", "alpaca": "MICROSTRUCTURE_ALPACA_DATA_URL"}
 
 
 class AuthRejected(ConfigError):
@@ -95,146 +58,6 @@ class Group:
     asset: str
     symbols: list[str]
 
-
-# An explicit symbol list: a few thousand at most in practice (the whole US market, ~10,000 tickers, comes from
-# `--source polygon-market`, which builds its own list). Vendors take a batch of symbols as one comma-separated
-# parameter, so a symbol sent to one holds no separator, space or control character.
-MAX_SYMBOLS = 20_000
-MAX_SYMBOL_CHARS = 32  # OCC option tickers, the longest a vendor spells, have 21
-SYMBOLS_FILE_BYTES = 4 << 20  # 20,000 symbols with room for comments
-_VENDOR_SYMBOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9./:_-]*")  # AAPL, BRK.B, BTC/USD, X:BTCUSD, O:SPY...
-
-
-def check_symbols(symbols: Sequence[str], what: str = "symbol list", vendor: bool = True) -> list[str]:
-    """``symbols`` without repeats, or ConfigError (one line) when there are more than ``MAX_SYMBOLS``, one is
-    empty or longer than ``MAX_SYMBOL_CHARS``, or (``vendor``: the list goes to a vendor) one holds a character
-    no vendor symbol has."""
-    out = list(dict.fromkeys(symbols))
-    if len(out) > MAX_SYMBOLS:
-        raise ConfigError(f"{what}: {len(out):,} symbols; an explicit list holds at most {MAX_SYMBOLS:,} "
-                          "(for every US stock use --source polygon-market)")
-    for s in out:
-        if not s or len(s) > MAX_SYMBOL_CHARS:
-            shown = repr(s) if len(s) <= 40 else f"{s[:37]!r}..."
-            raise ConfigError(f"{what}: symbol {shown} is {len(s)} characters long; a symbol has 1 to "
-                              f"{MAX_SYMBOL_CHARS}")
-        if vendor and not _VENDOR_SYMBOL.fullmatch(s):
-            raise ConfigError(f"{what}: symbol {s!r} holds a character no vendor symbol has (letters, digits and "
-                              ". / : _ - only)")
-    return out
-
-
-def read_symbols_file(path: Path, vendor: bool = True) -> list[str]:
-    """One symbol per line (or comma-separated); ``#`` starts a comment. Read line by line within
-    ``SYMBOLS_FILE_BYTES``; the symbols are checked by :func:`check_symbols`."""
-    if not path.is_file():
-        raise ConfigError(f"symbols file not found: {path}")
-    what = f"symbols file {path}"
-    if path.stat().st_size > SYMBOLS_FILE_BYTES:
-        raise ConfigError(f"{what} is larger than {SYMBOLS_FILE_BYTES >> 20} MiB; an explicit list holds at most "
-                          f"{MAX_SYMBOLS:,} symbols (for every US stock use --source polygon-market)")
-    out: dict[str, None] = {}
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                line = line.split("#", 1)[0]
-                out.update((s, None) for s in line.replace(",", " ").split())
-                if len(out) > MAX_SYMBOLS:
-                    break  # check_symbols names the cap
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} is not UTF-8 text") from None
-    return check_symbols(list(out), what, vendor)
-
-
-def build_source(name: str, spec: dict[str, Any]) -> VendorSource:
-    if "base_url" in spec:
-        var = BASE_URL_ENV.get(str(spec.get("kind")), "MICROSTRUCTURE_POLYGON_BASE_URL or "
-                                                           "MICROSTRUCTURE_ALPACA_DATA_URL")
-        raise ConfigError(f"source {name!r}: base_url cannot be set in a sources file (it decides where the API "
-                          f"key is sent); set {var} in the environment for a local stand-in")
-    unknown = set(spec) - SOURCE_KEYS
-    if unknown:
-        raise ConfigError(f"source {name!r}: unknown option(s) {sorted(unknown)}")
-    limits = Limits(**{k: spec[k] for k in Limits.__dataclass_fields__ if k in spec})
-    kind = spec.get("kind")
-    common = {"name": name, "asset": spec.get("asset", "stocks"), "limits": limits,
-              "lot_size": float(spec.get("lot_size", 1.0))}
-    if kind == "polygon":
-        from microstructure.sources.polygon import PolygonSource
-
-        return PolygonSource(retries=int(spec.get("retries", 1)), **common)
-    if kind == "alpaca":
-        from microstructure.sources.alpaca import AlpacaSource
-
-        return AlpacaSource(feed=spec.get("feed", "iex"), **common)
-    if kind == "simulated":
-        raise ConfigError(f"source {name!r}: the simulated source is never part of a vendor chain; "
-                          "use `poll --source simulated`")
-    raise ConfigError(f"source {name!r}: kind must be polygon or alpaca, not {kind!r}")
-
-
-class Isolation:
-    """One source's memory of which sub-batches of its symbols hold a failing symbol.
-
-    Hand-written because it is specific to batched market-data calls (no breaker library splits a batch):
-    ``suspects`` are disjoint sub-batches that failed; a suspect of one symbol has its own circuit breaker.
-    Each cycle the symbols outside every suspect ride one batch call and every suspect gets its own call.
-    """
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.suspects: list[tuple[str, ...]] = []
-        self.breakers: dict[str, CircuitBreaker] = {}
-        self.last: dict[str, SourceError] = {}
-
-    def plan(self, symbols: Sequence[str]) -> tuple[list[tuple[str, ...]], dict[str, SourceError]]:
-        """This cycle's calls (healthy batch first) and the symbols not called (their breaker is open)."""
-        want = set(symbols)
-        held: set[str] = set()
-        calls: list[tuple[str, ...]] = []
-        skipped: dict[str, SourceError] = {}
-        for g in self.suspects:
-            held.update(g)
-            part = tuple(s for s in g if s in want)
-            if not part:
-                continue
-            br = self.breakers.get(part[0]) if len(part) == 1 else None
-            if br is not None and not br.allow():
-                last = self.last.get(part[0])
-                skipped[part[0]] = SourceError(
-                    last.error_class if last else BREAKER_OPEN,
-                    f"not called: {part[0]} failed {br.consecutive} times in a row"
-                    + (f" (last: {last.detail})" if last and last.detail else ""))
-                continue
-            calls.append(part)
-        healthy = tuple(s for s in symbols if s not in held)
-        return ([healthy] if healthy else []) + calls, skipped
-
-    def _regroup(self, batch: tuple[str, ...], into: list[tuple[str, ...]]) -> None:
-        gone = set(batch)
-        self.suspects = [g for g in (tuple(s for s in g if s not in gone) for g in self.suspects) if g] + into
-
-    def succeeded(self, batch: tuple[str, ...]) -> None:
-        for s in batch:
-            br = self.breakers.pop(s, None)
-            if br is not None:
-                br.record(True)
-            self.last.pop(s, None)
-        self._regroup(batch, [])
-
-    def failed(self, batch: tuple[str, ...], err: SourceError) -> list[tuple[str, ...]]:
-        """Record a failed call; return the halves to call next (none once the culprit stands alone)."""
-        if len(batch) == 1:
-            s = batch[0]
-            br = self.breakers.setdefault(s, CircuitBreaker(self.limits.breaker_failures,
-                                                            self.limits.breaker_cooldown_s))
-            br.record(False)
-            self.last[s] = err
-            self._regroup(batch, [batch])
-            return []
-        halves = [batch[: len(batch) // 2], batch[len(batch) // 2:]]
-        self._regroup(batch, halves)
-        return halves
 
 
 class ChainSource:
@@ -342,8 +165,8 @@ class ChainSource:
         """Everything ``src`` can serve of ``symbols`` this cycle, isolating failing symbols (see Isolation)."""
         guard = getattr(src, "guard", None)
         if guard is not None and not guard.breaker.allow():
-            err = SourceError(BREAKER_OPEN, f"{name} had no working call in {guard.breaker.consecutive} cycles")
-            return Fetched(errors=dict.fromkeys(symbols, err), calls_ok=0), {}
+            shut = SourceError(BREAKER_OPEN, f"{name} had no working call in {guard.breaker.consecutive} cycles")
+            return Fetched(errors=dict.fromkeys(symbols, shut), calls_ok=0), {}
         iso = self.isolation[name]
         calls, skipped = iso.plan(symbols)
         out = Fetched(errors=dict(skipped), calls_ok=0)
@@ -402,56 +225,3 @@ def _outcome(at: dt.datetime, symbol: str, source: str | None, levels: int, late
     return {"cycle_ts": at, "symbol": symbol, "source": source, "book_levels": levels, "latency_ms": latency,
             "error_class": error_class, "detail": scrub(detail)[:1000]}
 
-
-def load_config(path: Path | None) -> tuple[dict[str, Any], Path]:
-    if path is None:
-        return tomllib.loads(DEFAULT_CONFIG), Path.cwd()
-    if not path.exists():
-        raise ConfigError(f"sources file not found: {path}")
-    try:
-        return tomllib.loads(path.read_text()), path.parent
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
-
-
-def build_chain(config_path: Path | None = None, symbols: Sequence[str] | None = None,
-                only: str | None = None) -> ChainSource:
-    """The chain from ``config_path`` (or the built-in default). ``symbols`` adds symbols to the groups of
-    their asset class. ``only`` ("polygon" or "alpaca") keeps just that vendor's sources in every chain."""
-    cfg, base = load_config(config_path)
-    specs: dict[str, dict[str, Any]] = cfg.get("sources", {})
-    gcfg: dict[str, dict[str, Any]] = cfg.get("groups", {})
-    if not gcfg:
-        raise ConfigError("the sources file has no [groups.<name>] with a chain")
-    groups: list[Group] = []
-    for gname, g in gcfg.items():
-        chain = list(g.get("chain", []))
-        for n in chain:
-            if n not in specs:
-                raise ConfigError(f"group {gname!r}: chain names unknown source {n!r}")
-        if only is not None:
-            chain = [n for n in chain if specs[n].get("kind") == only]
-        assets = {specs[n].get("asset", "stocks") for n in chain}
-        if len(assets) > 1:
-            raise ConfigError(f"group {gname!r}: mixes asset classes {sorted(assets)}")
-        syms = list(g.get("symbols", []))
-        if "symbols_file" in g:
-            # Inside the sources file's own folder only: a data dir's sources.toml must not be able to read any
-            # file of the user's (say ~/.aws/credentials) and send its words to a vendor as tickers.
-            f = (base / str(g["symbols_file"])).resolve()
-            if not f.is_relative_to(base.resolve()):
-                raise ConfigError(f"group {gname!r}: symbols_file must be inside the sources file's folder "
-                                  f"({base.resolve()}); pass other lists with --symbols-file")
-            syms += read_symbols_file(f)
-        syms = check_symbols(syms, f"group {gname!r}")
-        groups.append(Group(gname, chain, assets.pop() if assets else g.get("asset", "stocks"), syms))
-    for s in symbols or []:
-        if not any(s in g.symbols for g in groups):
-            g = next((g for g in groups if g.asset == asset_of(s) and g.chain), None)
-            if g is not None:
-                g.symbols.append(s)
-    needed = {n for g in groups if g.symbols for n in g.chain}
-    if only is not None and not needed:
-        raise ConfigError(f"no {only} source covers the requested symbols")
-    sources = {n: build_source(n, specs[n]) for n in sorted(needed)}
-    return ChainSource(sources, groups, float(cfg.get("cycle_deadline_s", 2.5)))

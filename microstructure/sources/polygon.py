@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 from microstructure.contract.book import BookQuote
 from microstructure.sources.guard import (
@@ -43,6 +43,13 @@ from microstructure.sources.vendor import (
     parse_json,
 )
 
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from urllib3.connectionpool import ConnectionPool
+    from urllib3.response import BaseHTTPResponse
+    from urllib3.util.retry import Retry
+
 DEFAULT_BASE = "https://api.polygon.io"
 
 
@@ -51,7 +58,7 @@ def polygon_ticker(symbol: str) -> str:
     return "X:" + symbol.replace("/", "") if "/" in symbol else symbol
 
 
-def _vendor_retry(total: int) -> Any:
+def _vendor_retry(total: int) -> Retry:
     """Polygon's own retry policy (same statuses and back-off), except that a 429 is not slept on inside the
     client: it is raised at once as :class:`RateLimited` with its ``Retry-After``, so the guard backs the
     whole source off instead of a worker thread sleeping through the cycle. A subclass of urllib3's
@@ -59,8 +66,9 @@ def _vendor_retry(total: int) -> Any:
     from urllib3.util.retry import Retry
 
     class _Retry(Retry):
-        def increment(self, method: Any = None, url: Any = None, response: Any = None, error: Any = None,
-                      _pool: Any = None, _stacktrace: Any = None) -> Retry:
+        def increment(self, method: str | None = None, url: str | None = None,
+                      response: BaseHTTPResponse | None = None, error: Exception | None = None,
+                      _pool: ConnectionPool | None = None, _stacktrace: TracebackType | None = None) -> Self:
             if response is not None and response.status == 429:
                 raise RateLimited(parse_retry_after(response.headers.get("Retry-After")), "HTTP 429")
             return super().increment(method, url, response, error, _pool, _stacktrace)

@@ -60,7 +60,7 @@ WINDOW_BYTES = 512 * 2**20
 
 
 class AsofDuckDBOfflineStoreConfig(DuckDBOfflineStoreConfig):
-    type: Literal["microstructure.store.asof_offline.AsofDuckDBOfflineStore"] = (  # type: ignore[assignment]
+    type: Literal["microstructure.store.asof_offline.AsofDuckDBOfflineStore"] = (
         "microstructure.store.asof_offline.AsofDuckDBOfflineStore")
     # DuckDB threads for the join (None: DuckDB's default, all cores).
     threads: int | None = None
@@ -167,6 +167,7 @@ class _ViewPart:
 def _view_part(i: int, fv: FeatureView, feature_refs: list[str], full_feature_names: bool, lo_ns: int | None,
                hi: dt.datetime | None) -> _ViewPart:
     src = fv.batch_source
+    assert isinstance(src, FileSource)  # _supported let only Parquet file sources through
     prefix = fv.projection.name_to_use()
     names = [r.split(":", 1)[1] for r in feature_refs if r.startswith(f"{prefix}:")]
     base = fv.projection.name_alias or fv.name

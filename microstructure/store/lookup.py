@@ -12,12 +12,11 @@ import pandas as pd
 
 from microstructure.contract.book import AHEAD as _AHEAD
 from microstructure.contract.book import EARLIEST as _EARLIEST
+from microstructure.contract.catalogue import FRESHNESS_S
 
 if TYPE_CHECKING:
 
     from feast import FeatureStore
-
-FRESHNESS_S = 10.0  # an online row older than this (by its event_ts) is reported stale
 
 
 @dataclass(frozen=True)

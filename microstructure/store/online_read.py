@@ -30,6 +30,8 @@ from google.protobuf.message import DecodeError
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
+    from redis import Redis
+    from redis.cluster import RedisCluster
 
 
 _DOUBLE = struct.Struct("<d")
@@ -138,11 +140,15 @@ def _read_sqlite(store: FeatureStore, fv: FeatureView, keys: list[bytes], names:
     return [None if k not in stored else _decode_row(*stored[k]) for k in keys]
 
 
-def _redis(store: FeatureStore) -> Any:
+def _redis(store: FeatureStore) -> Redis | RedisCluster:
     # Feast's own client for its own configuration (host, db, password, cluster or sentinel): both read the
     # same server; the client is a connection pool, safe to share.
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
     online = store._get_provider().online_store
-    return online._get_client(store.config.online_store)
+    assert isinstance(online, RedisOnlineStore)  # callers read or write only a store configured as "redis"
+    client: Redis | RedisCluster = online._get_client(store.config.online_store)  # Feast leaves it unannotated
+    return client
 
 
 def _read_redis(store: FeatureStore, fv: FeatureView, keys: list[bytes], names: list[str]

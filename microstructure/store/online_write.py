@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,7 @@ from microstructure.store.online_read import _entity_keys
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
+    from redis import Redis
 
 
 
@@ -87,7 +88,10 @@ def _text(vtype: ValueType, col: Any) -> list[str | None]:
     return [None] * len(values)
 
 
-def _naive(values: list[dt.datetime | None]) -> list[dt.datetime | None]:
+_Times = TypeVar("_Times", dt.datetime, dt.datetime | None)  # event times (never None) or created times
+
+
+def _naive(values: list[_Times]) -> list[_Times]:
     return [None if v is None else v.astimezone(dt.UTC).replace(tzinfo=None) for v in values]
 
 
@@ -108,6 +112,7 @@ def write(store: FeatureStore, fv: FeatureView, table: pa.Table) -> int:
     names = [f.name for f in fv.features]
     encoded = {f.name: _column_bytes(table.column(f.name), f.dtype.to_value_type()) for f in fv.features}
     src = fv.batch_source
+    assert src is not None  # a view written online is one of our repo's, each reading a file source
     ts = table.column(src.timestamp_field).to_pylist()
     created = table.column(src.created_timestamp_column).to_pylist() if src.created_timestamp_column else None
     if store.config.online_store.type == "redis":
@@ -119,11 +124,12 @@ def write(store: FeatureStore, fv: FeatureView, table: pa.Table) -> int:
 def _write_sqlite(store: FeatureStore, fv: FeatureView, keys: list[bytes], names: list[str],
                   encoded: dict[str, list[bytes]], texts: dict[str, list[str | None]],
                   ts: list[dt.datetime], created: list[dt.datetime] | None) -> int:
-    from feast.infra.online_stores.sqlite import _table_id
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
 
     from microstructure.store.sqlite_online import stored_timestamps, upsert
 
     online = store._get_provider().online_store
+    assert isinstance(online, SqliteOnlineStore)  # supported() let only our SQLite store through
     conn: sqlite3.Connection = online._get_conn(store.config)  # Feast's connection: WAL, busy timeout
     name = _table_id(store.config.project, fv, store.config.registry.enable_online_feature_view_versioning)
     ts_naive = _naive(ts)
@@ -153,7 +159,7 @@ _SET = ("local n = tonumber(ARGV[1]) local ttl = tonumber(ARGV[2]) local j = 3 "
 _CHUNK = 1000
 
 
-def _evalsha_all(client: Any, script: str, calls: list[list[bytes]]) -> list[Any]:
+def _evalsha_all(client: Redis, script: str, calls: list[list[bytes]]) -> list[Any]:
     """EVALSHA ``script`` once per argument list (numkeys, keys..., args..., all bytes), sent in one write.
 
     redis-py's pipeline checks each of the ~460,000 arguments of a whole-market write in Python before
@@ -161,7 +167,8 @@ def _evalsha_all(client: Any, script: str, calls: list[list[bytes]]) -> list[Any
     import hiredis
 
     sha = client.script_load(script)  # idempotent: the server keeps one copy
-    packed = b"".join(hiredis.pack_command((b"EVALSHA", sha, *call)) for call in calls)
+    # hiredis' stub declares the command a 1-tuple; it takes any number of arguments.
+    packed = b"".join(hiredis.pack_command((b"EVALSHA", sha, *call)) for call in calls)  # type: ignore[arg-type]
     conn = client.connection_pool.get_connection()
     try:
         conn.send_packed_command([packed])
@@ -177,11 +184,13 @@ def _evalsha_all(client: Any, script: str, calls: list[list[bytes]]) -> list[Any
 def _write_redis(store: FeatureStore, fv: FeatureView, keys: list[bytes], names: list[str],
                  encoded: dict[str, list[bytes]], ts: list[dt.datetime]) -> int:
     from feast.infra.online_stores.helpers import _mmh3
+    from redis import Redis
 
     from microstructure.store.online_read import _redis
 
     cfg = store.config.online_store
     client = _redis(store)
+    assert isinstance(client, Redis)  # supported() let only redis_type "redis" through: no cluster client
     project = store.config.project.encode("utf-8")
     bins = [k + project for k in keys]
     ts_key = f"_ts:{fv.name}".encode()

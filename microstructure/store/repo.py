@@ -141,11 +141,15 @@ def online_store_config() -> dict[str, Any] | None:
 
 
 def _definitions_hash(data_dir: Path) -> str:
-    """What the registry was applied from: the definitions and the effective store configuration."""
+    """What the registry was applied from: the definitions, the feature SQL they are derived from (its declared
+    columns are the view's fields) and the effective store configuration."""
     import hashlib
+
+    from microstructure.contract.schemas import sql
 
     h = hashlib.sha256()
     h.update((FEATURE_REPO / "definitions.py").read_bytes())
+    h.update(sql("features").encode())
     h.update(store_yaml(data_dir).read_bytes())
     return h.hexdigest()
 
@@ -257,9 +261,8 @@ def forget_store(data_dir: Path) -> None:
 def _to_push_frame(features: pa.Table) -> pd.DataFrame:
     df = features.to_pandas()
     # Feast's online write wants plain numpy-backed columns; keep nullable booleans as objects.
-    for c in ("halted", "locked", "has_recent_halt"):
-        if c in df:
-            df[c] = df[c].astype(object)
+    for c in (f.name for f in features.schema if pa.types.is_boolean(f.type)):
+        df[c] = df[c].astype(object)
     return df
 
 

@@ -25,8 +25,9 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 
 class MonotonicSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
-    type: Literal["microstructure.store.sqlite_online.MonotonicSqliteOnlineStore"] = (  # type: ignore[assignment]
-        "microstructure.store.sqlite_online.MonotonicSqliteOnlineStore")
+    # Feast picks a custom store by this field's class path, so the subclass narrows the parent's Literal.
+    type: Literal["microstructure.store.sqlite_online.MonotonicSqliteOnlineStore"] = (
+        "microstructure.store.sqlite_online.MonotonicSqliteOnlineStore")  # type: ignore[assignment]
 
 
 def _naive_utc(t: dt.datetime) -> dt.datetime:

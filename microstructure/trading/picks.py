@@ -8,6 +8,7 @@ good rows still go through.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections import Counter
 from pathlib import Path
@@ -71,8 +72,8 @@ def _check_row(r: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     except ValueError as e:
         return None, str(e)
     try:
-        score = float(r.get("score"))
-    except (TypeError, ValueError):
+        score = float(r["score"])
+    except (KeyError, TypeError, ValueError):  # no score, None, or not a number
         return None, f"score {r.get('score')!r} is not a number"
     if not math.isfinite(score):
         return None, f"score {r.get('score')!r} is not a finite number"
@@ -98,7 +99,7 @@ def _check_row(r: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
             "as_of": as_of}, None
 
 
-def evaluate(picks: pd.DataFrame, service: MicrostructureService) -> list[dict[str, Any]]:
+def check_picks(picks: pd.DataFrame, service: MicrostructureService) -> list[dict[str, Any]]:
     rows = picks.to_dict("records")
     checked = [_check_row(r) for r in rows]
     pit = _point_in_time(service, [c for c, _ in checked if c is not None and c["as_of"] is not None])
@@ -131,7 +132,9 @@ def evaluate(picks: pd.DataFrame, service: MicrostructureService) -> list[dict[s
     return out
 
 
-def _point_in_time(service: MicrostructureService, rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+def _point_in_time(service: MicrostructureService, rows: list[dict[str, Any]]
+                   ) -> dict[tuple[str, dt.datetime], dict[str, Any]]:
+    """(symbol, as_of) -> the features Feast's point-in-time join found for it, with found/age_s/stale."""
     if not rows:
         return {}
     from microstructure.store.training import training_set

@@ -10,13 +10,15 @@ from typing import Any
 
 import numpy as np
 
+from microstructure.contract.catalogue import FRESHNESS_S
 from microstructure.contract.inputs import InputError
 from microstructure.contract.schemas import ML_FEATURES
+from microstructure.features.model_inputs import BASE_FEATURES, LOG1P_FEATURES
 from microstructure.lake.paths import LakePaths, data_dir_default
 from microstructure.lake.views import connect
 
 
-def ml_features(symbols: Sequence[str], data_dir: Path | None = None, freshness_s: float = 10.0) -> np.ndarray:
+def ml_features(symbols: Sequence[str], data_dir: Path | None = None, freshness_s: float = FRESHNESS_S) -> np.ndarray:
     """A ``(len(symbols), 5)`` float array of ``ML_FEATURES`` from the online store (feature service ``scoring``).
 
     Missing-value policy: a symbol with no online row, or whose row is older than ``freshness_s``, gets NaN
@@ -45,9 +47,7 @@ OLD_PICKLE = Path("models") / "entry_model.pkl"  # what versions before issue 17
 MODEL_FORMAT = "microstructure-entry-model"
 MODEL_VERSION = 1
 MAX_MODEL_BYTES = 64 * 1024  # ~7 features need ~1 KB; anything this big is not ours
-BASE_FEATURES = ("ret_60s_bps", "vol_5m_bps")  # evaluate.BASE_FEATURES (not imported: it pulls in the study)
 KNOWN_FEATURES = (*BASE_FEATURES, *ML_FEATURES)
-LOG1P_FEATURES = ("bid_depth", "ask_depth")  # evaluate._log_depth
 MODEL_KEYS = {"format", "version", "features", "log1p", "mean", "scale", "coef", "intercept", "horizon_s",
               "data", "auc", "trained"}
 

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +27,11 @@ from microstructure.lake.paths import LakePaths, data_dir_default
 from microstructure.lake.views import read_snapshots
 from microstructure.trading.filters import apply_filters
 from microstructure.trading.thresholds import Thresholds, ThresholdSet, load_threshold_set, normalise_mode
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+    from microstructure.sources.base import Source
 
 
 def calculate_imbalance(bids: Sequence[tuple[float, float]], asks: Sequence[tuple[float, float]]) -> float:
@@ -54,7 +59,7 @@ def calculate_imbalance(bids: Sequence[tuple[float, float]], asks: Sequence[tupl
 
 class MicrostructureService:
     def __init__(self, data_dir: Path | str | None = None, thresholds: Thresholds | ThresholdSet | None = None,
-                 source: Any = None, cache_ttl_s: float | None = None,
+                 source: Source | None = None, cache_ttl_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else data_dir_default()
@@ -77,11 +82,11 @@ class MicrostructureService:
         self._refresh_lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-        self._store: Any = None
+        self._store: FeatureStore | None = None
 
     # ---- plumbing --------------------------------------------------------------------------
     @property
-    def store(self) -> Any:
+    def store(self) -> FeatureStore:
         if self._store is None:
             from microstructure.store.repo import open_store
 
@@ -89,7 +94,7 @@ class MicrostructureService:
         return self._store
 
     @property
-    def source(self) -> Any:
+    def source(self) -> Source:
         if self._source is None:
             from microstructure.jobs.market import simulated_source
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from microstructure.contract.catalogue import FRESHNESS_S
 from microstructure.contract.inputs import InputError
 from microstructure.contract.text import number
 
@@ -58,7 +59,7 @@ class Thresholds:
     max_gap_pct: float = 0.05  # drop: mid range over the trailing 5 minutes above this
     risky_gap_pct: float = 0.02  # mark risky: a 2-5% range recently
     risky_imbalance: float = 0.5  # mark risky: order imbalance at least this strongly against the side
-    freshness_s: float = 10.0  # online data older than this is stale
+    freshness_s: float = FRESHNESS_S  # online data older than this is stale
     cache_ttl_s: float = 5.0  # service cache, 1-10 s
 
     def max_spread(self, mode: str) -> float:
@@ -68,9 +69,7 @@ class Thresholds:
         return self.safe_min_depth_usd if mode == "SAFE" else self.aggressive_min_depth_usd
 
     def __post_init__(self) -> None:
-        if not 1.0 <= self.cache_ttl_s <= 10.0:  # (a NaN fails this too)
-            raise InputError(f"cache_ttl_s must be between 1 and 10 seconds, got {self.cache_ttl_s}")
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(self):  # cache_ttl_s too: 1-10 s, in BOUNDS
             bounded(f.name, getattr(self, f.name), *BOUNDS[f.name])
 
 

@@ -9,6 +9,9 @@ import sys
 import time
 
 import duckdb
+import pytest
+
+pytestmark = pytest.mark.integration  # kills the CLI's poller in a subprocess
 
 START = "2026-11-23T14:30:00+00:00"
 

@@ -38,6 +38,7 @@ def duckdb_cli() -> str:
     return exe
 
 
+@pytest.mark.integration  # the stock duckdb CLI on a lake polled by ours, in subprocesses
 def test_stock_duckdb_cli_loads_views_as_the_readme_says(polled):
     exe = duckdb_cli()
     # From the folder holding data/: the lake defaults to data/lake.
@@ -69,6 +70,7 @@ def test_views_on_a_lake_with_nothing_yet(tmp_path):
     assert "spread_bps" in con.sql("SELECT * FROM features").columns
 
 
+@pytest.mark.integration
 def test_sql_is_read_only(polled, tmp_path):
     d = polled / "data"
     target = tmp_path / "out.csv"
@@ -85,6 +87,7 @@ def test_sql_is_read_only(polled, tmp_path):
     assert r.returncode == 2 and not target.exists(), r.stderr
 
 
+@pytest.mark.integration
 def test_sql_prompt_and_json_timestamps(polled):
     d = polled / "data"
     r = cli("sql", "--data-dir", d, stdin="SELECT count(*) AS n\nFROM outcomes;\nCOPY (SELECT 1) TO '/tmp/z.csv';\n")

@@ -12,8 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microstructure.recorded.files import FileFormatError, parse_ts, read_wide
+from microstructure.recorded.bounds import FileFormatError
 from microstructure.recorded.iex_deep import DeepFormatError, read_iex_deep
+from microstructure.recorded.timestamps import parse_ts
+from microstructure.recorded.wide import read_wide
 from tests.deep_pcap import NS, iextp, plu, status, write_pcap
 
 T = 1_764_000_000 * NS  # 2025-11-24 16:00:00 UTC
@@ -143,6 +145,7 @@ def test_epoch_units_are_told_apart_by_magnitude(secs, micros, unit):
     assert got == want
 
 
+@pytest.mark.integration  # the CLI's backfill, build-features and coverage in subprocesses
 def test_backfill_cli_all_formats_then_build_and_coverage(tmp_path, deep, lobster_dir):
     d = str(tmp_path / "data")
     wide = tmp_path / "wide.parquet"
