@@ -191,10 +191,11 @@ def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) 
                                                              "binance-depth: the files of one continuous stream.")],
              data_dir: DataDir = DEFAULT_DATA,
              fmt: Annotated[Format, typer.Option("--format", help="What the file is.")] = Format("lobster"),
-             symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster) or select (iex-deep) the symbol.")]
+             symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster, binance-depth, hyperliquid-l2) "
+                                                            "or select (iex-deep) the symbol.")]
              = None,
              cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots (lobster, iex-deep, "
-                                                            "binance-depth).",
+                                                            "binance-depth, hyperliquid-l2).",
                                                        callback=_in_range(0, DAY_S, lo_open=True))]
              = 1.0,
              as_json: JsonOut = False) -> None:

@@ -140,7 +140,7 @@ def lake_dataset(paths: lake.LakePaths, name: str) -> Any:
     real: list[str] = []
     days: list[Any] = []
     for f in paths.files(name):
-        p = Path(f).resolve(strict=True)  # FileNotFoundError if a compaction removed it: lake.with_retry lists again
+        p = Path(f).resolve(strict=True)  # gone after a compaction: lake.paths.with_retry lists again
         if not p.is_relative_to(root):
             raise NotAllowed(f"{f} resolves outside the lake ({root}): `sql` reads only the lake; "
                              "remove the link or copy the file in")

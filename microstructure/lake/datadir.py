@@ -8,7 +8,7 @@ Two rules live here.
   line naming the holder (pid and command) or, with ``--wait``, waits. The kernel drops the lock when the
   holder exits, however it exits (kill -9 included), so a crash never leaves a stale lock. Readers (``sql``,
   ``online``, ``coverage``, scoring reads) never take it: the lake's atomic renames and generation numbers
-  already give them a consistent view (``lake.partition_files``).
+  already give them a consistent view (``lake.paths.partition_files``).
 * **``--fresh`` deletes only what this project made.** A data dir gets a marker file (``.microstructure``)
   when this project creates it. ``--fresh`` refuses any folder without the marker and deletes nothing.
 

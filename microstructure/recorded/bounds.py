@@ -1,4 +1,5 @@
-"""The bounds every recorded reader shares (this module is the one place they are set), the error a reader raises
+"""The bounds every recorded reader shares (a format's own bounds, such as IEX's packet size or Binance's buffered
+diffs, sit in its reader), the error a reader raises
 past one, and the checks that apply them.
 
 Every recorded input is bounded: past a bound the reader stops with one `error:` line naming the bound (exit 2)

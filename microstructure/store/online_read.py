@@ -8,7 +8,7 @@ query or one pipeline per read, and decodes Feast's ``Value`` protos directly (a
 unpacked from its 9 bytes; anything else goes through the proto). ``tests/test_online_read.py`` checks it value
 for value against ``get_online_features`` on both stores. Any process that reaches the store can write a row; a
 value that is not a readable Feast ``Value`` makes that symbol's answer a ``BadRow``, never the read fail
-(``store.read_online`` then checks types, finiteness and the book time of every row it serves).
+(``store.lookup.read_online`` then checks types, finiteness and the book time of every row it serves).
 
 Hand-written because Feast has no batch decoder and no public read that skips its response building.
 """

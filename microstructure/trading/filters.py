@@ -2,7 +2,7 @@
 
 Each filter looks at one feature row (a dict from the online or offline store) and either passes or drops
 the pick with a reason a person can read. Filters compose: ``apply_filters`` runs them in order and
-reports the first that drops. Thresholds come from ``config.Thresholds``; nothing here hard-codes one.
+reports the first that drops. Thresholds come from ``trading.thresholds.Thresholds``; nothing here hard-codes one.
 """
 
 from __future__ import annotations
