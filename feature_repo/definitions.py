@@ -19,7 +19,7 @@ from feast.type_map import pa_to_feast_value_type
 from feast.types import Bool, Float64, from_value_type
 
 from microstructure.contract.catalogue import FRESHNESS_S
-from microstructure.contract.schemas import ENTITY, EVENT_TIMESTAMP, FEATURES, ML_FEATURES
+from microstructure.contract.schemas import DECLARATION, ENTITY, EVENT_TIMESTAMP, ML_FEATURES
 
 # The data dir: $MICROSTRUCTURE_DATA_DIR, else the checkout's ./data beside this folder (where the Feast CLI,
 # run from feature_repo/, finds the registry and online store of feature_store.yaml).
@@ -64,7 +64,7 @@ order_book = FeatureView(
     # Every served column of features.sql, as declared there (type from the SQL, description from its annotation):
     # a feature added to the SQL is served without an edit here.
     schema=[Field(name=c.name, dtype=from_value_type(pa_to_feast_value_type(str(c.type))), description=c.description)
-            for c in FEATURES.features],
+            for c in DECLARATION.features],
     online=True,
     source=order_book_push,
     description="Order-book features per symbol, fresh every poll cycle.",

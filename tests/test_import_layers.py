@@ -14,10 +14,10 @@ import microstructure
 
 PACKAGE = Path(microstructure.__file__).resolve().parent
 # Lowest first. A module may import its own package or a lower one, never a higher one. The installed extras
-# (transforms: SQL only; feature_repo: Feast's catalogue, which reads the contract; flows: Prefect, which
+# (transforms: the SQL, data only; feature_repo: Feast's catalogue, which reads the contract; flows: Prefect, which
 # orchestrates jobs and is started by the CLI's `run --prefect`) take their place in the same order.
-LAYERS = ["contract", "feature_repo", "sources", "recorded", "lake", "features", "checks", "store", "jobs",
-          "trading", "research", "flows", "cli"]
+LAYERS = ["transforms", "contract", "feature_repo", "sources", "recorded", "lake", "features", "checks", "store",
+          "jobs", "trading", "research", "flows", "cli"]
 TOP = len(LAYERS)  # microstructure/__init__.py (the public API) and __main__ sit above everything
 
 
@@ -26,14 +26,14 @@ def modules(root: Path) -> dict[str, Path]:
     found = {}
     repo = root.parent
     trees = [(root, "microstructure")]
-    for extra in ("feature_repo", "flows"):
+    for extra in ("transforms", "feature_repo", "flows"):
         where = root / extra if (root / extra).is_dir() else repo / extra
         if where.is_dir():
             trees.append((where, f"microstructure.{extra}"))
     for base, prefix in trees:
         for f in base.rglob("*.py"):
             rel = f.relative_to(base).with_suffix("").parts
-            if prefix == "microstructure" and rel[0] in ("feature_repo", "flows"):
+            if prefix == "microstructure" and rel[0] in ("transforms", "feature_repo", "flows"):
                 continue
             parts = rel[:-1] if rel[-1] == "__init__" else rel
             found[".".join((prefix, *parts))] = f
@@ -54,6 +54,11 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 parent = name.split(".")[: len(name.split(".")) - node.level + (1 if is_pkg else 0)]
                 base = ".".join([*parent, *([base] if base else [])])
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            # importlib.import_module("microstructure.x") and package_dir("microstructure.x") import by name
+            arg = node.args[0].value
+            if isinstance(arg, str) and arg.startswith("microstructure."):
+                targets = [arg]
         for t in targets:
             # `from microstructure.lake import paths` names a module; `from x import y` a name in x
             while t and t not in known:
@@ -65,7 +70,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 
 def rank(module: str) -> int:
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] in ("__main__", "transforms"):
+    if len(parts) == 1 or parts[1] == "__main__":
         return TOP
     return LAYERS.index(parts[1])
 
@@ -101,7 +106,7 @@ def package_graph() -> dict[str, set[str]]:
 def test_every_module_belongs_to_a_layer():
     for m in package_graph():
         parts = m.split(".")
-        assert len(parts) == 1 or parts[1] in (*LAYERS, "__main__", "transforms"), f"{m} is in no layer"
+        assert len(parts) == 1 or parts[1] in (*LAYERS, "__main__"), f"{m} is in no layer"
 
 
 def test_layers_import_one_way_and_nothing_imports_in_a_circle():
@@ -113,6 +118,8 @@ def test_the_walk_sees_lazy_imports():
     graph = package_graph()
     assert "microstructure.sources.secrets" in graph["microstructure.cli.main"]
     assert "microstructure.jobs.runner" in graph["microstructure.flows.pipeline"]
+    # ...and imports by name: the SQL package is located through importlib
+    assert "microstructure.transforms" in graph["microstructure.contract.schemas"]
 
 
 def test_the_check_reports_an_upward_import_and_a_circle(tmp_path):
@@ -127,7 +134,7 @@ def test_the_check_reports_an_upward_import_and_a_circle(tmp_path):
     mods = modules(pkg)
     graph = {m: imports_of(m, p, set(mods)) for m, p in mods.items()}
     found = problems(graph)
-    assert "microstructure.contract.a (layer 0) imports microstructure.lake.b (layer 4, higher)" in found
+    assert "microstructure.contract.a (layer 1) imports microstructure.lake.b (layer 5, higher)" in found
     assert any(p.startswith("circle: ") and "microstructure.lake.b" in p for p in found)
     assert not any("cli.c" in p for p in found)  # a higher layer importing a lower one is the rule
 

@@ -26,8 +26,8 @@ import microstructure
 from microstructure.contract.book import SNAPSHOT_SCHEMA
 from microstructure.contract.catalogue import DeclarationError, declare, parse, say
 from microstructure.contract.schemas import (
+    DECLARATION,
     FEATURE_NAMES,
-    FEATURES,
     FEATURES_SCHEMA,
     GAP_WINDOW,
     HALT_WINDOW,
@@ -78,14 +78,14 @@ def test_schema_feast_suite_and_docs_list_exactly_the_declared_columns(tmp_path)
     declared = [a.name for a in notes]
     assert len(declared) == len(set(declared)) > 20
     # The Arrow schema: exactly the annotated columns, in the SQL's order.
-    assert FEATURES_SCHEMA.names == declared == [c.name for c in FEATURES.columns]
+    assert FEATURES_SCHEMA.names == declared == [c.name for c in DECLARATION.columns]
     assert [a.name for a in notes if a.role == "feature"] == FEATURE_NAMES
 
     # Feast: one field per declared feature, its type from the schema, its description from the annotation.
     view = next(o for o in feast_objects(tmp_path) if getattr(o, "name", None) == "order_book")
     fields = {f.name: f for f in view.schema}
     assert set(fields) == set(FEATURE_NAMES)
-    for c in FEATURES.features:
+    for c in DECLARATION.features:
         assert fields[c.name].dtype == from_value_type(pa_to_feast_value_type(str(c.type))), c.name
         assert fields[c.name].description == c.description and c.description
 
@@ -94,7 +94,7 @@ def test_schema_feast_suite_and_docs_list_exactly_the_declared_columns(tmp_path)
     suite, contract = _expectations("features"), _expectations("snapshots")
     not_null = {e.configuration.kwargs["column"] for e in suite
                 if e.expectation_type == "expect_column_values_to_not_be_null"}
-    for c in FEATURES.features:
+    for c in DECLARATION.features:
         got = _between(suite, c.name)
         floating = pa.types.is_floating(c.type)
         if c.range is None:
@@ -117,7 +117,7 @@ def test_schema_feast_suite_and_docs_list_exactly_the_declared_columns(tmp_path)
     page = (ROOT / "docs" / "features.md").read_text()
     rows = _docs_rows(_hook().render(page))
     assert list(rows) == declared
-    for c in FEATURES.columns:
+    for c in DECLARATION.columns:
         typ, unit, checked, text = rows[c.name]
         assert typ == re.sub(r"([\[\]])", r"\\\1", str(c.type)) and unit == (c.unit or "")
         assert (str(c.range) in checked) == (c.range is not None) and ("not null" in checked) == c.not_null
@@ -137,7 +137,7 @@ def test_the_docs_page_holds_the_table_marker_once_and_only_there():
 
 
 def test_windows_are_read_from_the_sql():
-    assert (FEATURES.window("GAP_WINDOW"), FEATURES.window("HALT_WINDOW")) == (GAP_WINDOW, HALT_WINDOW)
+    assert (DECLARATION.window("GAP_WINDOW"), DECLARATION.window("HALT_WINDOW")) == (GAP_WINDOW, HALT_WINDOW)
     assert f"INTERVAL {int(HALT_WINDOW.total_seconds() // 60)} MINUTES" in SQL
     # Change the interval in the SQL and the window follows: Python's constant cannot disagree with it.
     longer = declare(SQL.replace("INTERVAL 30 MINUTES", "INTERVAL 45 MINUTES"), SNAPSHOT_SCHEMA)

@@ -139,7 +139,7 @@ def test_missing_key_is_a_config_error(monkeypatch, tmp_path):
 def test_slow_or_rate_limited_primary_cannot_stall_the_cycle(env, tmp_path, fault):
     hang = Hang()
     if fault == "429":
-            # Polygon's client would sleep Retry-After between its retries: 30 s would stall a naive poller (and
+        # Polygon's client would sleep Retry-After between its retries: 30 s would stall a naive poller (and
         # the call would then end in our timeout, not as rate_limited).
         env.expect_request(POLY_STOCKS).respond_with_handler(
             respond({"status": "ERROR"}, status=429, headers={"Retry-After": "30"}))
@@ -254,9 +254,10 @@ symbols = {json.dumps(HEALTHY + list(BAD))}
 
 @pytest.mark.integration  # the CLI's live poll in a subprocess, 20 one-second cycles
 def test_bad_symbols_in_a_batch_never_black_out_the_healthy_ones_and_poll_exits_promptly(env, tmp_path):
-    # The hanging calls never answer while the poller runs: a cycle, or the exit, that waited for one would
-    # never come (the run would hit its timeout instead of exiting 0 with every cycle recorded).
-    hang = Hang()
+    # The hanging calls never answer while the poller runs (the stand-in holds them longer than the CLI's 300 s
+    # timeout): a cycle, or the exit, that waited for one would never come, and the run would hit that timeout
+    # instead of exiting 0 with every cycle recorded.
+    hang = Hang(safety_s=600.0)
     env.expect_request(POLY_STOCKS).respond_with_handler(polygon_batch(hang))
     env.expect_request(ALPACA_STOCKS).respond_with_handler(alpaca_batch(hang))
     d, ack = tmp_path / "data", tmp_path / "ack.log"

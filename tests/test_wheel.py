@@ -28,8 +28,9 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, ROOT)
     (wheel,) = dist.glob("microstructure-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "microstructure/sql/features.sql" in names and "microstructure/sql/views.sql" in names
-    assert "microstructure/datadocs_static/js/bootstrap.min.js" in names  # Data Docs render offline
+    for sql in ("features", "views", "base_features"):  # every SQL file the package runs
+        assert f"microstructure/transforms/{sql}.sql" in names
+    assert "microstructure/checks/datadocs_static/js/bootstrap.min.js" in names  # Data Docs render offline
     assert "microstructure/feature_repo/feature_store.yaml" in names
     assert "microstructure/flows/pipeline.py" in names
     assert {n.split("/")[0] for n in names} <= {"microstructure", wheel.name.split("-")[0] + "-" +

@@ -1,7 +1,7 @@
 """MkDocs hook: the feature table of ``docs/features.md``, generated from the declaration in features.sql.
 
 ``mkdocs.yml`` lists this file under ``hooks:``. The page holds :data:`MARKER` where the table goes; the table
-lists every output column of ``transforms/features.sql`` as ``microstructure.contract.schemas.FEATURES`` reads it
+lists every output column of ``transforms/features.sql`` as ``microstructure.contract.schemas.DECLARATION`` reads it
 (its type from the zero-row run, unit, range and description from the column's annotation). A features page
 without the marker (or with it twice), or the marker on another page, fails the build.
 """
@@ -26,10 +26,10 @@ def _md(text: str) -> str:
 def table() -> str:
     import pyarrow as pa
 
-    from microstructure.contract.schemas import FEATURES
+    from microstructure.contract.schemas import DECLARATION
 
     rows = ["| column | type | unit | checked | description |", "|---|---|---|---|---|"]
-    for c in FEATURES.columns:
+    for c in DECLARATION.columns:
         # As checks.suites derives them: the declared range, else "finite" for a float feature; not null.
         checked = []
         if c.role == "feature" and (c.range or pa.types.is_floating(c.type)):

@@ -57,9 +57,9 @@ def _bounds(c: Column) -> dict[str, Any]:
 def _feature_expectations(E: Any) -> list[Any]:
     """The expectations the declaration in features.sql implies: each feature's range (a float without one:
     finite), then each ``not_null`` feature's not-null check."""
-    from microstructure.contract.schemas import FEATURES
+    from microstructure.contract.schemas import DECLARATION
 
-    feats = FEATURES.features
+    feats = DECLARATION.features
     ranged = [E.ExpectColumnValuesToBeBetween(column=c.name, **_bounds(c))
               for c in feats if c.range is not None or c.name in FLOAT_FEATURES]
     return [*ranged, *(E.ExpectColumnValuesToNotBeNull(column=c.name) for c in feats if c.not_null)]

@@ -81,7 +81,6 @@ def _in_range(lo: float, hi: float, lo_open: bool = False) -> Any:
     return check
 
 
-DAY_S = 86_400.0
 
 
 _CREATES = {"run", "poll_cmd", "backfill"}  # writers that may start a new data dir

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 
 from microstructure.cli.app import (
-    DAY_S,
     DEFAULT_DATA,
     DataDir,
     Format,
@@ -29,6 +28,7 @@ from microstructure.cli.app import (
 )
 from microstructure.cli.render import _emit, _null, _print_summary, _progress, _table
 from microstructure.contract.text import dumps
+from microstructure.trading.thresholds import DAY_S
 
 
 # ---- poll / run --------------------------------------------------------------------------------

@@ -39,17 +39,17 @@ def sql(name: str) -> str:
 # Every feature is declared once, in features.sql: its name, role, unit, range and description on the line that
 # computes it (contract.catalogue reads them), its type from a zero-row run of the SQL over an empty snapshot
 # table. Everything below, the Feast fields, the range checks and the docs' table are derived from that.
-FEATURES = declare(sql("features"), SNAPSHOT_SCHEMA)
+DECLARATION = declare(sql("features"), SNAPSHOT_SCHEMA)
 # What the published feature rows are cast to (compute.compute_features, the Spark engine, the lake's empty file).
-FEATURES_SCHEMA = FEATURES.schema
-FEATURE_NAMES = [c.name for c in FEATURES.features]  # what Feast serves: all but the entity and the timestamp
-ENTITY = FEATURES.role("entity")  # Feast's join key
-EVENT_TIMESTAMP = FEATURES.role("timestamp")  # Feast's event time: what a point-in-time join compares
+FEATURES_SCHEMA = DECLARATION.schema
+FEATURE_NAMES = [c.name for c in DECLARATION.features]  # what Feast serves: all but the entity and the timestamp
+ENTITY = DECLARATION.role("entity")  # Feast's join key
+EVENT_TIMESTAMP = DECLARATION.role("timestamp")  # Feast's event time: what a point-in-time join compares
 
 # The trailing windows the feature SQL looks back over, read from its INTERVALs. The online buffer and the
 # offline per-date build must carry at least this much history for the windows to see it all.
-GAP_WINDOW = FEATURES.window("GAP_WINDOW")
-HALT_WINDOW = FEATURES.window("HALT_WINDOW")
+GAP_WINDOW = DECLARATION.window("GAP_WINDOW")
+HALT_WINDOW = DECLARATION.window("HALT_WINDOW")
 
 # The five roadmap features, in the order models take them (Feast service ``scoring``, ``scoring.py``).
 ML_FEATURES = ["order_imbalance", "bid_depth", "ask_depth", "spread_bps", "depth_imbalance"]

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-# ---- 3. ML scoring ---------------------------------------------------------------------------
 BASE_FEATURES = ["ret_60s_bps", "vol_5m_bps"]  # the columns of base_features.sql the model takes
 LOG1P_FEATURES = ("bid_depth", "ask_depth")  # the model sees these as log(1 + x): see _log_depth
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from microstructure.sources.guard import SourceError
 
-if TYPE_CHECKING:  # kept light: ``cli.main`` imports ``scrub`` from here on every error it prints
+if TYPE_CHECKING:
     import pyarrow as pa
 
     from microstructure.contract.book import BookQuote

@@ -14,11 +14,10 @@ import pandas as pd
 import pyarrow as pa
 
 from microstructure.contract.schemas import package_dir
+from microstructure.store.lookup import _read_plan
 
 if TYPE_CHECKING:
-
     from feast import FeatureStore
-from microstructure.store.lookup import _read_plan
 
 FEATURE_REPO = package_dir("microstructure.feature_repo")
 FEATURE_VIEW = "order_book"

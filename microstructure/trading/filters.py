@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from microstructure.contract.catalogue import say
+from microstructure.contract.schemas import GAP_WINDOW, HALT_WINDOW
 from microstructure.trading.thresholds import Thresholds, ThresholdSet, resolve
 
 
@@ -40,7 +42,8 @@ def depth_filter(f: Mapping[str, Any], mode: str, t: Thresholds) -> Verdict | No
 
 def gap_filter(f: Mapping[str, Any], mode: str, t: Thresholds) -> Verdict | None:
     if (f.get("gap_pct") or 0.0) > t.max_gap_pct:
-        return Verdict(False, "gap", f"mid moved {f['gap_pct']:.1%} in the last 5 minutes (> {t.max_gap_pct:.0%})")
+        return Verdict(False, "gap",
+                       f"mid moved {f['gap_pct']:.1%} in the last {say(GAP_WINDOW)} (> {t.max_gap_pct:.0%})")
     return None
 
 
@@ -48,7 +51,7 @@ def halt_filter(f: Mapping[str, Any], mode: str, t: Thresholds) -> Verdict | Non
     if f.get("halted"):
         return Verdict(False, "halt", "trading is halted")
     if f.get("has_recent_halt"):
-        return Verdict(False, "halt", "trading was halted in the last 30 minutes")
+        return Verdict(False, "halt", f"trading was halted in the last {say(HALT_WINDOW)}")
     return None
 
 
@@ -87,5 +90,5 @@ def risk_marking(f: Mapping[str, Any], side: str, t: Thresholds | ThresholdSet, 
         reasons.append(f"order imbalance {imb:+.2f} is strongly against a {side}")
     gap = f.get("gap_pct") or 0.0
     if t.risky_gap_pct <= gap <= t.max_gap_pct:
-        reasons.append(f"mid moved {gap:.1%} in the last 5 minutes")
+        reasons.append(f"mid moved {gap:.1%} in the last {say(GAP_WINDOW)}")
     return Risk(bool(reasons), reasons)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from microstructure.sources.symbol_lists import MAX_SYMBOL_CHARS
 from microstructure.trading.filters import apply_filters, risk_marking
 from microstructure.trading.service import MicrostructureService
 from microstructure.trading.thresholds import normalise_mode
@@ -33,7 +34,6 @@ REQUIRED = ("symbol", "side", "score")
 # huge field) from reaching memory or the screen; they are far above any real list.
 MAX_PICKS = 100_000
 MAX_PICKS_BYTES = 32 << 20  # decompressed
-MAX_SYMBOL_CHARS = 32  # as for `poll` (OCC option tickers are 21)
 MAX_FIELD_CHARS = 256  # any other text cell (side, mode, as_of, ...)
 
 
