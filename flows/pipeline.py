@@ -5,7 +5,8 @@
   start a run every 2 s; a run costs ~1 s), scheduled once per US session (``prefect.yaml`` or
   ``flows/serve.py``). It logs progress every few minutes and leaves a markdown artifact with the session's
   summary; it retries after a delay, and its deployments allow one run at a time.
-* ``build_features_flow``: build -> check -> publish for each date, then compaction.
+* ``build_features_flow``: the nightly rebuild: build -> check -> publish, then compaction, of the dates changed
+  since their last build (a manifest; a night without new data does nothing), or of the dates asked.
 * ``main_flow``: what ``microstructure run --prefect`` runs: poll, then build.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 from prefect import flow, task
 
 from microstructure.jobs import runner
-from microstructure.jobs.build import build_and_publish, compact_all
+from microstructure.jobs.build import build_and_publish, compact_all, rebuild, write_manifest
 from microstructure.jobs.poll import PollStats
 from microstructure.lake import datadir
 from microstructure.lake.paths import LakePaths
@@ -34,7 +35,8 @@ PROGRESS_EVERY_S = 300.0  # the run log gets a progress line this often
 @task(name="poll-cycles")
 def poll_task(data_dir: str, cycles: int | None, interval: float, step: float, symbols: int, seed: int | None,
               fresh: bool, online: bool = True, source: str = "simulated", symbol_list: list[str] | None = None,
-              sources_config: str | None = None, until: str | None = None) -> dict[str, Any]:
+              sources_config: str | None = None, until: str | None = None,
+              metrics_port: int | None = None) -> dict[str, Any]:
     # Vendor keys are read from the environment inside the source; they are never task parameters, so
     # they never reach Prefect's stored parameters, results or logs.
     from prefect import get_run_logger
@@ -57,10 +59,21 @@ def poll_task(data_dir: str, cycles: int | None, interval: float, step: float, s
     stats = runner.run_poll(Path(data_dir).resolve(), cycles, interval, step, symbols, seed, fresh, online,
                         source_kind=source, symbol_list=symbol_list,
                         sources_config=Path(sources_config) if sources_config else None,
-                        until=dt.datetime.fromisoformat(until) if until else None, on_cycle=progress)
+                        until=dt.datetime.fromisoformat(until) if until else None, on_cycle=progress,
+                        **_metrics_endpoint(metrics_port))
     d = stats.as_dict()
     d["online_symbols"] = [] if stats.last_features is None else stats.last_features.column("symbol").to_pylist()
     return d
+
+
+def _metrics_endpoint(port: int | None) -> dict[str, Any]:
+    """``run_poll``'s metrics arguments: no endpoint without a port; the host from ``$MICROSTRUCTURE_METRICS_HOST``
+    (default loopback)."""
+    if port is None:
+        return {}
+    from microstructure.jobs.metrics import endpoint_from_env
+
+    return {"metrics_port": port, "metrics_host": endpoint_from_env()[1]}
 
 
 @task(name="build-check-publish", retries=1)
@@ -78,18 +91,39 @@ def compact_task(data_dir: str, dates: list[str]) -> dict[str, list[int]]:
     return {k: list(v) for k, v in compact_all(LakePaths(Path(data_dir)), days).items()}
 
 
+@task(name="record-built")
+def record_task(data_dir: str, dates: list[str]) -> None:
+    """After build and compaction: the dates' fingerprints into the manifest, so the nightly rebuild skips them."""
+    write_manifest(LakePaths(Path(data_dir)), [dt.date.fromisoformat(d) for d in dates])
+
+
+@task(name="rebuild-changed", retries=1)
+def rebuild_changed_task(data_dir: str) -> list[dict[str, Any]]:
+    """The nightly rebuild: build, check, publish and compact only the dates changed since their last build."""
+    from prefect import get_run_logger
+
+    from microstructure.checks.ge import Checker
+
+    paths = LakePaths(Path(data_dir))
+    res = rebuild(paths, make_checker=lambda: Checker(paths.data_dir / "gx"))
+    get_run_logger().info("rebuilt %s", ", ".join(b.day.isoformat() for b in res.builds) or "nothing: no new data")
+    return [b.as_dict() for b in res.builds]
+
+
 @flow(name="poll-order-books", retries=2, retry_delay_seconds=60)
 def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float = 2.0, step: float = 2.0,
               symbols: int = 150, seed: int | None = None, source: str = "simulated",
               symbol_list: list[str] | None = None, sources_config: str | None = None,
-              session: bool = True) -> dict[str, Any]:
+              session: bool = True, metrics_port: int | None = None) -> dict[str, Any]:
     """Poll today's exchange session (open to close from the exchange calendar, half days included), then
     build and publish the day's features. On a day without a session it returns at once with the reason.
     ``session=False`` polls ``cycles`` cycles instead (crypto, tests). ``source``: simulated, or polygon /
-    alpaca / chain (keys from the environment)."""
+    alpaca / chain (keys from the environment). ``metrics_port`` (default ``$MICROSTRUCTURE_METRICS_PORT``, else
+    none): serve the poll's Prometheus metrics there while it polls (docs/operations.md)."""
     from prefect import get_run_logger
 
     from microstructure.contract.calendar import await_session
+    from microstructure.jobs.metrics import endpoint_from_env
 
     until = None
     if session:
@@ -101,9 +135,11 @@ def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float
     # One writer per data dir: a second poll or build of this data dir queues behind this one.
     with datadir.writer(Path(data_dir), wait=True):
         stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
-                          symbol_list=symbol_list, sources_config=sources_config, until=until)
+                          symbol_list=symbol_list, sources_config=sources_config, until=until,
+                          metrics_port=metrics_port if metrics_port is not None else endpoint_from_env()[0])
         builds = build_task(data_dir, stats["dates"])
         compact_task(data_dir, stats["dates"])
+        record_task(data_dir, stats["dates"])
     _session_artifact(stats, builds)
     return stats
 
@@ -131,9 +167,14 @@ def _session_artifact(stats: dict[str, Any], builds: list[dict[str, Any]]) -> No
 
 @flow(name="build-features")
 def build_features_flow(data_dir: str = "data", dates: list[str] | None = None) -> list[dict[str, Any]]:
+    """The nightly rebuild. Without ``dates``: only the dates whose partitions changed since their last build
+    (the manifest, docs/prefect.md); a night without new data does nothing. With ``dates``: those dates."""
     with datadir.writer(Path(data_dir), wait=True, create=False):
-        res = build_task(data_dir, dates or [])
-        compact_task(data_dir, dates or [])
+        if not dates:
+            return rebuild_changed_task(data_dir)
+        res = build_task(data_dir, dates)
+        compact_task(data_dir, dates)
+        record_task(data_dir, dates)
     return res
 
 
@@ -145,5 +186,6 @@ def main_flow(data_dir: str = "data", cycles: int = 300, interval: float = 0.0, 
         stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=fresh)
         builds = build_task(data_dir, stats["dates"])
         compacted = compact_task(data_dir, stats["dates"])
+        record_task(data_dir, stats["dates"])
     return {"poll": stats, "builds": builds, "compacted": compacted, "symbols": symbols,
             **runner.online_sample(Path(data_dir).resolve(), stats["online_symbols"])}

@@ -71,12 +71,12 @@ def test_validate_and_compact(ran):
 
 
 def test_tables_fold_at_80_columns(ran):
-    # The numbers in these tables keep their full precision: test_text.py.
+    # How the numbers read (rules by unit) and the 120-column layout: test_tables_for_people.py.
     import os
 
     d, _ = ran
-    p = subprocess.run([sys.executable, "-m", "microstructure", "online", "MEGA01", "LRG01", "--data-dir", str(d)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"})
+    p = subprocess.run([sys.executable, "-m", "microstructure", "online", "MEGA01", "LRG01", "MID01", "--data-dir",
+                        str(d)], capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "80"})
     assert p.returncode == 0, p.stderr
     assert max(len(line) for line in p.stdout.splitlines()) <= 80
     assert any(line.startswith("spread_bps") for line in p.stdout.splitlines())  # folded: one line per column

@@ -67,3 +67,14 @@ def test_picks_nan_scores_are_row_errors_and_output_is_strict_json(ran, tmp_path
     status = {r["symbol"]: r["status"] for r in out["picks"]}
     assert status["MEGA02"] == "error" and status["MEGA03"] == "error" and status["MEGA01"] != "error"
     assert "NaN" not in p.stdout and "Infinity" not in p.stdout
+
+
+def test_backfill_without_format_is_refused_in_one_line_naming_the_formats(tmp_path):
+    f = tmp_path / "book.csv"
+    f.write_text("symbol,event_ts\n")
+    p = cli("backfill", f, "--data-dir", tmp_path / "d", check=False)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+    assert "Missing option '--format'" in p.stderr
+    assert all(name in p.stderr for name in ("snapshots", "wide", "lobster", "iex-deep", "binance-depth",
+                                             "hyperliquid-l2"))
+    assert not (tmp_path / "d").exists()  # nothing guessed, nothing written

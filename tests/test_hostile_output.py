@@ -139,7 +139,7 @@ def test_hostile_symbols_print_as_text_in_picks(lake, tmp_path):
 
 
 def test_an_escape_sequence_in_an_error_line_is_shown_escaped(tmp_path):
-    p = cli("backfill", tmp_path / "\x1b[2Jgone.csv", "--data-dir", tmp_path / "d", check=False)
+    p = cli("backfill", tmp_path / "\x1b[2Jgone.csv", "--format", "wide", "--data-dir", tmp_path / "d", check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
     assert "\x1b" not in p.stderr and "\\x1b[2Jgone.csv" in p.stderr
 
@@ -174,7 +174,7 @@ def test_training_set_csv_guards_a_formula_symbol(lake, tmp_path):
 @pytest.mark.parametrize("args", [
     ["online", "MEGA01", "--freshness", "nan"], ["online", "MEGA01", "--freshness", "inf"],
     ["online", "MEGA01", "--freshness", "-1"], ["run", "--step", "nan"], ["poll", "--interval", "inf"],
-    ["backfill", "x.csv", "--cadence", "nan"], ["evaluate", "--order-notional", "-inf"],
+    ["backfill", "x.csv", "--format", "lobster", "--cadence", "nan"], ["evaluate", "--order-notional", "-inf"],
 ])
 def test_freshness_nan_and_other_non_finite_options_are_refused_at_parse_time(lake, args):
     p = cli(*args, "--data-dir", lake, check=False)

@@ -37,7 +37,8 @@ def test_backfill_is_idempotent_and_builds_features(data_dir):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "microstructure", "backfill", str(SAMPLE), "--data-dir", str(data_dir), "--json"]
+    cmd = [sys.executable, "-m", "microstructure", "backfill", str(SAMPLE), "--format", "lobster",
+           "--data-dir", str(data_dir), "--json"]
     first = subprocess.run(cmd, capture_output=True, text=True, check=True)
     second = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert '"written": 48' in first.stdout and '"written": 0' in second.stdout

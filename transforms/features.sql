@@ -50,11 +50,11 @@ SELECT
     book_levels,  -- feature: unit=levels | Levels the source really gave, deeper side (1 = L1 only)
     halted,  -- feature: | The source says trading is halted (null: it cannot tell)
     locked,  -- feature: | Best bid equals best ask
-    best_bid,  -- feature: unit=USD range=(0,) | Level-1 bid price
-    best_ask,  -- feature: unit=USD range=(0,) | Level-1 ask price
+    best_bid,  -- feature: unit=USD/share range=(0,) | Level-1 bid price
+    best_ask,  -- feature: unit=USD/share range=(0,) | Level-1 ask price
     bid_size,  -- feature: unit=shares | Size at the best bid
     ask_size,  -- feature: unit=shares | Size at the best ask
-    mid,  -- feature: unit=USD range=(0,) | (best_bid + best_ask) / 2
+    mid,  -- feature: unit=USD/share range=(0,) | (best_bid + best_ask) / 2
     (best_ask - best_bid) / mid * 10000
         AS spread_bps,  -- feature: unit=bps range=[0,) not_null | (best_ask - best_bid) / mid * 10000
     bid_depth,  -- feature: unit=shares range=[0,) | Size on the top 5 bid levels
@@ -71,7 +71,7 @@ SELECT
     -- when both queues are empty. The imbalances are 0 then.
     CASE WHEN bid_size + ask_size > 0 THEN (best_bid * ask_size + best_ask * bid_size) / (bid_size + ask_size)
          ELSE mid END
-        AS microprice,  -- feature: unit=USD | (best_bid*ask_size + best_ask*bid_size) / (bid_size + ask_size), or mid
+        AS microprice,  -- feature: unit=USD/share | (best_bid*ask_size + best_ask*bid_size) / (bid_size + ask_size), or mid
     (max(mid) OVER w_gap - min(mid) OVER w_gap) / min(mid) OVER w_gap
         AS gap_pct,  -- feature: unit=fraction range=[0,) | (max mid - min mid) / min mid over the trailing {GAP_WINDOW}
     -- The latest halted book so far is a running max (keys are unique per symbol and time), cheaper than a

@@ -46,6 +46,23 @@ def _do_poll(data_dir: Path, cycles: int | None, interval: float, step: float | 
             raise UserError(str(e)) from None
 
 
+OnlineStore = Annotated[str | None, typer.Option(
+    "--online-store", metavar="URL|sqlite",
+    help="Change the data dir's recorded online store (redis://host:6379/0, rediss://..., or sqlite). Without "
+         "it the data dir keeps the store it was made with; a password stays in the environment.")]
+
+
+def _change_online_store(data_dir: Path, url: str | None) -> None:
+    """``--online-store``: rewrite the data dir's record (we hold its writer lock) and say so on stderr."""
+    if url is None:
+        return
+    from microstructure.lake.settings import change_online
+
+    old, new = change_online(data_dir, url)
+    if old != new:
+        err.print(f"online store: {old} -> {new}", markup=False, highlight=False)
+
+
 @app.command()
 @_writes
 def run(
@@ -61,6 +78,7 @@ def run(
                                                         "market state and online store first.")] = False,
     prefect: Annotated[bool, typer.Option("--prefect/--no-prefect",
                                           help="Run through the Prefect flows (local server).")] = False,
+    online_store: OnlineStore = None,
     as_json: JsonOut = False,
 ) -> None:
     """The main job on the embedded simulated source: poll, lake, features, checks, Feast; then a summary.
@@ -68,6 +86,7 @@ def run(
     A data dir that already holds a market is continued (up to now), never mixed with a new one."""
     _quiet_libraries()
     paths = _paths(data_dir)
+    _change_online_store(paths.data_dir, online_store)
     if prefect:
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         from microstructure.flows.pipeline import main_flow
@@ -122,13 +141,23 @@ def poll_cmd(
                                                   "holds another).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start a new simulated market: removes the data dir's "
                                                         "lake, market state and online store first.")] = False,
-    start: Annotated[str | None, typer.Option(help="ISO time of the first cycle (default: now).")] = None,
+    start: Annotated[str | None, typer.Option(help="ISO time of the first cycle, UTC unless it carries an offset "
+                                                                "(default: now).")] = None,
     online: Annotated[bool, typer.Option("--online/--no-online", help="Push each cycle to Feast.")] = True,
     ack_log: Annotated[Path | None, typer.Option(help="Append a line per acknowledged write.")] = None,
+    online_store: OnlineStore = None,
+    metrics_port: Annotated[int | None, typer.Option(envvar="MICROSTRUCTURE_METRICS_PORT",
+                                                     help="Serve Prometheus metrics on this port (/metrics) while "
+                                                          "polling.")] = None,
+    metrics_host: Annotated[str | None, typer.Option(envvar="MICROSTRUCTURE_METRICS_HOST",
+                                                     help="Address the metrics endpoint binds (default 127.0.0.1: "
+                                                          "this machine only; 0.0.0.0 for every interface).")]
+    = None,
     as_json: JsonOut = False,
 ) -> None:
     """Poll a source into the lake: the simulated book (continues the saved one unless --seed) or real vendors."""
     _quiet_libraries()
+    _change_online_store(data_dir, online_store)
     start_ts = _parse_ts(start) if start else None
     syms = list(symbol or [])
     if syms or symbols_file is not None:
@@ -148,9 +177,14 @@ def poll_cmd(
         return
     if cycles is None and end is None:
         cycles = 30
+    if metrics_port is not None and not as_json:
+        from microstructure.jobs.metrics import DEFAULT_HOST
+
+        err.print(f"metrics: http://{metrics_host or DEFAULT_HOST}:{metrics_port}/metrics")
     stats = _do_poll(data_dir, cycles, interval, step, symbols, seed, fresh=fresh, online=online,
                      show_progress=not as_json, ack_log=ack_log, start=start_ts, source_kind=Source(source).value,
-                     symbol_list=syms or None, sources_config=sources_config, until=end or None)
+                     symbol_list=syms or None, sources_config=sources_config, until=end or None,
+                     metrics_port=metrics_port, metrics_host=metrics_host)
     d = stats.as_dict()
     if as_json:
         print(dumps(d))
@@ -189,8 +223,9 @@ def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) 
 @_writes
 def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) (or a LOBSTER / snapshot folder); "
                                                              "binance-depth: the files of one continuous stream.")],
+             fmt: Annotated[Format, typer.Option("--format", help="What the file is (required: a guess could load a "
+                                                                 "file as the wrong format).")],
              data_dir: DataDir = DEFAULT_DATA,
-             fmt: Annotated[Format, typer.Option("--format", help="What the file is.")] = Format("lobster"),
              symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster, binance-depth, hyperliquid-l2) "
                                                             "or select (iex-deep) the symbol.")]
              = None,

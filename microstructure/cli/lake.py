@@ -143,8 +143,10 @@ def sql(query: Annotated[str | None, typer.Argument(help="SQL over views snapsho
 
 @app.command()
 def coverage(data_dir: DataDir = DEFAULT_DATA,
-             since: Annotated[str | None, typer.Option(help="ISO time: window start (default: all data).")] = None,
-             until: Annotated[str | None, typer.Option(help="ISO time: window end.")] = None,
+             since: Annotated[str | None, typer.Option(help="ISO time, UTC unless it carries an offset: window "
+                                                           "start (default: all data).")] = None,
+             until: Annotated[str | None, typer.Option(help="ISO time, UTC unless it carries an offset: window "
+                                                           "end.")] = None,
              as_json: JsonOut = False) -> None:
     """Per source and overall: symbols with L2 (>= 5 levels), shallow (2-4), L1 only, and none."""
     from microstructure.lake.coverage import coverage as cov

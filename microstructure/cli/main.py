@@ -30,7 +30,9 @@ def main() -> None:
         sys.exit(0)
     except cx.UsageError as e:  # a bad option or choice: one line, with where to look
         cmd = f"microstructure {e.ctx.info_name} --help" if e.ctx and e.ctx.parent else "microstructure --help"
-        print(visible(scrub(f"error: {e.format_message()} (see `{cmd}`)".splitlines()[0])), file=sys.stderr)
+        # Click lists a choice option's choices on lines of their own: joined, so the one line still names them.
+        msg = " ".join(part.strip() for part in e.format_message().splitlines() if part.strip())
+        print(visible(scrub(f"error: {msg} (see `{cmd}`)")), file=sys.stderr)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -11,29 +12,54 @@ from rich.table import Table
 from microstructure.cli.app import err, out
 from microstructure.contract.text import dumps, text
 
+# Units of the columns a table may hold: each feature's declared unit (transforms/features.sql; "none" when it
+# declares none), and the age the online read adds. Formatting follows the unit (text.UNIT_FORMATS).
+_EXTRA_UNITS = {"age_s": "s"}
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
-    """A table, numbers right-aligned at full precision; when it would not fit the terminal (80 columns
-    included) it folds into a vertical layout: one block per row, a ``column  value`` line per column."""
+
+@cache
+def _units() -> dict[str, str]:
+    from microstructure.contract.schemas import DECLARATION
+
+    return {**{c.name: c.unit or "none" for c in DECLARATION.features}, **_EXTRA_UNITS}
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]], transpose: bool = False) -> Any:
+    """A table for a person: numbers formatted by their column's unit (``_units``; other numbers at most 6
+    decimals), right-aligned, data shown as data. Three layouts, the first that fits the terminal (80 columns
+    included): one line per row; with ``transpose`` (rows are entities, say symbols), one column per row and a
+    line per column; else one block per row, a ``column  value`` line per column."""
     from rich.cells import cell_len
     from rich.console import Group
     from rich.text import Text
 
-    from microstructure.contract.text import cell, is_numeric, visible
+    from microstructure.contract.text import formatted, is_numeric, visible
 
+    units = _units()
     # Data as data: titles, headers (a query's column names) and cells are Text, never parsed as markup, with
     # control characters shown escaped by ``cell`` / ``visible``.
+    texts = [[formatted(v, units.get(str(c))) for c, v in zip(columns, r, strict=True)] for r in rows]
     columns = [visible(str(c)) for c in columns]
-    texts = [[cell(v) for v in r] for r in rows]
     numeric = [is_numeric([r[i] for r in rows]) for i in range(len(columns))]
-    width = sum(max([cell_len(c), *(cell_len(t[i]) for t in texts)]) + 3 for i, c in enumerate(columns)) + 1
-    if width <= out.width or len(columns) <= 2:
+
+    def width(heads: list[str], body: list[list[str]]) -> int:  # Rich's default box: "│ x " per column, and "│"
+        return sum(max([cell_len(h), *(cell_len(t[i]) for t in body)]) + 3 for i, h in enumerate(heads)) + 1
+
+    def table(heads: list[str], body: list[list[str]], right: list[bool]) -> Any:
         t = Table(title=Text(visible(title), style="table.title") if title else None, title_justify="left")
-        for c, num in zip(columns, numeric, strict=True):
-            t.add_column(Text(c), justify="right" if num else "left", overflow="fold")
-        for r in texts:
-            t.add_row(*(Text(v) for v in r))
+        for h, r in zip(heads, right, strict=True):
+            t.add_column(Text(h), justify="right" if r else "left", overflow="fold")
+        for b in body:
+            t.add_row(*(Text(v) for v in b))
         return t
+
+    if width(columns, texts) <= out.width or len(columns) <= 2:
+        return table(columns, texts, numeric)
+    if transpose and texts:
+        heads = [columns[0], *(t[0] for t in texts)]
+        body = [[c, *(t[i] for t in texts)] for i, c in enumerate(columns) if i > 0]
+        if width(heads, body) <= out.width:
+            return table(heads, body, [False] + [True] * len(texts))
     name_w = max(cell_len(c) for c in columns)
     blocks: list[Any] = [Text(visible(title), style="italic")] if title else []
     for k, r in enumerate(texts):
@@ -87,7 +113,7 @@ def _print_summary(summary: dict[str, Any], data_dir: Path, as_json: bool) -> No
     if sample:
         cols = ["symbol", "age_s", "stale", "spread_bps", "order_imbalance", "depth_imbalance", "depth_dollars",
                 "book_levels", "has_recent_halt"]
-        out.print(_table("online sample (Feast)", cols, [[r.get(c) for c in cols] for r in sample]))
+        out.print(_table("online sample (Feast)", cols, [[r.get(c) for c in cols] for r in sample], transpose=True))
     out.print(text(f"Data Docs: {summary['data_docs']}"))
 
 

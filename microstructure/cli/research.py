@@ -79,6 +79,9 @@ def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON o
           = None,
           score: Annotated[bool, typer.Option("--score", help="Add the entry model's P(up over H) and a side-aware "
                                                              "score (train it with `evaluate`).")] = False,
+          refresh: Annotated[bool, typer.Option("--refresh", help="Poll the source once for a symbol whose online "
+                                                                 "book is missing or stale (writes to the lake); "
+                                                                 "without it picks only reads.")] = False,
           as_json: JsonOut = False) -> None:
     """Attach order-book features to picks; keep or drop each with the filter and reason; mark risky ones."""
     _quiet_libraries()
@@ -90,7 +93,8 @@ def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON o
         df = pk.read_picks(in_path)
     except FileNotFoundError as e:
         raise UserError(str(e)) from e
-    svc = MicrostructureService(data_dir, load_threshold_set(config or data_dir / "microstructure.toml"))
+    svc = MicrostructureService(data_dir, load_threshold_set(config or data_dir / "microstructure.toml"),
+                                refresh=refresh)
     res = pk.check_picks(df, svc)
     if score:
         from microstructure.trading.scoring import ModelMissing, score_picks

@@ -44,14 +44,17 @@ def online(symbols: Annotated[list[str], typer.Argument(help="Symbols to look up
     except ConfigError as e:
         raise UserError(str(e)) from None
     _paths(data_dir, must_exist=True)
-    rows = [r.as_dict() for r in read_online(open_store(data_dir), symbols, freshness)]
+    read = read_online(open_store(data_dir), symbols, freshness)
+    rows = [r.as_dict() for r in read]
     if as_json:
         print(dumps(rows))
         return
+    for r, o in zip(rows, read, strict=True):  # the book's time as a time (as_dict has its ISO text): read as UTC
+        r["event_ts"] = o.event_ts
     cols = ["symbol", "found", "event_ts", "age_s", "stale", "source", "book_levels", "best_bid", "best_ask",
             "spread_bps", "order_imbalance", "depth_imbalance", "bid_depth", "ask_depth", "depth_dollars",
             "gap_pct", "has_recent_halt", *(["error"] if any(r.get("error") for r in rows) else [])]
-    out.print(_table("online features", cols, [[r.get(c) for c in cols] for r in rows]))
+    out.print(_table("online features", cols, [[r.get(c) for c in cols] for r in rows], transpose=True))
 
 
 @app.command("training-set")

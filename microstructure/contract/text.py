@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -61,23 +62,74 @@ def dumps(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(plain(obj), indent=indent, allow_nan=False)
 
 
+# A person reads at most this many decimals. Seven and beyond are float noise (27491.699999999997 for a sum of
+# px x size) or precision no reader acts on; --json and --csv keep every digit.
+MAX_DECIMALS = 6
+
+
+def _grouped(v: float, decimals: int, trim: bool = False) -> str:
+    """``v`` with thousands separators and ``decimals`` decimals (trailing zeros dropped when ``trim``); a negative
+    number that rounds to zero loses its sign (-0.0001 at 2 decimals reads 0.00, not -0.00)."""
+    s = f"{v:,.{decimals}f}"
+    if trim and "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return s[1:] if s.startswith("-") and not s.strip("-0.,") else s
+
+
 def number(v: float | int) -> str:
-    """A number at its full precision, with thousands separators: bid 328.29 and ask 328.3 stay apart,
-    1234567.5 reads 1,234,567.5. Fifteen significant digits: every decimal a vendor sends (≤ 15 digits)
-    reads back exactly, and arithmetic noise (27491.699999999997 for a sum of px × size) does not show."""
+    """A number for a person, with thousands separators: 1234567.5 reads 1,234,567.5, bid 328.29 and ask 328.3 stay
+    apart, at most ``MAX_DECIMALS`` decimals (27491.699999999997 reads 27,491.7). A non-zero number too small to
+    show in six decimals keeps its magnitude in scientific notation (1.5e-09), never reads 0."""
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, int):
         return f"{v:,}"
+    v = float(v)
     if not math.isfinite(v):
         return "NaN" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    text = format(float(v), ".15g")
-    if "e" in text or "E" in text:
-        return text
-    whole, _, frac = text.partition(".")
-    sign = "-" if whole.startswith("-") else ""
-    whole = f"{int(whole.lstrip('-')):,}"
-    return f"{sign}{whole}" + (f".{frac}" if frac.strip("0") else "")
+    if v != 0 and abs(v) < 0.5 * 10**-MAX_DECIMALS:
+        return f"{v:.2e}"
+    return _grouped(v, MAX_DECIMALS, trim=True)
+
+
+def price(v: float) -> str:
+    """A price at its instrument's tick precision, derived from the price itself (the online row carries no tick
+    size): at or above $1, cents (the US tick of $0.01 for stocks priced at $1 or more); below $1, the digits the
+    price carries, at least 4 (the sub-dollar tick of $0.0001) and at most 6 (crypto quotes in fractions of a
+    cent). Mid and microprice can fall between ticks; at the tick's precision they read as the book does."""
+    if abs(v) >= 1:
+        return _grouped(v, 2)
+    s = _grouped(v, MAX_DECIMALS, trim=True)
+    decimals = len(s.partition(".")[2])
+    return _grouped(v, max(4, decimals))
+
+
+# How a person reads a number of each unit: one rule per unit declared in transforms/features.sql (``unit=``;
+# "none" for a feature declaring none: the imbalances, ratios in [-1, 1]) and for the CLI's own "s" (age). A
+# column without a unit reads as ``number``.
+UNIT_FORMATS: dict[str, Callable[[float], str]] = {
+    "bps": lambda v: _grouped(v, 2),  # basis points: 2 decimals, as the reason texts say "146.5 bps"
+    # The imbalances: 3 decimals of a ratio in [-1, 1]. A unitless integer (a count, an epoch) is no ratio.
+    "none": lambda v: number(v) if isinstance(v, int) else _grouped(v, 3),
+    "USD": lambda v: "$" + _grouped(v, 0) if v >= 0 else "-$" + _grouped(-v, 0),  # notional: whole dollars
+    "USD/share": price,  # a price: its tick's precision
+    "shares": number,  # whole shares, or fractions of a coin: as many decimals as it has (<= 6)
+    "levels": number,
+    "fraction": lambda v: _grouped(v * 100, 2) + "%",  # gap_pct 0.0123 reads 1.23%
+    "s": lambda v: _grouped(v, 3),  # seconds to the millisecond
+}
+
+
+def formatted(v: Any, unit: str | None) -> str:
+    """``v`` as a table cell (``cell``), a number by its unit's rule in ``UNIT_FORMATS``."""
+    import numpy as np
+
+    if isinstance(v, np.generic):
+        v = v.item()
+    rule = UNIT_FORMATS.get(unit) if unit is not None else None
+    if rule is not None and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+        return rule(v)
+    return cell(v)
 
 
 def cell(v: Any) -> str:
@@ -94,7 +146,9 @@ def cell(v: Any) -> str:
     if isinstance(v, int | float) and not isinstance(v, bool):
         return number(v)
     if isinstance(v, dt.datetime):
-        return v.isoformat(sep=" ", timespec="microseconds")
+        # UTC as "Z": six characters shorter than "+00:00", which keeps a 3-symbol online table in 120 columns.
+        s = v.isoformat(sep=" ", timespec="microseconds")
+        return s[:-6] + "Z" if s.endswith("+00:00") else s
     if isinstance(v, dict):
         return ", ".join(f"{visible(str(k))} {cell(x)}" for k, x in v.items()) or "-"
     if isinstance(v, list | tuple):

@@ -39,7 +39,7 @@ def simulated_source(paths: lake.LakePaths, seed: int | None, fresh: bool) -> Si
         from microstructure.store.repo import clear_online, forget_store
 
         require_ours(data_dir)  # never clear a folder this project did not create (nothing is deleted)
-        clear_online()
+        clear_online(data_dir)
         for d in (paths.root, state.parent, data_dir / "feast"):
             shutil.rmtree(d, ignore_errors=True)
         forget_store(data_dir)

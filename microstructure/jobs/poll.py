@@ -22,8 +22,7 @@ if TYPE_CHECKING:
 from microstructure.jobs.build import RollingCompactor
 from microstructure.jobs.publisher import OnlinePublisher
 
-COMPACT_EVERY = 25  # cycles between checks of the rolling compaction during a poll
-# The appended datasets, each with its key and the sort order compaction gives its files.
+COMPACT_EVERY = 25  # cycles between checks of the rolling compaction during a poll, live or replay
 
 
 
@@ -101,8 +100,10 @@ class PollStats:
     served_by: Counter[str] = field(default_factory=Counter)  # symbol-polls served, per source
     missing: Counter[str] = field(default_factory=Counter)  # symbol-polls nobody served, per error class
     levels: dict[str, int] = field(default_factory=dict)  # symbol -> most levels served this run
+    last_outcomes: pa.Table | None = None  # the latest cycle's outcomes, for on_cycle callbacks (jobs.metrics)
 
     def count_outcomes(self, outcomes: pa.Table) -> None:
+        self.last_outcomes = outcomes
         for sym, src, lv, err in zip(*(outcomes.column(c).to_pylist() for c in
                                        ("symbol", "source", "book_levels", "error_class")), strict=True):
             if err is None:
@@ -147,10 +148,12 @@ def poll_cycles(
     crash loses at most the cycle in flight. ``after_ack`` runs right after each cycle's write (the
     simulated market saves its state there); ``ack_log`` then gets one line per acknowledged write.
     ``compact_every`` > 0 checks the day's partitions every that many cycles and compacts them in the
-    background when they hold too many files (see :class:`RollingCompactor`).
+    background when they hold too many files (see :class:`RollingCompactor`). On a simulated clock (a replay,
+    anything but a :class:`LiveClock`) a check near the bound waits for the running compaction, so the replay
+    cannot outrun it.
     """
     ingestor = Ingestor(paths)
-    compactor = RollingCompactor(paths) if compact_every > 0 else None
+    compactor = RollingCompactor(paths, wait=not isinstance(times, LiveClock)) if compact_every > 0 else None
     stats = PollStats()
     t0 = time.perf_counter()
     ack = open(ack_log, "a") if ack_log else None  # noqa: SIM115 - kept open across cycles

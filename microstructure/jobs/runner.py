@@ -6,13 +6,16 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microstructure.jobs.market import MarketConflict, save_simulated, simulated_source
 from microstructure.jobs.poll import COMPACT_EVERY, LiveClock, PollStats, cycle_times, poll_cycles
 from microstructure.jobs.publisher import OnlinePublisher
 from microstructure.lake.paths import LakePaths, with_retry
 from microstructure.lake.views import connect
+
+if TYPE_CHECKING:
+    from microstructure.jobs.metrics import PollMetrics
 
 
 class PollError(ValueError):
@@ -23,11 +26,39 @@ def run_poll(data_dir: Path, cycles: int | None, interval: float, step: float | 
          seed: int | None, fresh: bool, online: bool, ack_log: Path | None = None,
          start: dt.datetime | None = None, source_kind: str = "simulated", symbol_list: list[str] | None = None,
          sources_config: Path | None = None, until: dt.datetime | None = None,
-         on_cycle: Callable[[int, PollStats], None] | None = None) -> PollStats:
+         on_cycle: Callable[[int, PollStats], None] | None = None, metrics_port: int | None = None,
+         metrics_host: str | None = None) -> PollStats:
     """Poll into the lake: live on the wall clock when ``interval > 0``, else a replay on a simulated clock.
 
     Live: ``cycles`` and/or ``until`` end the poll (the first reached). A replay needs ``cycles``.
+    ``metrics_port``: serve the poll's Prometheus metrics on ``http://metrics_host:port/metrics`` from before the
+    stores load until the poll ends (``jobs.metrics``; the host defaults to loopback).
     """
+    args = (data_dir, cycles, interval, step, symbols, seed, fresh, online)
+    kw: dict[str, Any] = {"ack_log": ack_log, "start": start, "source_kind": source_kind, "symbol_list": symbol_list,
+                          "sources_config": sources_config, "until": until, "on_cycle": on_cycle}
+    if metrics_port is None:
+        return _run_poll(*args, **kw)
+    from microstructure.jobs.metrics import DEFAULT_HOST, MetricsError, PollMetrics, serve
+
+    metrics = PollMetrics()
+    try:
+        # Bound first: a port in use is one error line before anything loads, and a scraper sees the poll start.
+        stop = serve(metrics, metrics_port, metrics_host or DEFAULT_HOST)
+    except MetricsError as e:
+        raise PollError(str(e)) from None
+    try:
+        return _run_poll(*args, **kw, metrics=metrics)
+    finally:
+        stop()  # the port is free again when the poll returns (a Prefect retry binds it anew)
+
+
+def _run_poll(data_dir: Path, cycles: int | None, interval: float, step: float | None, symbols: int,
+              seed: int | None, fresh: bool, online: bool, ack_log: Path | None = None,
+              start: dt.datetime | None = None, source_kind: str = "simulated", symbol_list: list[str] | None = None,
+              sources_config: Path | None = None, until: dt.datetime | None = None,
+              on_cycle: Callable[[int, PollStats], None] | None = None, metrics: PollMetrics | None = None
+              ) -> PollStats:
     paths = LakePaths(data_dir)
     live = interval > 0
     step_s = interval if live else (step or 2.0)
@@ -81,10 +112,14 @@ def run_poll(data_dir: Path, cycles: int | None, interval: float, step: float | 
         # The market's state is saved with every acknowledged cycle: a killed poller resumes this market.
         def saver() -> None:
             save_simulated(paths.data_dir, source)
+    polled: Any = source
+    if metrics is not None:  # timed polls and a counting on_cycle: the cycle feeds /metrics
+        polled = metrics.timed(source)
+        on_cycle = metrics.on_cycle(on_cycle, clock=times, publisher=publisher)
     try:
-        stats = poll_cycles(paths, source, syms, times, publisher=publisher, publish_every=every,
+        stats = poll_cycles(paths, polled, syms, times, publisher=publisher, publish_every=every,
                               on_cycle=on_cycle, ack_log=ack_log, after_ack=saver,
-                              compact_every=COMPACT_EVERY if live else 0)
+                              compact_every=COMPACT_EVERY)
     except Exception as e:
         from microstructure.sources.vendor import ConfigError
 

@@ -1,6 +1,6 @@
 """A data dir: the folder that holds one lake, its Feast stores and market state, and who may write it.
 
-Two rules live here.
+Three rules live here.
 
 * **One writer at a time.** Every command that writes (run, poll, backfill, build-features, validate,
   compact, ``--fresh``, the Prefect flows, the service's one-symbol refresh) holds an exclusive OS advisory
@@ -9,6 +9,8 @@ Two rules live here.
   holder exits, however it exits (kill -9 included), so a crash never leaves a stale lock. Readers (``sql``,
   ``online``, ``coverage``, scoring reads) never take it: the lake's atomic renames and generation numbers
   already give them a consistent view (``lake.paths.partition_files``).
+* **The data dir owns its store choices.** The first writer records them in ``settings.json``
+  (``lake.settings``); later commands use the record (a shell variable that disagrees is refused).
 * **``--fresh`` deletes only what this project made.** A data dir gets a marker file (``.microstructure``)
   when this project creates it. ``--fresh`` refuses any folder without the marker and deletes nothing.
 
@@ -36,7 +38,7 @@ MARKER = ".microstructure"
 # Names this project creates in a data dir. A folder holding only these (an older data dir from before the
 # marker existed) is adopted: it gets its marker the first time a writer locks it.
 OWN_NAMES = frozenset({"lake", "feast", "sim", "gx", "models", "report", "README.md", "sources.toml",
-                       "microstructure.toml", LOCK_FILE, MARKER})
+                       "microstructure.toml", "settings.json", LOCK_FILE, MARKER})
 LAKE_NAMES = frozenset({"snapshots", "quarantine", "features", "features_quarantine", "outcomes"})
 WAIT_POLL_S = 0.2
 
@@ -154,6 +156,12 @@ def writer(data_dir: Path, wait: bool = False, timeout_s: float | None = None,
         with _guard:
             _held[data_dir] = (fh, 1)
     try:
+        if acquired_here and is_ours(data_dir):
+            # The data dir's store choices (lake.settings), recorded once, under the lock: a data dir made
+            # with Redis keeps using Redis from a shell without the variable.
+            from microstructure.lake.settings import record_if_missing
+
+            record_if_missing(data_dir)
         yield
     finally:
         with _guard:

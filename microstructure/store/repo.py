@@ -1,6 +1,7 @@
 """Our Feast repository: opening the store of a data dir, its configuration, registry and online push.
 
-The stores themselves are chosen in ``feature_repo/feature_store.yaml``; nothing here names one.
+The stores' defaults are in ``feature_repo/feature_store.yaml``; the data dir's recorded choices
+(:mod:`microstructure.lake.settings`) override them.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd
 import pyarrow as pa
 
 from microstructure.contract.schemas import package_dir
+from microstructure.lake import settings
 from microstructure.store.lookup import _read_plan
 
 if TYPE_CHECKING:
@@ -26,11 +29,22 @@ _stores: dict[Path, FeatureStore] = {}
 
 
 def _definitions(data_dir: Path) -> Any:
-    """Import feature_repo/definitions.py afresh: its paths depend on the data dir."""
+    """Import feature_repo/definitions.py afresh: its paths depend on the data dir, and its offline source on the
+    data dir's offline store, which it reads from ``$MICROSTRUCTURE_OFFLINE_STORE`` (it sits below the store
+    layer): set to the effective choice while it runs, then put back."""
     spec = importlib.util.spec_from_file_location("microstructure_feature_definitions", FEATURE_REPO / "definitions.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    kind = offline_store_kind(data_dir)
+    before = os.environ.get(OFFLINE_STORE_ENV)
+    os.environ[OFFLINE_STORE_ENV] = kind
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        if before is None:
+            os.environ.pop(OFFLINE_STORE_ENV, None)
+        else:
+            os.environ[OFFLINE_STORE_ENV] = before
     return mod
 
 
@@ -72,7 +86,8 @@ def _feast_yaml(cfg: dict[str, Any]) -> str:
 def store_yaml(data_dir: Path) -> Path:
     """``<data-dir>/feast/feature_store.yaml``: the repo's file with its online store's relative path made absolute
     for this data dir and the registry in :func:`registry_dir` (one definition; the Feast CLI can use it with
-    ``-f``). Written on every open: a planted one never reaches Feast."""
+    ``-f``). Written on every open: a planted one never reaches Feast. The stores are the data dir's recorded
+    choices (:mod:`microstructure.lake.settings`), so a shell without the variables writes the same text."""
     import yaml
 
     cfg = yaml.safe_load((FEATURE_REPO / "feature_store.yaml").read_text())
@@ -81,18 +96,13 @@ def store_yaml(data_dir: Path) -> Path:
         cfg["online_store"]["path"] = _FeastPath(data_dir / "feast" / rel.name)
     # Never the data dir's: Feast runs code held in a registry (on-demand views' source), see registry_dir.
     cfg["registry"]["path"] = _FeastPath(registry_dir(data_dir) / "registry.db")
-    online = online_store_config()
+    online = online_store_config(data_dir)
     if online is not None:
         cfg["online_store"] = online
-    offline = os.environ.get(OFFLINE_STORE_ENV, "").strip().lower()
-    if offline == "spark":
+    if offline_store_kind(data_dir) == "spark":
         from microstructure.features.spark import spark_conf
 
         cfg["offline_store"] = {"type": "spark", "spark_conf": spark_conf()}
-    elif offline not in ("", "duckdb"):
-        from microstructure.contract.inputs import InputError
-
-        raise InputError(f"{OFFLINE_STORE_ENV} must be duckdb (default) or spark, not {offline!r}")
     out = data_dir / "feast" / "feature_store.yaml"
     text = _feast_yaml(cfg)
     if not out.exists() or out.read_text() != text:
@@ -102,40 +112,46 @@ def store_yaml(data_dir: Path) -> Path:
     return out
 
 
-ONLINE_STORE_ENV = "MICROSTRUCTURE_ONLINE_STORE"
-OFFLINE_STORE_ENV = "MICROSTRUCTURE_OFFLINE_STORE"
-REDIS_PASSWORD_ENV = "MICROSTRUCTURE_REDIS_PASSWORD"
-REDIS_KEY_TTL_S = 24 * 3600  # a symbol no longer polled leaves Redis a day after its last push
+# Defined with the data dir's record of its choices (lake.settings); kept here for existing importers.
+ONLINE_STORE_ENV = settings.ONLINE_STORE_ENV
+OFFLINE_STORE_ENV = settings.OFFLINE_STORE_ENV
+REDIS_PASSWORD_ENV = settings.REDIS_PASSWORD_ENV
+REDIS_KEY_TTL_S = settings.REDIS_KEY_TTL_S
 
 
-def online_store_config() -> dict[str, Any] | None:
-    """Feast's online store from ``$MICROSTRUCTURE_ONLINE_STORE`` (``redis://[:password@]host:port/db``,
-    ``rediss://`` for TLS, ``?key_ttl_seconds=N``); None (unset) keeps the embedded SQLite store.
+def offline_store_kind(data_dir: Path | None) -> str:
+    """``duckdb`` or ``spark``: ``$MICROSTRUCTURE_OFFLINE_STORE`` for this command, else the data dir's record."""
+    return settings.effective(data_dir).offline_store
+
+
+def online_store_config(data_dir: Path | None = None) -> dict[str, Any] | None:
+    """Feast's online store for ``data_dir``: its recorded choice (:mod:`microstructure.lake.settings`), or
+    ``$MICROSTRUCTURE_ONLINE_STORE`` when it has no record (``redis://[:password@]host:port/db``, ``rediss://``
+    for TLS, ``?key_ttl_seconds=N``); None keeps the embedded SQLite store. A variable that disagrees with the
+    record is an InputError.
 
     A password never reaches a file: the generated yaml says ``${MICROSTRUCTURE_REDIS_PASSWORD}`` (Feast expands
-    it when it reads the file) and this process sets that variable from the URL."""
-    from urllib.parse import parse_qs, urlsplit
-
+    it when it reads the file) and this process sets that variable from the URL in the environment."""
     from microstructure.contract.inputs import InputError
 
-    url = os.environ.get(ONLINE_STORE_ENV, "").strip()
-    if not url or url in ("sqlite", "default"):
-        return None
-    u = urlsplit(url)
-    if u.scheme not in ("redis", "rediss") or not u.hostname:
-        raise InputError(f"{ONLINE_STORE_ENV} must look like redis://host:6379/0 (got scheme {u.scheme!r})")
+    choice = settings.effective(data_dir)
+    url = choice.online_store
     try:
-        db = int(u.path.strip("/") or 0)
-        ttl = int(parse_qs(u.query).get("key_ttl_seconds", [REDIS_KEY_TTL_S])[0])
-        port = u.port or 6379
+        password = settings.split_online_url(os.environ.get(ONLINE_STORE_ENV, ""))[1]
     except ValueError as e:
         raise InputError(f"{ONLINE_STORE_ENV}: {e}") from None
-    parts = [f"{u.hostname}:{port}", f"db={db}"]
+    if password:
+        os.environ[REDIS_PASSWORD_ENV] = password
+    if url == settings.SQLITE:
+        return None
+    u = urlsplit(url)  # canonical (split_online_url): scheme, host, port, db and a non-default ttl
+    assert u.hostname is not None and u.port is not None
+    parts = [f"{u.hostname}:{u.port}", f"db={int(u.path.strip('/'))}"]
     if u.scheme == "rediss":
         parts.append("ssl=true")
-    if u.password:
-        os.environ[REDIS_PASSWORD_ENV] = u.password
+    if choice.password:
         parts.append("password=${" + REDIS_PASSWORD_ENV + "}")
+    ttl = int(parse_qs(u.query).get("key_ttl_seconds", [REDIS_KEY_TTL_S])[0])
     return {"type": "redis", "connection_string": ",".join(parts), "key_ttl_seconds": ttl}
 
 
@@ -231,11 +247,11 @@ def open_store(data_dir: Path, apply: bool = True) -> FeatureStore:
     return store
 
 
-def clear_online(project: str = "microstructure") -> int:
+def clear_online(data_dir: Path | None = None, project: str = "microstructure") -> int:
     """Remove the project's rows from a configured Redis online store (a fresh market must not sit behind the
     newer rows of the old one: Feast's Redis writes skip rows older than the stored ones). Returns keys removed;
     the SQLite store is a file of the data dir and goes with it."""
-    cfg = online_store_config()
+    cfg = online_store_config(data_dir)
     if cfg is None:
         return 0
     from feast.infra.online_stores.redis import RedisOnlineStore

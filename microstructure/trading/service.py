@@ -60,7 +60,7 @@ def calculate_imbalance(bids: Sequence[tuple[float, float]], asks: Sequence[tupl
 class MicrostructureService:
     def __init__(self, data_dir: Path | str | None = None, thresholds: Thresholds | ThresholdSet | None = None,
                  source: Source | None = None, cache_ttl_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic,
+                 clock: Callable[[], float] = time.monotonic, refresh: bool = True,
                  now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else data_dir_default()
         self.paths = LakePaths(self.data_dir.resolve())
@@ -75,6 +75,9 @@ class MicrostructureService:
             else:
                 self.thresholds = dataclasses.replace(t, cache_ttl_s=cache_ttl_s)
         self._source = source
+        # A symbol with no fresh online book is polled once from the source (written to the lake and pushed
+        # online) when ``refresh``; without it the service only reads, as `microstructure picks` does unless asked.
+        self.refresh = refresh
         self._clock = clock
         self._now = now
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -115,7 +118,7 @@ class MicrostructureService:
                 return dict(hit[1])
             self.misses += 1
         row = self._read(symbol)
-        if not row["found"] or row["stale"]:
+        if self.refresh and (not row["found"] or row["stale"]):
             refreshed = self._refresh(symbol)
             # A bad stored row keeps its own reason unless the refresh brought a good one.
             if refreshed is not None and (refreshed.get("found") or not row.get("error")):
