@@ -29,9 +29,21 @@ FAMILIES = {"microstructure_cycle_seconds", "microstructure_snapshots_written_to
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now, from a range of its own per xdist worker: an OS-chosen port is free only until someone binds
+    it, and the other worker's poll may be about to (two workers once scraped each other's endpoint)."""
+    import os
+    import random
+
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    base = 20_000 + 2_000 * (worker % 8)
+    for port in random.sample(range(base, base + 2_000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port")
 
 
 def _scrape(port: int) -> list[Any]:

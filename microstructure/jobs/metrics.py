@@ -13,18 +13,48 @@ ships a Grafana dashboard built on them (docs/grafana/microstructure.json).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import prometheus_client
 import pyarrow as pa
 import pyarrow.compute as pc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import values as prometheus_values
 
 # The depth classes and their thresholds are `microstructure coverage`'s: one definition for both.
 from microstructure.lake.coverage import BUCKETS, _bucket
 from microstructure.sources import guard
+
+_IN_MEMORY = threading.Lock()
+
+
+def _in_process(base: type) -> type:
+    """``base`` with its values kept in this process's memory. Importing Feast sets ``PROMETHEUS_MULTIPROC_DIR``,
+    which switches prometheus_client to values shared through files by metric name: two PollMetrics in one process
+    (successive flow runs in one worker, or tests) would then share counts. Our metrics are one process's own."""
+
+    class InProcess(base):
+        def _metric_init(self) -> None:
+            with _IN_MEMORY:
+                chosen = prometheus_values.ValueClass
+                prometheus_values.ValueClass = prometheus_values.MutexValue
+                try:
+                    super()._metric_init()
+                finally:
+                    prometheus_values.ValueClass = chosen
+
+    InProcess.__name__ = base.__name__
+    return InProcess
+
+
+Counter = _in_process(prometheus_client.Counter)
+Gauge = _in_process(prometheus_client.Gauge)
+Histogram = _in_process(prometheus_client.Histogram)
+
 
 if TYPE_CHECKING:
     import datetime as dt
