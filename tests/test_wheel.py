@@ -23,9 +23,32 @@ def sh(*args: object, cwd: Path | None = None, env: dict | None = None, timeout:
     return r.stdout
 
 
+def sh_all(*args: object) -> str:
+    """stdout and stderr together: pip and setuptools print their warnings on stderr."""
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{' '.join(map(str, args))}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+TEST_TOOLS = ("pytest", "pytest-xdist", "pytest-httpserver", "hypothesis", "ruff", "duckdb-cli")
+
+
+def test_runtime_lock_holds_no_test_tools():
+    """A production host installs requirements.lock only: the test tools live in requirements-test.lock."""
+    def pinned(lock: str) -> set[str]:
+        return {line.split("==")[0].split("[")[0].lower() for line in (ROOT / lock).read_text().splitlines()
+                if line and not line[0].isspace() and not line.startswith("#") and "==" in line}
+    runtime, test = pinned("requirements.lock"), pinned("requirements-test.lock")
+    assert not runtime & set(TEST_TOOLS), runtime & set(TEST_TOOLS)
+    assert set(TEST_TOOLS) <= test
+    assert {"databento", "databento-dbn", "ccxt", "feast", "prefect"} <= runtime
+
+
 def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     dist = tmp_path / "dist"
-    sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, ROOT)
+    built = sh_all(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, ROOT)
+    # setuptools once printed ~176 lines about undeclared package data; a build says nothing of the kind now.
+    assert "warning" not in built.lower(), built[-3000:]
     (wheel,) = dist.glob("microstructure-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for sql in ("features", "views", "base_features"):  # every SQL file the package runs
@@ -41,6 +64,8 @@ def test_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     sh(py, "-m", "pip", "install", "-q", "-U", "pip")  # as the README's first command does
     sh(py, "-m", "pip", "install", "-q", "--require-hashes", "-r", ROOT / "requirements.lock")
     sh(py, "-m", "pip", "install", "-q", "--no-deps", wheel)
+    for tool in ("pytest", "hypothesis", "ruff", "xdist"):  # the runtime set carries no test tools
+        assert subprocess.run([py, "-c", f"import {tool}"], capture_output=True).returncode != 0, tool
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MICROSTRUCTURE_", "PYTHON", "VIRTUAL_ENV"))}
