@@ -4,7 +4,9 @@
 file in chunks; the file is then read by the bounded DBN reader and removed. Memory is the SDK's chunk plus the
 reader's (a DBNStore held in memory would hold the whole answer). The key comes from ``DATABENTO_API_KEY`` only
 and never appears in an error (``sources.secrets.scrub``); the host moves to a stand-in only through
-``MICROSTRUCTURE_DATABENTO_HIST_URL`` (https anywhere, http only to loopback: ``sources.vendor.base_url_from_env``).
+``MICROSTRUCTURE_DATABENTO_HIST_URL`` (``sources.vendor.base_url_from_env``: plain http is refused off loopback
+as for every vendor, and on loopback too, since the SDK only speaks https; a local stand-in serves TLS and
+``REQUESTS_CA_BUNDLE`` names its certificate).
 
 A request is bounded before it is sent (it costs money and disk): at most MAX_SPAN of time and MAX_SYMBOLS
 symbols; the answer's decompressed size is bounded by the DBN reader.
@@ -67,6 +69,11 @@ def fetch_mbp10(dataset: str, symbols: list[str], start: dt.datetime, end: dt.da
         gateway = base_url_from_env(HIST_URL_ENV)
     except ConfigError as e:
         raise HistoricalError(str(e)) from None
+    if gateway is not None and not gateway.startswith("https://"):
+        # The SDK rewrites every gateway to https (databento.common.validation.validate_gateway): say so rather
+        # than send the key somewhere the user did not write.
+        raise HistoricalError(f"{HIST_URL_ENV}: the Databento historical client speaks https only; give an https:// "
+                              "URL (a local stand-in serves TLS, its certificate named by REQUESTS_CA_BUNDLE)")
     assert key is not None
     return _download_and_read(key, gateway, dataset, symbols, start, end, cadence_s)
 
