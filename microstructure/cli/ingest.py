@@ -278,7 +278,8 @@ def backfill(files: Annotated[list[Path] | None, typer.Argument(
 
 
 def _backfill_usage(files: list[Path] | None, fmt: Any, source: str | None, dataset: str | None,
-                    symbols: str | None, start: str | None, end: str | None, cadence: float = 1.0, **_: Any) -> None:
+                    symbols: str | None, start: str | None, end: str | None, cadence: float = 1.0,
+                    symbol: list[str] | None = None, **_: Any) -> None:
     """backfill's usage checks, run before the data dir is locked (or created): one `error:` line, exit 2."""
     from microstructure.recorded.bounds import check_cadence
     from microstructure.recorded.registry import FORMATS
@@ -287,8 +288,9 @@ def _backfill_usage(files: list[Path] | None, fmt: Any, source: str | None, data
     if source is not None:
         if source != "databento":
             raise UserError(f"--from {source[:40]!r}: backfill fetches from databento only")
-        if files or fmt:
-            raise UserError("--from databento fetches its data: give no files and no --format")
+        if files or fmt or symbol:
+            raise UserError("--from databento fetches its data: give no files, --format or --symbol (its symbols "
+                            "are --symbols A,B)")
         if not (start and end):
             raise UserError("--from databento needs --start and --end")
         from microstructure.recorded.databento_historical import check_request
