@@ -188,3 +188,25 @@ def test_symbol_repeats_dbn_keeps_each_given_wide_renames_file_by_file_one_strea
     r = cli("backfill", w1, "--format", "binance-depth", "--symbol", "A", "--symbol", "B", "--data-dir", d2,
             check=False)
     assert "give at most one --symbol (got 2)" in one_error_line(r)
+
+
+def test_an_instrument_id_reused_on_another_day_takes_that_days_symbol(tmp_path):
+    import datetime as dt
+    from types import SimpleNamespace as NS_
+
+    import databento_dbn as dbn
+
+    from tests.dbn_files import DAY
+
+    def iv(day, iid):
+        return NS_(start_date=day, end_date=day + dt.timedelta(1), symbol=str(iid))
+
+    nxt = DAY + dt.timedelta(1)
+    md = dbn.Metadata(dataset="XNAS.ITCH", start=T0, end=T0 + 2 * 86_400 * NS, stype_in=dbn.SType.RAW_SYMBOL,
+                      stype_out=dbn.SType.INSTRUMENT_ID, schema=dbn.Schema.MBP_10, symbols=["AAPL", "MSFT"],
+                      mappings=[NS_(raw_symbol="AAPL", intervals=[iv(DAY, 7)]),
+                                NS_(raw_symbol="MSFT", intervals=[iv(nxt, 7)])])
+    f = tmp_path / "days.dbn"
+    f.write_bytes(md.encode() + mbp(7, T0, _book(0)) + mbp(7, T0 + 86_400 * NS, _book(1)))
+    rows = [r for b in read_dbn([f], 1.0) for r in b.raw.to_pylist()]
+    assert [(r["symbol"], r["received_ts"].date()) for r in rows] == [("AAPL", DAY), ("MSFT", nxt)]

@@ -84,6 +84,7 @@ class _Symbols:
     def __init__(self, mappings: dict[str, list[dict[str, Any]]]) -> None:
         self.by_id: dict[int, list[tuple[dt.date, dt.date, str]]] = {}
         self.live: dict[int, str] = {}
+        self.last: dict[int, tuple[int, int, str]] = {}  # instrument -> the span (ns) of its last mapping found
         for raw, intervals in mappings.items():
             for iv in intervals:
                 try:
@@ -95,11 +96,22 @@ class _Symbols:
     def get(self, iid: int, ts_ns: int) -> str | None:
         if iid in self.live:
             return self.live[iid]
+        hit = self.last.get(iid)
+        if hit is not None and hit[0] <= ts_ns < hit[1]:  # most records fall in the span their previous one did
+            return hit[2]
         spans = self.by_id.get(iid)
         if not spans:
             return None
         day = dt.datetime.fromtimestamp(ts_ns // 1_000_000_000, dt.UTC).date()
-        return next((raw for start, end, raw in spans if start <= day < end), None)
+        for start, end, raw in spans:
+            if start <= day < end:
+                self.last[iid] = (_day_ns(start), _day_ns(end), raw)
+                return raw
+        return None
+
+
+def _day_ns(d: dt.date) -> int:
+    return (d - dt.date(1970, 1, 1)).days * 86_400 * 1_000_000_000
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
