@@ -110,6 +110,9 @@ def _writes(fn: Any) -> Any:
             if kwargs.get("fresh") and Path(data_dir).exists():  # refuse before touching a foreign folder at all
                 datadir.ensure_marker(Path(data_dir))
                 datadir.require_ours(Path(data_dir))
+            before = getattr(fn, "before_lock", None)  # usage checks: a mistyped command creates no data dir
+            if before is not None:
+                before(**kwargs)
             with datadir.writer(Path(data_dir), wait=wait, create=fn.__name__ in _CREATES):
                 return fn(*args, **kwargs)
         except (datadir.DataDirBusy, datadir.NotOurs) as e:

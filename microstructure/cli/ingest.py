@@ -221,39 +221,94 @@ def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) 
 
 @app.command()
 @_writes
-def backfill(files: Annotated[list[Path], typer.Argument(help="Recorded file(s) (or a LOBSTER / snapshot folder); "
-                                                             "binance-depth: the files of one continuous stream.")],
-             fmt: Annotated[Format, typer.Option("--format", help="What the file is (required: a guess could load a "
-                                                                 "file as the wrong format).")],
+def backfill(files: Annotated[list[Path] | None, typer.Argument(
+                 help="Recorded file(s) (or a LOBSTER / snapshot folder); binance-depth: the files of one "
+                      "continuous stream. None with --from databento.")] = None,
+             fmt: Annotated[Format | None, typer.Option("--format", help="What the file is (required with files: a "
+                                                                        "guess could load a file as the wrong "
+                                                                        "format).")] = None,
              data_dir: DataDir = DEFAULT_DATA,
-             symbol: Annotated[str | None, typer.Option(help="Set (wide, lobster, binance-depth, hyperliquid-l2) "
-                                                            "or select (iex-deep) the symbol.")]
-             = None,
+             symbol: Annotated[list[str] | None, typer.Option(
+                 help="Repeatable. Set (wide, lobster: one for every file or one per file; binance-depth, "
+                      "hyperliquid-l2: one) or select (iex-deep, dbn: every one given) the symbol.")] = None,
              cadence: Annotated[float, typer.Option(help="Seconds between sampled snapshots (lobster, iex-deep, "
-                                                            "binance-depth, hyperliquid-l2).",
+                                                            "binance-depth, hyperliquid-l2, dbn, --from databento).",
                                                        callback=_in_range(0, DAY_S, lo_open=True))]
              = 1.0,
+             source: Annotated[str | None, typer.Option(
+                 "--from", metavar="databento", help="Fetch instead of reading files: databento (historical "
+                                                     "MBP-10; key from DATABENTO_API_KEY).")] = None,
+             dataset: Annotated[str | None, typer.Option(help="--from databento: the dataset (XNAS.ITCH, ...).")]
+             = None,
+             symbols: Annotated[str | None, typer.Option(help="--from databento: comma-separated symbols.")] = None,
+             start: Annotated[str | None, typer.Option(help="--from databento: ISO-8601 start, inclusive (naive "
+                                                            "= UTC).")] = None,
+             end: Annotated[str | None, typer.Option(help="--from databento: ISO-8601 end, exclusive (naive = "
+                                                          "UTC).")] = None,
              as_json: JsonOut = False) -> None:
-    """Load a recorded order-book file into the lake through the same validation and quarantine. Idempotent."""
+    """Load a recorded order-book file (or a Databento historical request) into the lake through the same
+    validation and quarantine. Idempotent."""
     from microstructure.jobs.ingest import backfill as load
 
-    name = Format(fmt).value
-    for path in files:
-        if not path.exists():
-            raise UserError(f"no such file or folder: {path}")
+    _backfill_usage(files, fmt, source, dataset, symbols, start, end, cadence)
+    if source is not None:
+        from microstructure.recorded.databento_historical import fetch_mbp10
+
+        sym_list = [s.strip() for s in (symbols or "").split(",") if s.strip()]
+        assert start is not None and end is not None
+        batches = fetch_mbp10(dataset or "", sym_list, _parse_ts(start), _parse_ts(end), cadence)
+        name, what = "databento-historical", f"databento {dataset} {','.join(sym_list)} {start} .. {end}"
+    else:
+        assert files and fmt is not None
+        from microstructure.recorded.registry import FORMATS
+
+        name = Format(fmt).value
+        batches = FORMATS[name](list(files), cadence, list(symbol or []))
+        what = ", ".join(str(f) for f in files)
+    paths = _paths(data_dir)
+    with _progress(None, "loading", not as_json) as prog:  # streamed: the row count is not known upfront
+        task = prog.add_task("load", total=None)
+        # Readers raise FileFormatError (an InputError) naming the file and position; ``load`` adds what the lake
+        # kept before it. main prints it as one `error:` line, exit 2.
+        st = load(paths, batches, on_batch=lambda s: prog.update(task, completed=s.sampled))
+    res = {"file": what, "format": name, "sampled": st.sampled, "written": st.written,
+           "already_in_lake_or_unchanged": st.duplicates, "quarantined": dict(st.quarantined),
+           "symbols": len(st.symbols), "dates": sorted(st.dates)}
+    _emit([res], "backfill", as_json)
+
+
+def _backfill_usage(files: list[Path] | None, fmt: Any, source: str | None, dataset: str | None,
+                    symbols: str | None, start: str | None, end: str | None, cadence: float = 1.0,
+                    symbol: list[str] | None = None, **_: Any) -> None:
+    """backfill's usage checks, run before the data dir is locked (or created): one `error:` line, exit 2."""
     from microstructure.recorded.bounds import check_cadence
     from microstructure.recorded.registry import FORMATS
 
     check_cadence(cadence)  # the sane minimum (1 ms) and maximum: one `error:` line before anything is read
-    paths = _paths(data_dir)
-    with _progress(None, "loading", not as_json) as prog:  # streamed: the row count is not known upfront
-        task = prog.add_task("load", total=None)
-        batches = FORMATS[name](list(files), cadence, symbol)
-        # Readers raise FileFormatError (an InputError) naming the file and position; ``load`` adds what the lake
-        # kept before it. main prints it as one `error:` line, exit 2.
-        st = load(paths, batches, on_batch=lambda s: prog.update(task, completed=s.sampled))
-    res = {"file": ", ".join(str(f) for f in files), "format": name, "sampled": st.sampled, "written": st.written,
-           "already_in_lake_or_unchanged": st.duplicates, "quarantined": dict(st.quarantined),
-           "symbols": len(st.symbols), "dates": sorted(st.dates)}
-    _emit([res], "backfill", as_json)
+    if source is not None:
+        if source != "databento":
+            raise UserError(f"--from {source[:40]!r}: backfill fetches from databento only")
+        if files or fmt or symbol:
+            raise UserError("--from databento fetches its data: give no files, --format or --symbol (its symbols "
+                            "are --symbols A,B)")
+        if not (start and end):
+            raise UserError("--from databento needs --start and --end")
+        from microstructure.recorded.databento_historical import check_request
+
+        check_request(dataset or "", [s.strip() for s in (symbols or "").split(",") if s.strip()], _parse_ts(start),
+                      _parse_ts(end))
+        return
+    if fmt is None:
+        raise UserError(f"Missing option '--format' (one of: {', '.join(FORMATS)}): a guess could load a file as "
+                        "the wrong format")
+    if not files:
+        raise UserError("give the recorded file(s) (or --from databento)")
+    if dataset or symbols or start or end:
+        raise UserError("--dataset, --symbols, --start and --end go with --from databento")
+    for path in files:
+        if not path.exists():
+            raise UserError(f"no such file or folder: {path}")
+
+
+backfill.__wrapped__.before_lock = _backfill_usage  # read by _writes before it locks the data dir
 

@@ -1,0 +1,245 @@
+"""Databento DBN files (MBP-10 and MBP-1, zstd-compressed ``.dbn.zst`` or plain ``.dbn``), sampled into snapshots.
+
+A DBN file is a metadata header (dataset, schema, the symbols asked for and their mappings to instrument ids,
+day by day) followed by fixed-size binary records, decoded here by Databento's own ``databento_dbn.DBNDecoder``.
+An MBP-10 record carries the top 10 levels of one instrument's book after one book event; MBP-1 carries the top
+level. Only records flagged ``F_LAST`` (the last record of an event) are sampled: records before it in the same
+event may show a book half way through the event.
+
+* Symbols: the metadata's mappings (``raw symbol -> instrument id`` per UTC date, the date of ``ts_recv``, the
+  time Databento indexes symbology by), updated by ``SymbolMappingMsg`` records when the file has them (live
+  captures). An instrument no mapping names is quarantined once per file (``unmapped_instrument``), never
+  guessed.
+* Prices: DBN fixed point, integer units of 1e-9. Each becomes the float nearest its exact decimal value (Python
+  divides two integers correctly rounded; a float64 ``price * 1e-9`` would be off by one unit in the last place
+  for some prices). ``UNDEF_PRICE`` (and size 0) marks an empty level: NULL here, never a price. A book with an
+  empty side is never a book: validation quarantines it (``one_sided_book`` / ``empty_book``) and keeps the good
+  rows beside it.
+* Times: ``event_ts`` = ``ts_event`` (the venue's matching-engine time); ``received_ts`` = ``ts_recv`` (when
+  Databento's capture server had the message). As for the Binance and Hyperliquid recordings, the receive time
+  of the recording is the closest truth we have about when the data was in hand: we did not receive it live.
+  A record whose times are not plausible is quarantined (``implausible_time``).
+* Sampling: per instrument, the last ``F_LAST`` record of each ``cadence`` slot of ``ts_recv`` (DBN files are
+  ordered by ``ts_recv``, and a historical request's range is on ``ts_recv``), like the Binance and Hyperliquid
+  readers.
+
+Bounds: the file is streamed through ``streams.BoundedStream`` (decompressed size counted: a zstd bomb stops at
+its bound), the metadata header is at most MAX_METADATA_BYTES, and at most MAX_INSTRUMENTS instruments are
+held at once. Memory is one read (1 MiB) of records, one pending record per instrument and one batch of rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from microstructure.contract.book import MAX_LEVELS, BookQuote, plausible_ns
+from microstructure.recorded.batch import Batch, file_time, take_batch
+from microstructure.recorded.bounds import FileFormatError, MiB, check_cadence, snippet, why
+from microstructure.recorded.json_lines import BATCH, ts_from_ns
+from microstructure.recorded.streams import BoundedStream
+
+SOURCE_NAME = "databento"
+SCHEMAS = ("mbp-10", "mbp-1")
+# The metadata header: the symbols asked for and their daily mappings. 2,000 symbols (a request's maximum) over a
+# year of mappings is a few MB; a header claiming more is not a DBN file we read.
+MAX_METADATA_BYTES = 64 * MiB
+# Instruments with a pending sample at once (one record each). A day of every US equity is ~10,000; all of OPRA
+# is ~1.5 M: split such a file by symbol (``--symbol``) or request fewer symbols.
+MAX_INSTRUMENTS = 200_000
+UNMAPPED = "unmapped_instrument"
+
+
+def fixed_price(v: int) -> float:
+    """A DBN fixed-point price (1e-9 units) as the float nearest its exact value (integer division rounds once)."""
+    return v / 1_000_000_000
+
+
+def _levels(rec: Any, undef: int) -> tuple[list[tuple[float, float | None]], list[tuple[float, float | None]]]:
+    """(bids, asks) best first. ``UNDEF_PRICE`` with size 0 is an empty level: the trailing ones are dropped
+    (a side with none left is empty: ``one_sided_book``). An undefined price anywhere else (before a set level,
+    or with a size) is no price: NaN (``nan_or_inf``); a price without a size is half a level
+    (``incomplete_level``). DBN books are compact, so either is a broken record, and quarantined."""
+    bids: list[tuple[float, float | None]] = []
+    asks: list[tuple[float, float | None]] = []
+    empty = (math.nan, None)
+    for lv in rec.levels[:MAX_LEVELS]:
+        for side, px, sz in ((bids, lv.bid_px, lv.bid_sz), (asks, lv.ask_px, lv.ask_sz)):
+            if px == undef:
+                side.append(empty if sz == 0 else (math.nan, float(sz)))
+            else:
+                side.append((fixed_price(px), float(sz) if sz else None))
+    for side in (bids, asks):
+        while side and side[-1] is empty:
+            side.pop()
+    return bids, asks
+
+
+class _Symbols:
+    """instrument id -> symbol, from the metadata's mappings (per UTC date) and SymbolMappingMsg records."""
+
+    def __init__(self, mappings: dict[str, list[dict[str, Any]]]) -> None:
+        self.by_id: dict[int, list[tuple[dt.date, dt.date, str]]] = {}
+        self.live: dict[int, str] = {}
+        self.last: dict[int, tuple[int, int, str]] = {}  # instrument -> the span (ns) of its last mapping found
+        for raw, intervals in mappings.items():
+            for iv in intervals:
+                try:
+                    iid = int(iv["symbol"])
+                except (KeyError, TypeError, ValueError):
+                    continue  # a mapping to another symbology than instrument ids: not one we can use
+                self.by_id.setdefault(iid, []).append((iv["start_date"], iv["end_date"], raw))
+
+    def get(self, iid: int, ts_ns: int) -> str | None:
+        if iid in self.live:
+            return self.live[iid]
+        hit = self.last.get(iid)
+        if hit is not None and hit[0] <= ts_ns < hit[1]:  # most records fall in the span their previous one did
+            return hit[2]
+        spans = self.by_id.get(iid)
+        if not spans:
+            return None
+        day = dt.datetime.fromtimestamp(ts_ns // 1_000_000_000, dt.UTC).date()
+        for start, end, raw in spans:
+            if start <= day < end:
+                self.last[iid] = (_day_ns(start), _day_ns(end), raw)
+                return raw
+        return None
+
+
+def _day_ns(d: dt.date) -> int:
+    return (d - dt.date(1970, 1, 1)).days * 86_400 * 1_000_000_000
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(record number, metadata or record) of one DBN file, streamed and bounded; the metadata comes first.
+    A file that is not DBN, or is cut short, is a FileFormatError naming where."""
+    import databento_dbn as dbn
+
+    name = path.name
+    dec = dbn.DBNDecoder()
+    n = 0
+    seen_meta = False
+    with BoundedStream(path) as fh:
+        while True:
+            chunk = fh.read()
+            if not chunk:
+                break
+            try:
+                dec.write(chunk)
+                out = dec.decode()
+            except (dbn.DBNError, ValueError) as e:
+                where = f"{name} after record {n:,}" if seen_meta else f"{name}"
+                raise FileFormatError(f"{where}: not a DBN file this reader knows ({why(e)})") from None
+            if not seen_meta and not out:
+                if fh.count > MAX_METADATA_BYTES:
+                    raise FileFormatError(f"{name}: no DBN metadata in the first {MAX_METADATA_BYTES:,} bytes "
+                                          "(MAX_METADATA_BYTES): not a DBN file this reader knows")
+                continue
+            for r in out:
+                if isinstance(r, dbn.Metadata):
+                    seen_meta = True
+                    yield 0, r
+                else:
+                    n += 1
+                    yield n, r
+    left = len(dec.buffer())
+    if not seen_meta:
+        raise FileFormatError(f"{name}: empty or cut short before its DBN metadata ended")
+    if left:
+        raise FileFormatError(f"{name} after record {n:,}: the file is cut short ({left} bytes of a record)")
+
+
+def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None = None) -> Iterator[Batch]:
+    """Sampled snapshots of DBN MBP-10 / MBP-1 files (each file in turn), in ``Batch``es; ``symbols`` keeps those
+    symbols only (None: every symbol). See the module docstring."""
+    import databento_dbn as dbn
+
+    check_cadence(cadence_s)
+    slot_ns = round(cadence_s * 1e9)  # cadence >= 1 ms: an integer number of ns is exact enough
+    undef = dbn.UNDEF_PRICE
+    quotes: list[BookQuote] = []
+    origins: list[str] = []
+    rejected: list[dict[str, Any]] = []
+    loaded: dt.datetime | None = None
+
+    def flush() -> Batch:
+        return take_batch(quotes, origins, rejected, loaded)
+
+    def emit(rec: Any, sym: str, where: str) -> None:
+        bids, asks = _levels(rec, undef)
+        quotes.append(BookQuote(sym, ts_from_ns(rec.ts_event), ts_from_ns(rec.ts_recv), SOURCE_NAME, bids, asks))
+        origins.append(where)
+
+    for path in files:
+        loaded = file_time(path)
+        names: _Symbols | None = None
+        pending: dict[int, tuple[int, Any, str, str]] = {}  # instrument -> (slot, record, symbol, where)
+        unmapped: set[int] = set()
+        stop: list[FileFormatError] = []
+        for n, rec in _stop_after(_records(path), stop):
+            if n == 0:
+                schema = rec.schema
+                if schema is not None and str(schema) not in SCHEMAS:
+                    raise FileFormatError(f"{path.name}: DBN schema {snippet(schema, 20)}; backfill --format dbn "
+                                          f"reads {' and '.join(SCHEMAS)}")
+                names = _Symbols(rec.mappings)
+                continue
+            assert names is not None
+            if isinstance(rec, dbn.SymbolMappingMsg):
+                names.live[rec.instrument_id] = rec.stype_in_symbol
+                continue
+            if not isinstance(rec, dbn.MBP10Msg | dbn.MBP1Msg) or not rec.flags & dbn.F_LAST:
+                continue  # other records (system, error, status) carry no book; non-last ones a partial event
+            where = f"{path.name} record {n}"
+            iid, recv = rec.instrument_id, rec.ts_recv
+            sym = names.get(iid, recv)
+            if sym is None:
+                if iid not in unmapped:
+                    unmapped.add(iid)
+                    rejected.append({"symbol": f"instrument_id={iid}", "received_ts": loaded,
+                                     "source": SOURCE_NAME, "reason": UNMAPPED,
+                                     "detail": "no symbol mapping names this instrument on this date (first record "
+                                               "shown; the file's other records of it are skipped too)",
+                                     "origin": where})
+                continue
+            if symbols is not None and sym not in symbols:
+                continue
+            if not (plausible_ns(rec.ts_event) and plausible_ns(recv)):
+                rejected.append({"symbol": sym, "received_ts": loaded, "source": SOURCE_NAME,
+                                 "reason": "implausible_time",
+                                 "detail": f"ts_event={rec.ts_event} ns, ts_recv={recv} ns", "origin": where})
+            else:
+                slot = recv // slot_ns
+                prev = pending.get(iid)
+                if prev is not None and prev[0] != slot:
+                    emit(prev[1], prev[2], prev[3])
+                elif prev is None and len(pending) >= MAX_INSTRUMENTS:
+                    raise FileFormatError(f"{where}: more than {MAX_INSTRUMENTS:,} instruments at once "
+                                          "(MAX_INSTRUMENTS): read it a few symbols at a time (--symbol)")
+                pending[iid] = (slot, rec, sym, where)
+            if len(quotes) + len(rejected) >= BATCH:
+                yield flush()
+        for _, rec, sym, where in pending.values():
+            emit(rec, sym, where)
+            if len(quotes) >= BATCH:
+                yield flush()
+        if stop:  # a file cut short or broken part-way: the books before the break are kept, then the error
+            if quotes or rejected:
+                yield flush()
+            raise stop[0]
+    if quotes or rejected:
+        yield flush()
+
+
+def _stop_after(records: Iterator[tuple[int, Any]], stop: list[FileFormatError]) -> Iterator[tuple[int, Any]]:
+    """The records until the file breaks; the error is kept in ``stop`` for the caller to raise once it has
+    handed over what came before."""
+    try:
+        yield from records
+    except FileFormatError as e:
+        if not stop:
+            stop.append(e)
