@@ -218,6 +218,11 @@ class DatabentoGateway:
         with self.state.lock:
             self.state.pending_gap.add(symbol)
 
+    def restart_numbering(self) -> None:
+        """The venue starts its message numbers over (a new session): every instrument's sequence goes back."""
+        with self.state.lock:
+            self.state.sequence = 1
+
     def release(self, symbol: str) -> None:
         with self.state.lock:
             self.state.held.discard(symbol)

@@ -209,3 +209,38 @@ def test_undefined_levels_and_one_sided_books_are_never_books(monkeypatch):
                        strict=True))
     assert reasons == {"ONESIDE": "one_sided_book", "HOLE": "level_gap"}
     assert errs == {"OK": None, "ONESIDE": "invalid_book", "HOLE": "level_gap"}
+
+
+def _poll_until(chain, syms: list[str], done, limit_s: float = 30):  # type: ignore[no-untyped-def]
+    """Poll cycles until ``done(errors by symbol)``; the last result."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        res = chain.poll(syms, dt.datetime.now(dt.UTC))
+        errs = dict(zip(res.outcomes.column("symbol").to_pylist(), res.outcomes.column("error_class").to_pylist(),
+                        strict=True))
+        if done(errs):
+            return res, errs
+        assert time.monotonic() < deadline, errs
+        time.sleep(0.05)
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 6 s)
+def test_a_sequence_that_goes_back_is_a_gap_until_the_next_record(monkeypatch):
+    syms = ["AAA", "BBB"]
+    with DatabentoGateway(KEY, syms, period_s=0.05) as gw:
+        monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+        monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", gw.address)
+        chain = build_chain(None, syms, only="databento")
+        try:
+            _poll_until(chain, syms, lambda e: set(e.values()) == {None})
+            gw.state.period_s = 2.0  # slow, so the next cycle sees the rewound records before fresh ones
+            time.sleep(0.1)
+            gw.restart_numbering()
+            res, errs = _poll_until(chain, syms, lambda e: set(e.values()) == {"gap"})
+            details = " ".join(res.outcomes.column("detail").to_pylist())
+            assert "sequence went back" in details
+            assert sorted(res.rejected.column("reason").to_pylist()) == ["gap", "gap"]
+            gw.state.period_s = 0.05
+            _poll_until(chain, syms, lambda e: set(e.values()) == {None})  # the next record serves them again
+        finally:
+            chain.close()

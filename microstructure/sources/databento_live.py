@@ -135,8 +135,10 @@ class DatabentoLiveSource:
         self.limits = limits or Limits()
         self.lot_size, self.dataset = lot_size, dataset
         self.symbols = list(dict.fromkeys(symbols))
-        self._key = env_key("DATABENTO_API_KEY", True, f"source {name!r} needs a Databento API key in the "
-                                                       "environment")
+        key = env_key("DATABENTO_API_KEY", True, f"source {name!r} needs a Databento API key in the environment")
+        if key is None or not key.strip() or any(c in key for c in "|\r\n"):
+            raise ConfigError("DATABENTO_API_KEY is blank or holds characters no Databento key has")
+        self._key = key.strip()
         self._gateway = gateway_from_env()
         self._wanted = frozenset(self.symbols)
         self._lock = threading.Lock()
@@ -144,6 +146,7 @@ class DatabentoLiveSource:
         self._by_id: dict[int, str] = {}  # instrument_id -> our symbol, only for subscribed symbols
         self._state: SourceError | None = SourceError(CONNECTION, f"{name}: not connected yet")
         self._fatal: SourceError | None = None
+        self._notice = ""  # the gateway's last error or system message (say, a symbol it could not resolve)
         self._stop = threading.Event()
         self._first = threading.Event()
         self._client: Any = None
@@ -168,13 +171,18 @@ class DatabentoLiveSource:
     # ---- the connection thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         backoff = BACKOFF_FIRST_S
-        while not self._stop.is_set():
-            started = self._session()
-            if self._fatal is not None or self._stop.is_set():
-                break
-            backoff = BACKOFF_FIRST_S if started else min(backoff * 2, BACKOFF_MAX_S)
-            self._stop.wait(backoff)
-        self._first.set()
+        try:
+            while not self._stop.is_set():
+                try:
+                    started = self._session()
+                except Exception as e:  # the SDK refused our arguments: tried again after the back-off
+                    self._state, started = SourceError(CONNECTION, f"{self.name}: {_text(e)}"), False
+                if self._fatal is not None or self._stop.is_set():
+                    break
+                backoff = BACKOFF_FIRST_S if started else min(backoff * 2, BACKOFF_MAX_S)
+                self._stop.wait(backoff)
+        finally:
+            self._first.set()
 
     def _session(self) -> bool:
         """One connection: subscribe, stream until it ends. True if it got as far as streaming."""
@@ -223,6 +231,7 @@ class DatabentoLiveSource:
         with self._lock:
             for latest in self._latest.values():
                 latest.gap = f"{why}: updates may have been missed since this book"
+                latest.sequence = -1  # a new session may number afresh: no "went back" against the old one
 
     def _on_callback_error(self, e: Exception) -> None:
         self._state = SourceError(CONNECTION, f"{self.name}: record handling failed: {_text(e)}")
@@ -251,7 +260,9 @@ class DatabentoLiveSource:
                 with self._lock:
                     self._by_id[rec.instrument_id] = sym
         elif isinstance(rec, dbn.ErrorMsg):
-            self._state = SourceError(CONNECTION, f"{self.name}: gateway error: {_text(rec.err)}")
+            self._notice = f"gateway error: {_text(rec.err)}"
+        elif isinstance(rec, dbn.SystemMsg) and not rec.is_heartbeat():
+            self._notice = f"gateway: {_text(rec.msg)}"
 
     # ---- the poll ----------------------------------------------------------------------------------------
     def fetch(self, symbols: Sequence[str], at: dt.datetime, deadline: float | None = None) -> Fetched:
@@ -271,7 +282,7 @@ class DatabentoLiveSource:
                     out.errors[s] = state
                 elif s not in mapped:
                     out.errors[s] = SourceError(UNKNOWN_SYMBOL, f"{self.name}: {self.dataset} sent no mapping "
-                                                                f"for {s}")
+                                                                f"for {s} (last notice: {self._notice or 'none'})")
                 else:
                     out.errors[s] = SourceError(UNAVAILABLE, f"{self.name}: no MBP-10 record for {s} yet")
             elif latest.gap is not None:
