@@ -236,7 +236,7 @@ def test_a_sequence_that_goes_back_is_a_gap_until_the_next_record(monkeypatch):
             gw.state.period_s = 2.0  # slow, so the next cycle sees the rewound records before fresh ones
             time.sleep(0.1)
             gw.restart_numbering()
-            res, errs = _poll_until(chain, syms, lambda e: set(e.values()) == {"gap"})
+            res, _ = _poll_until(chain, syms, lambda e: set(e.values()) == {"gap"})
             details = " ".join(res.outcomes.column("detail").to_pylist())
             assert "sequence went back" in details
             assert sorted(res.rejected.column("reason").to_pylist()) == ["gap", "gap"]
