@@ -92,7 +92,8 @@ class _Latest:
     received_ns: int
     sequence: int
     gap: str | None = None
-    quarantine: bool = False  # the record itself is suspect (flagged, sequence back): quarantined once
+    quarantine: bool = False  # the record itself is suspect (flagged, sequence back)
+    reported: bool = False  # this record has had its quarantine row: one row a record, not one a cycle
 
 
 def _side(levels: Sequence[Any], side: str, lot: float) -> tuple[list[tuple[float, float | None]], bool]:
@@ -288,8 +289,8 @@ class DatabentoLiveSource:
             elif latest.gap is not None:
                 out.errors[s] = SourceError(GAP, f"{self.name} {s}: {latest.gap}; served again on its next "
                                                  "record")
-                if latest.quarantine:  # the suspect record goes to quarantine once, not every cycle
-                    latest.quarantine = False
+                if latest.quarantine and not latest.reported:
+                    latest.reported = True
                     out.rejected.append((s, GAP, f"{latest.gap}: {_describe(latest.record)}"))
             else:
                 self._shape(s, latest, out)
@@ -302,7 +303,9 @@ class DatabentoLiveSource:
         bids, bid_hole = _side(rec.levels, "bid", self.lot_size)
         asks, ask_hole = _side(rec.levels, "ask", self.lot_size)
         if bid_hole or ask_hole:
-            out.rejected.append((s, "level_gap", f"a defined level after an undefined one: {_describe(rec)}"))
+            if not latest.reported:
+                latest.reported = True
+                out.rejected.append((s, "level_gap", f"a defined level after an undefined one: {_describe(rec)}"))
             out.errors[s] = SourceError("level_gap", f"{self.name} {s}: a level after an undefined price")
             return
         received = dt.datetime.fromtimestamp(latest.received_ns / 1e9, dt.UTC)
