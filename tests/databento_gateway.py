@@ -52,7 +52,8 @@ class GatewayState:
     held: set[str] = field(default_factory=set)
     gaps: dict[str, int] = field(default_factory=dict)  # symbol -> ts_event of its flagged record
     pending_gap: set[str] = field(default_factory=set)
-    # symbol -> "one_sided" (every ask undefined) or "hole" (bid level 3 undefined, 4.. defined)
+    # symbol -> "one_sided" (every ask undefined), "hole" (bid level 3 undefined, 4.. defined) or "no_time"
+    # (ts_event undefined)
     shapes: dict[str, str] = field(default_factory=dict)
     sequence: int = 1000
     last_ts: int = 0
@@ -162,6 +163,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 asks = [(dbn.UNDEF_PRICE, 0)] * 10
             elif shape == "hole":
                 bids[2] = (dbn.UNDEF_PRICE, 0)
+            elif shape == "no_time":
+                ts = dbn.UNDEF_TIMESTAMP
             st.sent[(s, ts)] = Sent(bids, asks, flags, time.time_ns())
             if flags & dbn.F_MAYBE_BAD_BOOK:
                 st.gaps[s] = ts

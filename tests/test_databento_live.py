@@ -186,9 +186,10 @@ def test_built_in_chain_uses_databento_only_when_asked(monkeypatch):
 
 
 @pytest.mark.integration  # the SDK against the stand-in, in process (about 2 s)
-def test_undefined_levels_and_one_sided_books_are_never_books(monkeypatch):
-    syms = ["OK", "ONESIDE", "HOLE"]
-    with DatabentoGateway(KEY, syms, period_s=0.05, shapes={"ONESIDE": "one_sided", "HOLE": "hole"}) as gw:
+def test_undefined_levels_times_and_one_sided_books_are_never_books(monkeypatch):
+    syms = ["OK", "ONESIDE", "HOLE", "NOTIME"]
+    shapes = {"ONESIDE": "one_sided", "HOLE": "hole", "NOTIME": "no_time"}
+    with DatabentoGateway(KEY, syms, period_s=0.05, shapes=shapes) as gw:
         monkeypatch.setenv("DATABENTO_API_KEY", KEY)
         monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", gw.address)
         chain = build_chain(None, syms, only="databento")
@@ -203,8 +204,8 @@ def test_undefined_levels_and_one_sided_books_are_never_books(monkeypatch):
         finally:
             chain.close()
     assert served == {"OK"} and set(res.raw.column("book_levels").to_pylist()) == {10}
-    assert reasons == {"ONESIDE": {"one_sided_book"}, "HOLE": {"level_gap"}}
-    assert errs == {"OK": None, "ONESIDE": "invalid_book", "HOLE": "level_gap"}
+    assert reasons == {"ONESIDE": {"one_sided_book"}, "HOLE": {"level_gap"}, "NOTIME": {"implausible_time"}}
+    assert errs == {"OK": None, "ONESIDE": "invalid_book", "HOLE": "level_gap", "NOTIME": "implausible_time"}
 
 def _poll_until(chain, syms: list[str], done, limit_s: float = 30, seen=None):  # type: ignore[no-untyped-def]
     """Poll cycles until ``done(errors by symbol)``; the last result. ``seen`` = (quarantine reasons by symbol,

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from microstructure.contract.book import BookQuote
+from microstructure.contract.book import BookQuote, plausible_ns
 from microstructure.sources.guard import AUTH, CONNECTION, UNAVAILABLE, UNKNOWN_SYMBOL, Limits, SourceError
 from microstructure.sources.secrets import scrub
 from microstructure.sources.vendor import ConfigError, Fetched, env_key, is_loopback
@@ -50,6 +50,7 @@ BACKOFF_MAX_S = 60.0
 # back) while the thread keeps trying.
 FIRST_CONNECT_WAIT_S = 15.0
 MAX_ERROR_CHARS = 300
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 # The SDK logs a refused key or a lost connection at ERROR; with no logging set up Python's last-resort
 # handler would print those next to our own one-line error. A NullHandler keeps them out of a bare CLI while
@@ -235,7 +236,7 @@ class DatabentoLiveSource:
                 latest.sequence = -1  # a new session may number afresh: no "went back" against the old one
 
     def _on_callback_error(self, e: Exception) -> None:
-        self._state = SourceError(CONNECTION, f"{self.name}: record handling failed: {_text(e)}")
+        self._notice = f"record handling failed: {_text(e)}"
 
     def _on_record(self, rec: Any) -> None:
         """On the SDK's event-loop thread, for every record: as little work as possible."""
@@ -300,18 +301,26 @@ class DatabentoLiveSource:
 
     def _shape(self, s: str, latest: _Latest, out: Fetched) -> None:
         rec = latest.record
+        if not plausible_ns(rec.ts_event):  # UNDEF_TIMESTAMP, 0 or garbage: no time to file the book under
+            self._reject(s, latest, "implausible_time", f"ts_event out of range: {_describe(rec)}", out)
+            return
         bids, bid_hole = _side(rec.levels, "bid", self.lot_size)
         asks, ask_hole = _side(rec.levels, "ask", self.lot_size)
         if bid_hole or ask_hole:
-            if not latest.reported:
-                latest.reported = True
-                out.rejected.append((s, "level_gap", f"a defined level after an undefined one: {_describe(rec)}"))
-            out.errors[s] = SourceError("level_gap", f"{self.name} {s}: a level after an undefined price")
+            self._reject(s, latest, "level_gap", f"a defined level after an undefined one: {_describe(rec)}", out)
             return
-        received = dt.datetime.fromtimestamp(latest.received_ns / 1e9, dt.UTC)
-        event = dt.datetime.fromtimestamp(rec.ts_event / 1e9, dt.UTC)
+        # Integer nanoseconds floored to microseconds (the lake's precision); a float division would round.
+        received = _EPOCH + dt.timedelta(microseconds=latest.received_ns // 1000)
+        event = _EPOCH + dt.timedelta(microseconds=rec.ts_event // 1000)
         # An empty or one-sided book is handed on as it is: the contract quarantines it with its reason.
         out.quotes.append(BookQuote(s, event, received, self.name, bids, asks))
+
+    def _reject(self, s: str, latest: _Latest, reason: str, detail: str, out: Fetched) -> None:
+        """Not a book: the symbol's error this cycle, and one quarantine row for the record (not one a cycle)."""
+        out.errors[s] = SourceError(reason, f"{self.name} {s}: {detail[:200]}")
+        if not latest.reported:
+            latest.reported = True
+            out.rejected.append((s, reason, detail))
 
     def close(self) -> None:
         self._stop.set()
