@@ -167,6 +167,7 @@ def test_sources_file_setting_the_databento_gateway_is_refused(tmp_path, monkeyp
         build_chain(cfg)
 
 
+@pytest.mark.integration  # starts the stand-in gateway
 def test_built_in_chain_uses_databento_only_when_asked(monkeypatch):
     """Databento live is billed by use: the built-in stocks chain leaves it out unless ``--source databento``."""
     for k in ("POLYGON_API_KEY", "APCA_API_KEY_ID", "APCA_API_SECRET_KEY", "DATABENTO_API_KEY"):
