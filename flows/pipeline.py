@@ -118,8 +118,9 @@ def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float
     """Poll today's exchange session (open to close from the exchange calendar, half days included), then
     build and publish the day's features. On a day without a session it returns at once with the reason.
     ``session=False`` polls ``cycles`` cycles instead (crypto, tests). ``source``: simulated, or polygon /
-    alpaca / chain (keys from the environment). ``metrics_port`` (default ``$MICROSTRUCTURE_METRICS_PORT``, else
-    none): serve the poll's Prometheus metrics there while it polls (docs/operations.md)."""
+    alpaca / databento / chain (keys from the environment). ``metrics_port`` (default
+    ``$MICROSTRUCTURE_METRICS_PORT``, else none): serve the poll's Prometheus metrics there while it polls
+    (docs/operations.md)."""
     from prefect import get_run_logger
 
     from microstructure.contract.calendar import await_session

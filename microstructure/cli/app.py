@@ -28,6 +28,7 @@ class Source(enum.StrEnum):
     simulated = "simulated"
     polygon = "polygon"
     alpaca = "alpaca"
+    databento = "databento"  # live MBP-10 (10 levels) for US stocks
     chain = "chain"
     polygon_market = "polygon-market"  # every US stock from one snapshot-all call
 

@@ -110,7 +110,7 @@ class ChainSource:
         served = sum(1 for o in outcomes if o["error_class"] is None)
         if outcomes and served == 0 and all(o["error_class"] == AUTH for o in outcomes):
             raise AuthRejected("every source refused its API key (HTTP 401/403): check POLYGON_API_KEY, "
-                               "APCA_API_KEY_ID and APCA_API_SECRET_KEY")
+                               "APCA_API_KEY_ID, APCA_API_SECRET_KEY and DATABENTO_API_KEY")
         return PollResult(raw=pa.concat_tables([RAW_SCHEMA.empty_table(), *raw]),
                           rejected=pa.concat_tables([QUARANTINE_SCHEMA.empty_table(), *rejected]),
                           outcomes=pa.Table.from_pylist(outcomes, schema=OUTCOMES_SCHEMA))
@@ -135,6 +135,8 @@ class ChainSource:
             got, latency = self._fetch(name, src, remaining, at, deadline)
             for sym, body in got.malformed:
                 rejected.append(malformed_record(sym, name, dt.datetime.now(dt.UTC), "malformed", scrub(body)))
+            for sym, reason, body in got.rejected:
+                rejected.append(malformed_record(sym, name, dt.datetime.now(dt.UTC), reason, scrub(body)))
             checked = validate(got.table())
             rejected.append(checked.quarantine)
             for s, e in got.errors.items():
@@ -206,6 +208,9 @@ class ChainSource:
             guard = getattr(s, "guard", None)
             if guard is not None:
                 guard.close()
+            closer = getattr(s, "close", None)  # a streaming source ends its connection
+            if closer is not None:
+                closer()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._calls.shutdown(wait=False, cancel_futures=True)
 

@@ -36,20 +36,31 @@ asset = "crypto"
 kind = "polygon"
 asset = "crypto"
 
+[sources.databento_stocks]
+kind = "databento"
+asset = "stocks"
+
 [groups.stocks]
-chain = ["polygon_stocks", "alpaca_stocks"]
+chain = ["databento_stocks", "polygon_stocks", "alpaca_stocks"]
 
 [groups.crypto]
 chain = ["alpaca_crypto", "polygon_crypto"]
 """
 
-SOURCE_KEYS = {"kind", "asset", "feed", "lot_size", "retries", *Limits.__dataclass_fields__}
+SOURCE_KEYS = {"kind", "asset", "feed", "lot_size", "retries", "dataset", *Limits.__dataclass_fields__}
+# Databento live is billed by use: the built-in chain takes it only when asked (`poll --source databento`);
+# a sources file that chains it asks for it.
+OPT_IN_KINDS = {"databento"}
 # Where a source's key is sent is the environment's choice only (see vendor.base_url_from_env): a sources file,
 # above all one inside a data dir, may come from anyone.
 BASE_URL_ENV = {"polygon": "MICROSTRUCTURE_POLYGON_BASE_URL", "alpaca": "MICROSTRUCTURE_ALPACA_DATA_URL"}
 
 
-def build_source(name: str, spec: dict[str, Any]) -> VendorSource:
+def build_source(name: str, spec: dict[str, Any], symbols: Sequence[str] = ()) -> VendorSource:
+    if "gateway" in spec:
+        raise ConfigError(f"source {name!r}: gateway cannot be set in a sources file (it decides which server "
+                          "feeds the books); set MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY in the environment for a "
+                          "local stand-in")
     if "base_url" in spec:
         var = BASE_URL_ENV.get(str(spec.get("kind")), "MICROSTRUCTURE_POLYGON_BASE_URL or "
                                                            "MICROSTRUCTURE_ALPACA_DATA_URL")
@@ -70,10 +81,15 @@ def build_source(name: str, spec: dict[str, Any]) -> VendorSource:
         from microstructure.sources.alpaca import AlpacaSource
 
         return AlpacaSource(feed=spec.get("feed", "iex"), **common)
+    if kind == "databento":
+        from microstructure.sources.databento_live import DEFAULT_DATASET, DatabentoLiveSource
+
+        # One live subscription for every symbol of the groups that chain it, made when it is built.
+        return DatabentoLiveSource(dataset=spec.get("dataset", DEFAULT_DATASET), symbols=symbols, **common)
     if kind == "simulated":
         raise ConfigError(f"source {name!r}: the simulated source is never part of a vendor chain; "
                           "use `poll --source simulated`")
-    raise ConfigError(f"source {name!r}: kind must be polygon or alpaca, not {kind!r}")
+    raise ConfigError(f"source {name!r}: kind must be polygon, alpaca or databento, not {kind!r}")
 
 
 def load_config(path: Path | None) -> tuple[dict[str, Any], Path]:
@@ -90,7 +106,8 @@ def load_config(path: Path | None) -> tuple[dict[str, Any], Path]:
 def build_chain(config_path: Path | None = None, symbols: Sequence[str] | None = None,
                 only: str | None = None) -> ChainSource:
     """The chain from ``config_path`` (or the built-in default). ``symbols`` adds symbols to the groups of
-    their asset class. ``only`` ("polygon" or "alpaca") keeps just that vendor's sources in every chain."""
+    their asset class. ``only`` ("polygon", "alpaca" or "databento") keeps just that vendor's sources in every
+    chain. The built-in default leaves out the ``OPT_IN_KINDS`` unless ``only`` names them."""
     cfg, base = load_config(config_path)
     specs: dict[str, dict[str, Any]] = cfg.get("sources", {})
     gcfg: dict[str, dict[str, Any]] = cfg.get("groups", {})
@@ -102,6 +119,8 @@ def build_chain(config_path: Path | None = None, symbols: Sequence[str] | None =
         for n in chain:
             if n not in specs:
                 raise ConfigError(f"group {gname!r}: chain names unknown source {n!r}")
+        if config_path is None and only not in OPT_IN_KINDS:
+            chain = [n for n in chain if specs[n].get("kind") not in OPT_IN_KINDS]
         if only is not None:
             chain = [n for n in chain if specs[n].get("kind") == only]
         assets = {specs[n].get("asset", "stocks") for n in chain}
@@ -126,5 +145,14 @@ def build_chain(config_path: Path | None = None, symbols: Sequence[str] | None =
     needed = {n for g in groups if g.symbols for n in g.chain}
     if only is not None and not needed:
         raise ConfigError(f"no {only} source covers the requested symbols")
-    sources = {n: build_source(n, specs[n]) for n in sorted(needed)}
+    sources: dict[str, VendorSource] = {}
+    try:
+        for n in sorted(needed):
+            sources[n] = build_source(n, specs[n], [s for g in groups if n in g.chain for s in g.symbols])
+    except ConfigError:
+        for built in sources.values():  # a streaming source already built ends its connection
+            closer = getattr(built, "close", None)
+            if closer is not None:
+                closer()
+        raise
     return ChainSource(sources, groups, float(cfg.get("cycle_deadline_s", 2.5)))

@@ -27,12 +27,14 @@ class Fetched:
     quotes: list[BookQuote] = field(default_factory=list)
     errors: dict[str, SourceError] = field(default_factory=dict)  # symbol -> why it got no book
     malformed: list[tuple[str, str]] = field(default_factory=list)  # (symbol, body) kept for quarantine
+    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (symbol, reason, detail) for quarantine
     calls_ok: int = 1  # vendor calls behind this answer that got an answer (per-symbol sources count each)
 
     def merge(self, other: Fetched) -> None:
         self.quotes += other.quotes
         self.errors.update(other.errors)
         self.malformed += other.malformed
+        self.rejected += other.rejected
         self.calls_ok += other.calls_ok
 
     def table(self) -> pa.Table:

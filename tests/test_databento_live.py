@@ -1,0 +1,250 @@
+"""``--source databento``: the official ``databento`` SDK's live client against a local gateway speaking Databento's
+live protocol (CRAM auth, subscription lines, a DBN stream; ``tests/databento_gateway.py``). Nothing is patched:
+the SDK is pointed at the stand-in by ``MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY``, the one way there is.
+
+The poll runs through the CLI for 150 symbols, the gateway hangs up mid-run and flags a gap for one symbol; the lake
+must then hold exactly the records the gateway sent (ten levels each), the gap as an outcome and a quarantine row,
+and the symbol served again once a clean record came.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from microstructure.contract.book import LEVEL_COLUMNS
+from microstructure.lake.paths import LakePaths
+from microstructure.lake.views import connect
+from microstructure.sources.chain_config import build_chain
+from microstructure.sources.vendor import ConfigError
+from tests.databento_gateway import DatabentoGateway
+
+KEY = "db-SECRET7dbKeyForTests4f2a9"
+SYMBOLS = [f"T{i:03d}" for i in range(150)]
+GAPPED = "T007"
+
+
+def _env(gateway: str, key: str = KEY) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("POLYGON_API_KEY", "APCA_API_KEY_ID",
+                                                            "APCA_API_SECRET_KEY", "MICROSTRUCTURE_ONLINE_STORE")}
+    return {**env, "DATABENTO_API_KEY": key, "MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY": gateway}
+
+
+def _cli(*args: object, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "microstructure", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_acks(ack: Path, n: int, proc: subprocess.Popen[str], limit_s: float = 120) -> None:
+    """Until the poller has acknowledged ``n`` cycles (the test acts between cycles, not at guessed times)."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if ack.exists() and len(ack.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"poll ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} acknowledged cycles within {limit_s} s")
+
+
+@pytest.mark.integration  # the CLI's live poll in a subprocess against the stand-in gateway, ~12 one-second cycles
+def test_poll_databento_serves_150_symbols_ten_levels_through_a_drop_and_a_gap(tmp_path):
+    d, ack, syms = tmp_path / "data", tmp_path / "ack.log", tmp_path / "symbols.txt"
+    syms.write_text("\n".join(SYMBOLS) + "\n")
+    cycles = 12
+    with DatabentoGateway(KEY, SYMBOLS, period_s=0.2) as gw:
+        proc = _cli("poll", "--source", "databento", "--symbols-file", syms, "--interval", 1, "--cycles", cycles,
+                    "--no-online", "--json", "--data-dir", d, "--ack-log", ack, env=_env(gw.address))
+        try:
+            _wait_acks(ack, 3, proc)
+            assert gw.drop() == 1  # the gateway hangs up on the one streaming session
+            _wait_acks(ack, 6, proc)
+            gw.gap(GAPPED)
+            _wait_acks(ack, 8, proc)
+            gw.release(GAPPED)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        st = gw.state
+    assert proc.returncode == 0, err
+    assert st.sessions >= 2 and all(sorted(s) == SYMBOLS for s in st.subscribed)  # reconnected, resubscribed all
+    assert KEY not in out + err and not any(KEY in line for line in st.auth_lines)  # CRAM: the key never travels
+
+    con = connect(LakePaths(d))
+    # Every symbol served, each book with ten levels (MBP-10 is real depth, not L1).
+    levels = dict(con.sql("SELECT symbol, min(book_levels) FROM snapshots GROUP BY 1").fetchall())
+    assert sorted(levels) == SYMBOLS and set(levels.values()) == {10}
+    assert con.sql("SELECT DISTINCT source FROM snapshots").fetchall() == [("databento_stocks",)]
+
+    # Each book in the lake is exactly a record the gateway sent: same ts_event, same ten prices and sizes a side;
+    # received when it arrived (never before it was sent), never the flagged record.
+    cols = ", ".join(LEVEL_COLUMNS)
+    rows = con.sql(f"SELECT symbol, epoch_us(event_ts), epoch_us(received_ts), {cols} FROM snapshots").fetchall()
+    assert len(rows) >= 150 * (cycles - 4)
+    for sym, ev_us, recv_us, *vals in rows:
+        rec = st.sent.get((sym, ev_us * 1000))
+        assert rec is not None, (sym, ev_us)
+        want = {}
+        for i, ((bp, bs), (ap, as_)) in enumerate(zip(rec.bids, rec.asks, strict=True), start=1):
+            want |= {f"bid_px_{i}": bp / 1e9, f"bid_sz_{i}": float(bs), f"ask_px_{i}": ap / 1e9,
+                     f"ask_sz_{i}": float(as_)}
+        assert dict(zip(LEVEL_COLUMNS, vals, strict=True)) == pytest.approx(want, rel=1e-12), sym
+        assert recv_us >= rec.sent_ns // 1000 and not rec.flags & 4
+    flagged_ts = st.gaps[GAPPED]
+    assert (GAPPED, flagged_ts) not in {(s, e * 1000) for s, e, *_ in rows}
+
+    # The gap: an outcome with its reason for the cycles it lasted, the flagged record quarantined (once), then the
+    # symbol served again from its next clean record.
+    by_cycle = con.sql("SELECT cycle_ts, error_class, detail FROM outcomes WHERE symbol = ? ORDER BY cycle_ts",
+                       params=[GAPPED]).fetchall()
+    flagged = [i for i, (_, c, detail) in enumerate(by_cycle) if c == "gap" and "unrecoverable gap" in detail]
+    assert flagged and "databento_stocks: gap" in by_cycle[flagged[0]][2]
+    assert None in [c for _, c, _ in by_cycle[flagged[-1]:]]  # recovered
+    q = con.sql("SELECT reason, detail FROM quarantine WHERE symbol = ?", params=[GAPPED]).fetchall()
+    assert [r for r, _ in q] == ["gap"] and f"ts_event={flagged_ts}" in q[0][1]
+
+    # The drop was survived: a reconnect's books were gaps until fresh records came, and the last cycle served every
+    # symbol again.
+    after_drop = con.sql("SELECT count(*) FROM outcomes WHERE error_class IN ('gap', 'connection') "
+                         "AND (detail LIKE '%reconnect%' OR error_class = 'connection')").fetchall()[0][0]
+    assert after_drop > 0
+    last = con.sql("SELECT count(*) FILTER (WHERE error_class IS NULL) FROM outcomes "
+                   "WHERE cycle_ts = (SELECT max(cycle_ts) FROM outcomes)").fetchall()[0][0]
+    assert last == 150
+    stored = con.sql("SELECT string_agg(detail, ' ') FROM outcomes").fetchall()[0][0] or ""
+    assert KEY not in stored
+
+    # What `coverage` reports: all 150 with L2.
+    cov = subprocess.run([sys.executable, "-m", "microstructure", "coverage", "--data-dir", str(d), "--json"],
+                         capture_output=True, text=True, timeout=120, env=_env("127.0.0.1:1"))
+    assert cov.returncode == 0, cov.stderr
+    overall = json.loads(cov.stdout)["overall"]
+    assert (overall["symbols"], overall["l2"], overall["none"]) == (150, 150, 0)
+
+
+@pytest.mark.integration  # the CLI in a subprocess
+def test_databento_bad_key_is_one_error_line_and_exit_2(tmp_path):
+    wrong = "db-WRONGkeyNeverValid0000"
+    with DatabentoGateway(KEY, SYMBOLS[:3]) as gw:
+        p = subprocess.run([sys.executable, "-m", "microstructure", "poll", "--source", "databento", "--symbol", "T000",
+                            "--interval", "1", "--cycles", "2", "--no-online", "--data-dir", str(tmp_path / "d")],
+                           capture_output=True, text=True, timeout=120, env=_env(gw.address, key=wrong))
+        st = gw.state
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "DATABENTO_API_KEY" in lines[0], lines
+    assert wrong not in p.stdout + p.stderr
+    assert st.sessions == 0 and len(st.auth_lines) == 1  # one try: a refused key is not retried
+
+
+def test_databento_gateway_override_refuses_a_non_loopback_host(monkeypatch):
+    from microstructure.sources.databento_live import DatabentoLiveSource
+
+    monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+    for bad in ("xnas-itch.lsg.databento.com.evil.example:13000", "10.0.0.5", "[2001:db8::1]:13000",
+                "127.0.0.1:notaport"):
+        monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", bad)
+        with pytest.raises(ConfigError, match="MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY") as e:
+            DatabentoLiveSource(symbols=["AAPL"])
+        assert KEY not in str(e.value)
+
+
+def test_sources_file_setting_the_databento_gateway_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+    monkeypatch.delenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", raising=False)
+    cfg = tmp_path / "sources.toml"
+    cfg.write_text('[sources.db]\nkind = "databento"\ngateway = "attacker.example:13000"\n'
+                   '[groups.stocks]\nchain = ["db"]\nsymbols = ["AAPL"]\n')
+    with pytest.raises(ConfigError, match="gateway cannot be set in a sources file"):
+        build_chain(cfg)
+
+
+@pytest.mark.integration  # starts the stand-in gateway
+def test_built_in_chain_uses_databento_only_when_asked(monkeypatch):
+    """Databento live is billed by use: the built-in stocks chain leaves it out unless ``--source databento``."""
+    for k in ("POLYGON_API_KEY", "APCA_API_KEY_ID", "APCA_API_SECRET_KEY", "DATABENTO_API_KEY"):
+        monkeypatch.setenv(k, "k-not-used-123")
+    chain = build_chain(None, ["AAPL"])
+    try:
+        assert next(g for g in chain.groups if g.asset == "stocks").chain == ["polygon_stocks", "alpaca_stocks"]
+    finally:
+        chain.close()
+    with DatabentoGateway("k-not-used-123", ["AAPL"]) as gw:
+        monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", gw.address)
+        chain = build_chain(None, ["AAPL"], only="databento")
+        try:
+            assert [g.chain for g in chain.groups if g.symbols] == [["databento_stocks"]]
+        finally:
+            chain.close()
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 2 s)
+def test_undefined_levels_times_and_one_sided_books_are_never_books(monkeypatch):
+    syms = ["OK", "ONESIDE", "HOLE", "NOTIME"]
+    shapes = {"ONESIDE": "one_sided", "HOLE": "hole", "NOTIME": "no_time"}
+    with DatabentoGateway(KEY, syms, period_s=0.05, shapes=shapes) as gw:
+        monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+        monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", gw.address)
+        chain = build_chain(None, syms, only="databento")
+        reasons: dict[str, set[str]] = {}
+        served: set[str] = set()
+        try:
+            # Until every symbol has had its first record (before that: connection, unknown_symbol, unavailable).
+            want = {"OK": None, "ONESIDE": "invalid_book", "HOLE": "level_gap", "NOTIME": "implausible_time"}
+            res, _ = _poll_until(chain, syms, lambda e: e == want, seen=(reasons, served))
+            for _ in range(3):  # a few more cycles: the hole's record is quarantined once, never served
+                time.sleep(0.1)
+                _poll_until(chain, syms, lambda e: True, seen=(reasons, served))
+        finally:
+            chain.close()
+    assert served == {"OK"} and set(res.raw.column("book_levels").to_pylist()) == {10}
+    assert reasons == {"ONESIDE": {"one_sided_book"}, "HOLE": {"level_gap"}, "NOTIME": {"implausible_time"}}
+
+
+def _poll_until(chain, syms: list[str], done, limit_s: float = 30, seen=None):  # type: ignore[no-untyped-def]
+    """Poll cycles until ``done(errors by symbol)``; the last result. ``seen`` = (quarantine reasons by symbol,
+    symbols served) gathered over every cycle."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        res = chain.poll(syms, dt.datetime.now(dt.UTC))
+        errs = dict(zip(res.outcomes.column("symbol").to_pylist(), res.outcomes.column("error_class").to_pylist(),
+                        strict=True))
+        if seen is not None:
+            for sym, why in zip(res.rejected.column("symbol").to_pylist(), res.rejected.column("reason").to_pylist(),
+                                strict=True):
+                seen[0].setdefault(sym, set()).add(why)
+            seen[1].update(res.raw.column("symbol").to_pylist())
+        if done(errs):
+            return res, errs
+        assert time.monotonic() < deadline, errs
+        time.sleep(0.05)
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 6 s)
+def test_a_sequence_that_goes_back_is_a_gap_until_the_next_record(monkeypatch):
+    syms = ["AAA", "BBB"]
+    with DatabentoGateway(KEY, syms, period_s=0.05) as gw:
+        monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+        monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", gw.address)
+        chain = build_chain(None, syms, only="databento")
+        try:
+            _poll_until(chain, syms, lambda e: set(e.values()) == {None})
+            gw.state.period_s = 2.0  # slow, so the next cycle sees the rewound records before fresh ones
+            time.sleep(0.1)
+            gw.restart_numbering()
+            res, _ = _poll_until(chain, syms, lambda e: set(e.values()) == {"gap"})
+            details = " ".join(res.outcomes.column("detail").to_pylist())
+            assert "sequence went back" in details
+            assert sorted(res.rejected.column("reason").to_pylist()) == ["gap", "gap"]
+            gw.state.period_s = 0.05
+            _poll_until(chain, syms, lambda e: set(e.values()) == {None})  # the next record serves them again
+        finally:
+            chain.close()
