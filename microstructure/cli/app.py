@@ -28,6 +28,7 @@ class Source(enum.StrEnum):
     simulated = "simulated"
     polygon = "polygon"
     alpaca = "alpaca"
+    ccxt = "ccxt"  # the sources file's ccxt venues only
     chain = "chain"
     polygon_market = "polygon-market"  # every US stock from one snapshot-all call
 

@@ -147,8 +147,8 @@ def vendor_source(kind: str, symbol_list: list[str] | None, sources_config: Path
             return WholeMarketSource(limits=Limits(timeout_s=5.0)), []
         except ConfigError as e:
             raise PollError(str(e)) from None
-    if kind not in ("chain", "polygon", "alpaca"):
-        raise PollError(f"--source must be simulated, polygon, alpaca, chain or polygon-market, not {kind!r}")
+    if kind not in ("chain", "polygon", "alpaca", "ccxt"):
+        raise PollError(f"--source must be simulated, polygon, alpaca, ccxt, chain or polygon-market, not {kind!r}")
     cfg = sources_config or (data_dir / "sources.toml")
     try:
         chain = build_chain(cfg if cfg.exists() or sources_config else None, symbol_list,

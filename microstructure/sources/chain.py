@@ -206,6 +206,9 @@ class ChainSource:
             guard = getattr(s, "guard", None)
             if guard is not None:
                 guard.close()
+            closer = getattr(s, "close", None)
+            if closer is not None:  # a source holding resources of its own (ccxt's event loop and HTTP session)
+                closer()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._calls.shutdown(wait=False, cancel_futures=True)
 
