@@ -70,6 +70,40 @@ _UNIFIED = re.compile(r"[A-Z0-9][A-Z0-9.\-_]*/[A-Z0-9][A-Z0-9.\-_]*(:[A-Z0-9.\-_
 _STATUS = re.compile(r"^\S+ (?:GET|POST|PUT|DELETE|PATCH|HEAD) \S+ (\d{3})\b")
 
 
+# The order-book endpoint each venue's fetch_order_book(s) calls, as a path into ccxt's ``api`` table (which holds
+# each endpoint's cost in units of the venue's ``rateLimit`` milliseconds). For docs/ccxt.md's arithmetic.
+BOOK_ENDPOINT: dict[str, tuple[str, ...]] = {
+    "binance": ("public", "get", "depth"),
+    "hitbtc": ("public", "get", "public/orderbook"),  # bulk
+    "upbit": ("public", "get", "orderbook"),  # bulk
+    "okx": ("public", "get", "market/books"),
+    "bybit": ("public", "get", "v5/market/orderbook"),
+    "kucoin": ("public", "get", "market/orderbook/level2_20"),
+    "bitget": ("public", "spot", "get", "v2/spot/market/orderbook"),
+    "mexc": ("spot", "public", "get", "depth"),
+    "kraken": ("public", "get", "Depth"),
+}
+
+
+def book_calls_per_s(exchange: str, limit: int = LEVELS) -> float:
+    """Order-book calls a second ccxt's own limiter lets through to ``exchange``: 1000 / (rateLimit x cost), the
+    cost of the endpoint in BOOK_ENDPOINT at ``limit`` levels (``byLimit`` where the venue weighs by depth)."""
+    import ccxt
+
+    client = getattr(ccxt, exchange)()
+    node: Any = client.api
+    for k in BOOK_ENDPOINT[exchange]:
+        node = node[k]
+    cost = node
+    if isinstance(node, dict):
+        cost = node.get("cost", 1)
+        for upto, c in node.get("byLimit", []):
+            if limit <= upto:
+                cost = c
+                break
+    return 1000.0 / (float(client.rateLimit) * float(cost))
+
+
 def url_env(exchange: str) -> str:
     return URL_ENV_PREFIX + exchange.upper()
 
