@@ -134,7 +134,7 @@ def _run_poll(data_dir: Path, cycles: int | None, interval: float, step: float |
 
 def vendor_source(kind: str, symbol_list: list[str] | None, sources_config: Path | None,
                    data_dir: Path) -> tuple[Any, list[str]]:
-    """A fallback chain from the sources file (``chain``) or one vendor's part of it (polygon, alpaca)."""
+    """A fallback chain from the sources file (``chain``) or one vendor's part of it (polygon, alpaca, ccxt)."""
     from microstructure.sources.chain_config import build_chain
     from microstructure.sources.vendor import ConfigError
 
