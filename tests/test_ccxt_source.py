@@ -135,6 +135,7 @@ def test_150_pairs_over_two_venues_fit_a_2s_cycle_within_each_venues_limit(venue
 
 
 # ---- faults --------------------------------------------------------------------------------------------
+@pytest.mark.integration  # ~3 s: binance's 30 depth calls spaced by its limiter
 def test_429_and_5xx_give_their_error_classes_and_keep_the_good_symbols(venues, tmp_path):
     vb, vh = venues
     vb.faults.update({"C001USDT": 429, "C002USDT": 502})
@@ -158,6 +159,7 @@ def test_429_and_5xx_give_their_error_classes_and_keep_the_good_symbols(venues, 
     assert len(vh.book_hits) > 1  # the split: more than the one bulk call
 
 
+@pytest.mark.integration  # ~4 s: two cycles of binance's 30 spaced depth calls
 def test_a_429_with_retry_after_backs_the_venue_off_and_the_other_venue_carries_on(venues, tmp_path):
     vb, vh = venues
     chain = build_chain(sources_toml(tmp_path, vb, vh, deadline=10.0))
@@ -260,3 +262,71 @@ def test_a_ccxt_source_must_name_a_ccxt_exchange_and_be_crypto(tmp_path):
         CcxtSource("x", exchange="nosuchvenue")
     with pytest.raises(ConfigError, match="crypto only"):
         CcxtSource("x", asset="stocks", exchange="binance")
+
+
+def test_pairs_beyond_a_venues_budget_are_throttled_never_sent(venues):
+    """50 binance pairs against a 1 s deadline: our bucket (20 a second, burst 1) lets about 20 calls through and
+    records the rest as throttled, without a request; the ones sent are served."""
+    vb, _ = venues
+    vb.symbols += pairs(20, "USDT", offset=500)  # 50 listed pairs
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=BINANCE_RPS, burst=1))
+    try:
+        src.fetch(["BTC/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)  # markets loaded, bucket spent
+        sent_before = len(vb.book_hits)
+        got = src.fetch(vb.symbols, dt.datetime.now(dt.UTC), time.monotonic() + 1.0)
+    finally:
+        src.close()
+    sent = len(vb.book_hits) - sent_before
+    assert sent <= BINANCE_RPS * 1.0 + 2, sent
+    assert sent - 2 <= len(got.quotes) <= sent  # a call still in flight at the deadline is sent but not served
+    assert {e.error_class for e in got.errors.values()} <= {"throttled", "deadline"}
+    assert len(got.quotes) + len(got.errors) == len(vb.symbols)
+    assert sum(e.error_class == "throttled" for e in got.errors.values()) >= len(vb.symbols) - sent - 2
+
+
+def test_poll_source_ccxt_keeps_only_the_ccxt_venues_of_the_file(venues, tmp_path):
+    vb, vh = venues
+    p = sources_toml(tmp_path, vb, vh)
+    p.write_text(p.read_text() + """
+[sources.alpaca_stocks]
+kind = "alpaca"
+asset = "stocks"
+[groups.stocks]
+chain = ["alpaca_stocks"]
+symbols = ["AAPL"]
+""")
+    chain = build_chain(p, only="ccxt")  # no Alpaca keys needed: its source is never built
+    try:
+        assert sorted(chain.sources) == ["binance", "hitbtc"]
+    finally:
+        chain.close()
+
+
+def test_a_book_the_venue_sent_crossed_or_unreadable_is_quarantined_with_its_reason(venues, tmp_path):
+    vb, vh = venues
+    from werkzeug import Response
+
+    def books(request):
+        asked = request.args.get("symbols", "").split(",")
+        out = {sid: {"timestamp": "2026-01-01T00:00:00.000Z", "ask": [["100.5", "1"]], "bid": [["100.4", "1"]]}
+               for sid in asked}
+        out[asked[0]] = {"timestamp": "2026-01-01T00:00:00.000Z", "ask": [["99", "1"]], "bid": [["101", "1"]]}
+        out[asked[1]] = {"timestamp": "2026-01-01T00:00:00.000Z", "ask": [["x", "1"]], "bid": [["100.4", "1"]]}
+        return Response(json.dumps(out), content_type="application/json")
+
+    vh.server.clear()
+    vh.server.expect_request("/api/3/public/symbol").respond_with_json(
+        {s.replace("/", ""): hitbtc_market(s) for s in vh.symbols})
+    vh.server.expect_request("/api/3/public/currency").respond_with_json({})
+    vh.server.expect_request("/api/3/public/orderbook").respond_with_handler(books)
+    chain = build_chain(sources_toml(tmp_path, vb, vh, deadline=10.0))
+    try:
+        res = chain.poll(vh.symbols[:4], dt.datetime(2026, 1, 1, 0, 0, 1, tzinfo=dt.UTC))
+    finally:
+        chain.close()
+    out = _by_symbol(res)
+    crossed, unreadable, *good = vh.symbols[:4]
+    assert out[crossed]["error_class"] == "invalid_book"
+    assert out[unreadable]["error_class"] == "malformed"  # ccxt reads "x" as no price: never a 0 level
+    assert all(out[s]["error_class"] is None for s in good)
+    assert set(res.rejected.column("symbol").to_pylist()) >= {crossed, unreadable}
