@@ -330,3 +330,20 @@ def test_a_book_the_venue_sent_crossed_or_unreadable_is_quarantined_with_its_rea
     assert out[unreadable]["error_class"] == "malformed"  # ccxt reads "x" as no price: never a 0 level
     assert all(out[s]["error_class"] is None for s in good)
     assert set(res.rejected.column("symbol").to_pylist()) >= {crossed, unreadable}
+
+
+def test_a_market_list_that_fails_is_every_pairs_error_and_is_loaded_again_next_cycle(venues):
+    vb, _ = venues
+    vb.market_faults.append(503)
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
+    try:
+        first = src.fetch(["BTC/USDT", "ETH/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 5)
+        asked_first = list(vb.requests)
+        second = src.fetch(["BTC/USDT", "ETH/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 5)
+    finally:
+        src.close()
+    # One reason for every pair (not split over: it says nothing about any pair), and no book asked for.
+    assert {(e.error_class, "market list" in e.detail) for e in first.errors.values()} == {("server_error", True)}
+    assert first.calls_ok == 0 and not first.quotes
+    assert asked_first == ["/api/v3/exchangeInfo?"]
+    assert [q.symbol for q in second.quotes] == ["BTC/USDT", "ETH/USDT"] and not second.errors

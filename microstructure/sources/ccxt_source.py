@@ -233,7 +233,7 @@ class CcxtSource:
             if self._markets is None or (self._markets.done() and self._markets.exception() is not None):
                 if time.monotonic() < self.guard.backoff_until:
                     raise SourceError(RATE_LIMITED, f"{self.name} asked us to wait (Retry-After)")
-                self._markets = self._submit(self.client.load_markets())
+                self._markets = self._submit(self._load_markets())
             fut = self._markets
         wait = MARKETS_WAIT_S if deadline is None else min(MARKETS_WAIT_S, deadline - time.monotonic())
         try:
@@ -243,6 +243,15 @@ class CcxtSource:
         except Exception as e:
             err = self._classified(e)
             raise SourceError(err.error_class, f"{self.name}: market list: {err.detail}") from e
+
+    async def _load_markets(self) -> Any:
+        # ccxt reads its ``timeout`` at each request. The market list gets a longer one than a book call (binance's
+        # is several MB); no book call runs meanwhile, as every fetch waits for the markets first.
+        self.client.timeout = int(MARKETS_WAIT_S * 1000)
+        try:
+            return await self.client.load_markets()
+        finally:
+            self.client.timeout = int(self.limits.timeout_s * 1000)
 
     def _classified(self, e: BaseException) -> SourceError:
         err = classify(e)
@@ -305,7 +314,9 @@ class CcxtSource:
             calls = [([u], self._submit(self._one(u, deadline))) for u in wanted]
         first_err: SourceError | None = None
         for chunk, fut in calls:
-            wait = self.limits.timeout_s * 4 if deadline is None else deadline - time.monotonic()
+            # Without a deadline: a call's timeout after the limiter's spacing of every call before it.
+            wait = (self.limits.timeout_s + len(calls) / max(self.limits.rate_per_s, 1e-3) if deadline is None
+                    else deadline - time.monotonic())
             try:
                 got, t_done = fut.result(timeout=max(0.0, wait))
             except FutureTimeout:
