@@ -347,3 +347,17 @@ def test_a_market_list_that_fails_is_every_pairs_error_and_is_loaded_again_next_
     assert first.calls_ok == 0 and not first.quotes
     assert asked_first == ["/api/v3/exchangeInfo?"]
     assert [q.symbol for q in second.quotes] == ["BTC/USDT", "ETH/USDT"] and not second.errors
+
+
+def test_a_venue_that_refuses_connections_is_a_connection_error(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv(url_env("hitbtc"), f"http://127.0.0.1:{s.getsockname()[1]}")
+        src = CcxtSource("hitbtc", exchange="hitbtc")
+        try:
+            got = src.fetch(["BTC/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 5)
+        finally:
+            src.close()
+    assert got.errors["BTC/USDT"].error_class == "connection", got.errors
