@@ -46,7 +46,7 @@ class Venue:
     symbols: list[str]
     server: HTTPServer
     faults: dict[str, int] = field(default_factory=dict)
-    market_faults: list[int] = field(default_factory=list)  # statuses for the next market-list requests, in turn
+    market_fault: int | None = None  # the status the market list answers with while set
     book_hits: list[float] = field(default_factory=list)  # time.time() of each order-book request
     requests: list[str] = field(default_factory=list)  # every path asked for, with its query
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -105,8 +105,8 @@ def binance(server: HTTPServer, symbols: list[str]) -> Venue:
 
     def exchange_info(request: Request) -> Response:
         v.log(request, False)
-        if v.market_faults:
-            return _error(v.market_faults.pop(0), {"code": -1001, "msg": "Internal error; unable to process your "
+        if v.market_fault is not None:
+            return _error(v.market_fault, {"code": -1001, "msg": "Internal error; unable to process your "
                                                                           "request. Please try again."})
         return Response(json.dumps({
             "timezone": "UTC", "serverTime": int(time.time() * 1000),

@@ -8,6 +8,7 @@ stand-ins answer in the venues' own JSON shapes (``tests/ccxt_venues.py``), coun
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import subprocess
@@ -116,13 +117,22 @@ def test_150_pairs_over_two_venues_fit_a_2s_cycle_within_each_venues_limit(venue
                         "FILTER (WHERE error_class IS NULL) FROM outcomes GROUP BY 1 ORDER BY 1").fetchall()
     assert len(per_cycle) >= cycles - 1, per_cycle  # a cycle that overran skips a slot, never queues up
     # Every pair was served with its ten levels every cycle.
-    assert all(n == N_BINANCE + N_HITBTC and lv == 10 for _, n, lv in per_cycle), per_cycle
+    assert all(n == N_BINANCE + N_HITBTC and lv == 10 for _, n, lv in per_cycle), (
+        per_cycle, con.sql("SELECT cycle_ts, symbol, detail FROM outcomes WHERE error_class IS NOT NULL").fetchall())
     by_source = dict(con.sql("SELECT source, count(DISTINCT symbol) FROM snapshots GROUP BY 1").fetchall())
     assert by_source == {"binance": N_BINANCE, "hitbtc": N_HITBTC}
-    # Within each venue's limit: binance one depth call a pair a cycle, spaced by ccxt's limiter (and our bucket)
-    # to at most 20 a second (+1: a leaky bucket's one saved-up call after an idle gap); hitbtc one bulk call.
-    assert len(vb.book_hits) == N_BINANCE * len(per_cycle)
-    assert vb.max_in_window(1.0) <= BINANCE_RPS + 1, vb.max_in_window(1.0)
+    # Within each venue's limit: binance one depth call a pair a cycle, spaced 50 ms apart by ccxt's limiter (and
+    # our bucket): on average at most 20 a second over the run, at most 40 (one cycle's budget) in any 2 s, and a
+    # median gap of ~50 ms (without the limiters a cycle's 30 calls arrive within a few ms). Measured as the
+    # stand-in saw them arrive: a busy machine delays some requests and bunches them, which moves a few gaps, not
+    # the average or the median. binance's own rule is looser: 6,000 weight a minute, 1,200 such calls.
+    hits = sorted(vb.book_hits)
+    assert len(hits) == N_BINANCE * len(per_cycle)
+    assert (len(hits) - 1) / (hits[-1] - hits[0]) <= BINANCE_RPS
+    assert vb.max_in_window(2.0) <= 2 * BINANCE_RPS, vb.max_in_window(2.0)
+    gaps = sorted(b - a for a, b in itertools.pairwise(hits))
+    assert gaps[len(gaps) // 2] >= 0.5 / BINANCE_RPS, gaps[len(gaps) // 2]  # half the spacing: jitter's room
+    # hitbtc: one bulk call a cycle.
     assert len(vh.book_hits) == len(per_cycle)
     assert vh.max_in_window(1.0) <= HITBTC_RPS
     # The market lists were loaded once per run, not per cycle.
@@ -334,18 +344,19 @@ def test_a_book_the_venue_sent_crossed_or_unreadable_is_quarantined_with_its_rea
 
 def test_a_market_list_that_fails_is_every_pairs_error_and_is_loaded_again_next_cycle(venues):
     vb, _ = venues
-    vb.market_faults.append(503)
+    vb.market_fault = 503
     src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
     try:
         first = src.fetch(["BTC/USDT", "ETH/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 5)
-        asked_first = list(vb.requests)
+        asked_first = set(vb.requests)
+        vb.market_fault = None
         second = src.fetch(["BTC/USDT", "ETH/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 5)
     finally:
         src.close()
     # One reason for every pair (not split over: it says nothing about any pair), and no book asked for.
     assert {(e.error_class, "market list" in e.detail) for e in first.errors.values()} == {("server_error", True)}
     assert first.calls_ok == 0 and not first.quotes
-    assert asked_first == ["/api/v3/exchangeInfo?"]
+    assert asked_first == {"/api/v3/exchangeInfo?"}
     assert [q.symbol for q in second.quotes] == ["BTC/USDT", "ETH/USDT"] and not second.errors
 
 

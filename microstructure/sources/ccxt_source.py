@@ -216,8 +216,10 @@ class CcxtSource:
             self.client.urls["api"] = point_at(self.client.urls["api"], base)
         self.bulk = self.client.has.get("fetchOrderBooks") is True
         self.guard = Guard(name, self.limits, classify)
-        self._markets: Future[Any] | None = None
         self._lock = threading.Lock()
+        # The market list starts loading now, in the background, so the first cycle need not spend its budget on
+        # it (the binance one is several MB); the first fetch waits for it until that cycle's deadline at most.
+        self._markets: Future[Any] | None = self._submit(self._load_markets())
 
     def __repr__(self) -> str:
         return f"CcxtSource(name={self.name!r}, exchange={self.exchange!r}, bulk={self.bulk})"
