@@ -29,6 +29,7 @@ class Source(enum.StrEnum):
     polygon = "polygon"
     alpaca = "alpaca"
     databento = "databento"  # live MBP-10 (10 levels) for US stocks
+    ccxt = "ccxt"  # the sources file's ccxt venues only
     chain = "chain"
     polygon_market = "polygon-market"  # every US stock from one snapshot-all call
 

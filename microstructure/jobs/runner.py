@@ -135,7 +135,7 @@ def _run_poll(data_dir: Path, cycles: int | None, interval: float, step: float |
 def vendor_source(kind: str, symbol_list: list[str] | None, sources_config: Path | None,
                    data_dir: Path) -> tuple[Any, list[str]]:
     """A fallback chain from the sources file (``chain``) or one vendor's part of it (polygon, alpaca,
-    databento)."""
+    databento, ccxt)."""
     from microstructure.sources.chain_config import build_chain
     from microstructure.sources.vendor import ConfigError
 
@@ -148,8 +148,8 @@ def vendor_source(kind: str, symbol_list: list[str] | None, sources_config: Path
             return WholeMarketSource(limits=Limits(timeout_s=5.0)), []
         except ConfigError as e:
             raise PollError(str(e)) from None
-    if kind not in ("chain", "polygon", "alpaca", "databento"):
-        raise PollError(f"--source must be simulated, polygon, alpaca, databento, chain or polygon-market, "
+    if kind not in ("chain", "polygon", "alpaca", "databento", "ccxt"):
+        raise PollError(f"--source must be simulated, polygon, alpaca, databento, ccxt, chain or polygon-market, "
                         f"not {kind!r}")
     cfg = sources_config or (data_dir / "sources.toml")
     try:

@@ -208,7 +208,7 @@ class ChainSource:
             guard = getattr(s, "guard", None)
             if guard is not None:
                 guard.close()
-            closer = getattr(s, "close", None)  # a streaming source ends its connection
+            closer = getattr(s, "close", None)  # a streaming source ends its connection; ccxt its loop and session
             if closer is not None:
                 closer()
         self._pool.shutdown(wait=False, cancel_futures=True)

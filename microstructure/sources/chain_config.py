@@ -47,13 +47,14 @@ chain = ["databento_stocks", "polygon_stocks", "alpaca_stocks"]
 chain = ["alpaca_crypto", "polygon_crypto"]
 """
 
-SOURCE_KEYS = {"kind", "asset", "feed", "lot_size", "retries", "dataset", *Limits.__dataclass_fields__}
+SOURCE_KEYS = {"kind", "asset", "feed", "lot_size", "retries", "dataset", "exchange", *Limits.__dataclass_fields__}
 # Databento live is billed by use: the built-in chain takes it only when asked (`poll --source databento`);
 # a sources file that chains it asks for it.
 OPT_IN_KINDS = {"databento"}
 # Where a source's key is sent is the environment's choice only (see vendor.base_url_from_env): a sources file,
 # above all one inside a data dir, may come from anyone.
-BASE_URL_ENV = {"polygon": "MICROSTRUCTURE_POLYGON_BASE_URL", "alpaca": "MICROSTRUCTURE_ALPACA_DATA_URL"}
+BASE_URL_ENV = {"polygon": "MICROSTRUCTURE_POLYGON_BASE_URL", "alpaca": "MICROSTRUCTURE_ALPACA_DATA_URL",
+                "ccxt": "MICROSTRUCTURE_CCXT_URL_<EXCHANGE>"}
 
 
 def build_source(name: str, spec: dict[str, Any], symbols: Sequence[str] = ()) -> VendorSource:
@@ -61,6 +62,10 @@ def build_source(name: str, spec: dict[str, Any], symbols: Sequence[str] = ()) -
         raise ConfigError(f"source {name!r}: gateway cannot be set in a sources file (it decides which server "
                           "feeds the books); set MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY in the environment for a "
                           "local stand-in")
+    moved = sorted({"urls", "hostname"} & set(spec))  # ccxt's own options for where its requests go
+    if moved:
+        raise ConfigError(f"source {name!r}: {moved[0]} cannot be set in a sources file (it decides where requests "
+                          "go); set MICROSTRUCTURE_CCXT_URL_<EXCHANGE> in the environment for a local stand-in")
     if "base_url" in spec:
         var = BASE_URL_ENV.get(str(spec.get("kind")), "MICROSTRUCTURE_POLYGON_BASE_URL or "
                                                            "MICROSTRUCTURE_ALPACA_DATA_URL")
@@ -81,6 +86,10 @@ def build_source(name: str, spec: dict[str, Any], symbols: Sequence[str] = ()) -
         from microstructure.sources.alpaca import AlpacaSource
 
         return AlpacaSource(feed=spec.get("feed", "iex"), **common)
+    if kind == "ccxt":
+        from microstructure.sources.ccxt_source import CcxtSource
+
+        return CcxtSource(exchange=str(spec.get("exchange", "")), **common)
     if kind == "databento":
         from microstructure.sources.databento_live import DEFAULT_DATASET, DatabentoLiveSource
 
@@ -89,7 +98,7 @@ def build_source(name: str, spec: dict[str, Any], symbols: Sequence[str] = ()) -
     if kind == "simulated":
         raise ConfigError(f"source {name!r}: the simulated source is never part of a vendor chain; "
                           "use `poll --source simulated`")
-    raise ConfigError(f"source {name!r}: kind must be polygon, alpaca or databento, not {kind!r}")
+    raise ConfigError(f"source {name!r}: kind must be polygon, alpaca, databento or ccxt, not {kind!r}")
 
 
 def load_config(path: Path | None) -> tuple[dict[str, Any], Path]:
@@ -106,7 +115,7 @@ def load_config(path: Path | None) -> tuple[dict[str, Any], Path]:
 def build_chain(config_path: Path | None = None, symbols: Sequence[str] | None = None,
                 only: str | None = None) -> ChainSource:
     """The chain from ``config_path`` (or the built-in default). ``symbols`` adds symbols to the groups of
-    their asset class. ``only`` ("polygon", "alpaca" or "databento") keeps just that vendor's sources in every
+    their asset class. ``only`` ("polygon", "alpaca", "databento" or "ccxt") keeps just that vendor's sources in every
     chain. The built-in default leaves out the ``OPT_IN_KINDS`` unless ``only`` names them."""
     cfg, base = load_config(config_path)
     specs: dict[str, dict[str, Any]] = cfg.get("sources", {})
