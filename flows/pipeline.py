@@ -31,17 +31,22 @@ from microstructure.lake.paths import LakePaths
 PROGRESS_EVERY_S = 300.0  # the run log gets a progress line this often
 ARTIFACT_EVERY_S = 30.0  # the live artifacts (progress, health table) are updated this often, or every 5 %
 # Notices that libraries give about their own dependencies or about APIs they call (not about our calls): the
-# operator can do nothing about them, so they stay out of the run log. Matched by the module the warning is
-# attributed to, so the same category raised by our code (or a library not listed) still reaches the log.
-LIBRARY_NOTICES = (
+# operator can do nothing about them, so they stay out of the run log. Matched by the package the warning comes
+# from, so the same category raised by our code (or a library not listed) still reaches the log.
+LIBRARY_NOTICES: tuple[tuple[type[Warning], str], ...] = (
     # GE imports sre_parse/sre_constants (deprecated since 3.11) and pydantic v1 shims at import.
-    (DeprecationWarning, r"great_expectations(\.|$)"),
+    (DeprecationWarning, "great_expectations"),
     # Feast: its own deprecated settings and the pandas/pyarrow behaviour changes it calls into.
-    (DeprecationWarning, r"feast(\.|$)"),
-    (FutureWarning, r"feast(\.|$)"),
+    (DeprecationWarning, "feast"),
+    (FutureWarning, "feast"),
     # Prefect's own compatibility notices about its internals.
-    (DeprecationWarning, r"prefect(\.|$)"),
+    (DeprecationWarning, "prefect"),
 )
+
+
+def _library_notice(category: type[Warning], filename: str) -> bool:
+    parts = Path(filename).parts
+    return any(issubclass(category, cat) and pkg in parts for cat, pkg in LIBRARY_NOTICES)
 
 
 @contextmanager
@@ -59,26 +64,22 @@ def run_warnings() -> Iterator[None]:
 
     def to_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                file: Any = None, line: str | None = None) -> None:
+        # Checked here too, not only by the filters: importing Feast puts `simplefilter("once", DeprecationWarning)`
+        # in front of every filter, process-wide (feast/feature_store.py), so its notices pass the filters below.
+        if _library_notice(category, filename):
+            return
         log.warning("%s", scrub(warnings.formatwarning(message, category, filename, lineno, line).strip()))
 
-    class Forward(logging.Handler):
-        # GE turns on logging.captureWarnings at import (mid-run), which replaces our showwarning with one that
-        # logs to "py.warnings": forward those records too, so the route does not depend on who imported what.
-        def emit(self, record: logging.LogRecord) -> None:
-            log.warning("%s", scrub(record.getMessage().strip()))
-
-    forward = Forward()
-    captured = logging.getLogger("py.warnings")
-    captured.addHandler(forward)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")  # every warning once per place, whatever the process's filters
-            for category, module in LIBRARY_NOTICES:
-                warnings.filterwarnings("ignore", category=category, module=module)
-            warnings.showwarning = to_log
-            yield
-    finally:
-        captured.removeHandler(forward)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # every warning once per place, whatever the process's filters
+        for category, pkg in LIBRARY_NOTICES:
+            warnings.filterwarnings("ignore", category=category, module=rf"{pkg}(\.|$)")
+        # GE turns on logging.captureWarnings at import, which would replace our showwarning mid-run with one that
+        # logs to "py.warnings" (stderr only): turned on first, GE's call changes nothing. catch_warnings restores
+        # the showwarning it found when the run ends.
+        logging.captureWarnings(True)
+        warnings.showwarning = to_log
+        yield
 
 
 @task(name="poll-cycles")
@@ -170,7 +171,7 @@ class _LiveArtifacts:
 
 def _health_rows(s: PollStats) -> list[dict[str, Any]]:
     """The health table: running totals, the latest cycle's coverage per serving source, the online books' age."""
-    from microstructure.jobs.logs import cycle_coverage
+    from microstructure.lake.coverage import cycle_coverage
 
     cov = s.coverage()
     rows: list[dict[str, Any]] = [

@@ -121,6 +121,7 @@ class CycleLog:
 
     def cycle(self, i: int, stats: PollStats) -> None:
         from microstructure.jobs.metrics import failed_calls
+        from microstructure.lake.coverage import cycle_coverage
 
         new = stats.written - self._written
         self._written = stats.written
@@ -128,17 +129,7 @@ class CycleLog:
         self._quarantined = Counter(stats.quarantined)
         skipped_total = getattr(self.clock, "skipped", 0)
         skipped, self._skipped = max(skipped_total - self._skipped, 0), max(skipped_total, self._skipped)
-        out = stats.last_outcomes
-        at = None
-        if out is not None and out.num_rows and "cycle_ts" in out.column_names:
-            first = out.column("cycle_ts")[0].as_py()
-            at = first.isoformat() if first is not None else None
-        by_source = cycle_coverage(out) if out is not None else {}
         cov = stats.coverage()
-        summary: dict[str, Any] = {"cycle": i + 1, "cycle_ts": at, "written": new, "written_total": stats.written,
-                   "quarantined": sum(quarantined.values()), "quarantined_total": sum(stats.quarantined.values()),
-                   "missing_total": sum(stats.missing.values()), "skipped_slots_total": skipped_total,
-                   "coverage": cov, "cycle_coverage_by_source": by_source}
         if not self.json:
             now = self.monotonic()
             if self._last_line is not None and now - self._last_line < TEXT_EVERY_S:
@@ -146,9 +137,17 @@ class CycleLog:
             self._last_line = now
             self.log.info("cycle %d: %d snapshots written (%d this cycle), L2 %d / shallow %d / L1 only %d / none %d "
                           "symbols, quarantined %d, missing %d, skipped slots %d", i + 1, stats.written, new,
-                          cov["l2"], cov["shallow"], cov["l1_only"], cov["none"], summary["quarantined_total"],
-                          summary["missing_total"], skipped_total)
+                          cov["l2"], cov["shallow"], cov["l1_only"], cov["none"], sum(stats.quarantined.values()),
+                          sum(stats.missing.values()), skipped_total)
             return
+        out = stats.last_outcomes
+        first = out.column("cycle_ts")[0].as_py() if out is not None and out.num_rows else None
+        at = first.isoformat() if first is not None else None
+        summary: dict[str, Any] = {
+            "cycle": i + 1, "cycle_ts": at, "written": new, "written_total": stats.written,
+            "quarantined": sum(quarantined.values()), "quarantined_total": sum(stats.quarantined.values()),
+            "missing_total": sum(stats.missing.values()), "skipped_slots_total": skipped_total, "coverage": cov,
+            "cycle_coverage_by_source": cycle_coverage(out) if out is not None else {}}
         self.log.info("cycle", extra={"event": "cycle", **summary})
         if out is not None:
             syms = _failed_symbols(out)
@@ -163,20 +162,6 @@ class CycleLog:
         if skipped:
             self.log.warning("skipped_slots", extra={"event": "skipped_slots", "cycle": i + 1, "cycle_ts": at,
                                                      "count": skipped})
-
-
-def cycle_coverage(outcomes: Any) -> dict[str, dict[str, int]]:
-    """One cycle's outcomes -> per serving source, symbols by depth (l2, shallow, l1_only); symbols nobody served
-    count under ``none`` (its ``none`` bucket)."""
-    from microstructure.lake.coverage import BUCKETS, _bucket
-
-    res: dict[str, dict[str, int]] = {}
-    for src, lv, err in zip(*(outcomes.column(c).to_pylist() for c in ("source", "book_levels", "error_class")),
-                            strict=True):
-        key = "none" if err is not None or not src else src
-        row = res.setdefault(key, dict.fromkeys(BUCKETS, 0))
-        row[_bucket(int(lv or 0)) if err is None else "none"] += 1
-    return res
 
 
 def _failed_symbols(outcomes: Any) -> dict[tuple[str, str], list[str]]:
