@@ -143,10 +143,23 @@ class _LiveArtifacts:
         pct = self.percent(i + 1)
         if time.monotonic() - self._at < ARTIFACT_EVERY_S and pct - self._pct < 5.0:
             return
-        self._write(pct, s)
+        self._try(pct, s)
 
     def finish(self, s: PollStats) -> None:
-        self._write(100.0, s)
+        self._try(100.0, s)
+
+    def _try(self, pct: float, s: PollStats) -> None:
+        """A session outlives a Prefect API hiccup: a failed update is a warning in the run log, and the next one
+        is tried at the next interval; the poll goes on."""
+        try:
+            self._write(pct, s)
+        except Exception as e:  # any failure: the artifacts are a view; the poll is the job
+            from prefect import get_run_logger
+
+            from microstructure.sources.secrets import scrub
+
+            self._at = time.monotonic()
+            get_run_logger().warning("could not update the session's artifacts: %s", scrub(f"{type(e).__name__}: {e}"))
 
     def _write(self, pct: float, s: PollStats) -> None:
         from prefect.artifacts import (

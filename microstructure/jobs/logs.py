@@ -71,6 +71,9 @@ class ScrubbedJsonFormatter(JsonFormatter):
 
 
 class ScrubbedTextFormatter(logging.Formatter):
+    def converter(self, t: float | None) -> time.struct_time:
+        return time.gmtime(t)  # UTC, as every time we print; the line's Z says so
+
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
 
@@ -79,7 +82,7 @@ def formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
         return ScrubbedJsonFormatter("%(levelname)s %(name)s %(message)s", timestamp=True,
                                      rename_fields={"levelname": "level", "name": "logger"})
-    return ScrubbedTextFormatter("%(asctime)s %(levelname)s %(message)s")
+    return ScrubbedTextFormatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ")
 
 
 @contextmanager
