@@ -15,6 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +28,80 @@ from microstructure.jobs.poll import PollStats
 from microstructure.lake import datadir
 from microstructure.lake.paths import LakePaths
 
-# Libraries' deprecation notices (GE, Feast) are not the run's warnings: keep them out of the run's log.
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-warnings.filterwarnings("ignore", category=FutureWarning)
 PROGRESS_EVERY_S = 300.0  # the run log gets a progress line this often
+ARTIFACT_EVERY_S = 30.0  # the live artifacts (progress, health table) are updated this often, or every 5 %
+# Notices that libraries give about their own dependencies or about APIs they call (not about our calls): the
+# operator can do nothing about them, so they stay out of the run log. Matched by the package the warning comes
+# from, so the same category raised by our code (or a library not listed) still reaches the log.
+LIBRARY_NOTICES: tuple[tuple[type[Warning], str], ...] = (
+    # GE imports sre_parse/sre_constants (deprecated since 3.11) and pydantic v1 shims at import.
+    (DeprecationWarning, "great_expectations"),
+    # Feast: its own deprecated settings and the pandas/pyarrow behaviour changes it calls into.
+    (DeprecationWarning, "feast"),
+    (FutureWarning, "feast"),
+    # Prefect's own compatibility notices about its internals.
+    (DeprecationWarning, "prefect"),
+)
+
+
+def _library_notice(category: type[Warning], filename: str) -> bool:
+    parts = Path(filename).parts
+    return any(issubclass(category, cat) and pkg in parts for cat, pkg in LIBRARY_NOTICES)
+
+
+@contextmanager
+def run_warnings() -> Iterator[None]:
+    """Python warnings raised while a flow runs go to its run log (the Prefect UI), once per place and scrubbed,
+    instead of only to the worker's stderr; the libraries' own notices (``LIBRARY_NOTICES``) are left out. Scoped
+    to the run (``catch_warnings``): nothing is silenced for the rest of the process."""
+    import logging
+
+    from prefect import get_run_logger
+
+    from microstructure.sources.secrets import scrub
+
+    log = get_run_logger()
+
+    def to_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+               file: Any = None, line: str | None = None) -> None:
+        # Checked here too, not only by the filters: importing Feast puts `simplefilter("once", DeprecationWarning)`
+        # in front of every filter, process-wide (feast/feature_store.py), so its notices pass the filters below.
+        if _library_notice(category, filename):
+            return
+        log.warning("%s", scrub(warnings.formatwarning(message, category, filename, lineno, line).strip()))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # every warning once per place, whatever the process's filters
+        for category, pkg in LIBRARY_NOTICES:
+            warnings.filterwarnings("ignore", category=category, module=rf"{pkg}(\.|$)")
+        # GE turns on logging.captureWarnings at import, which would replace our showwarning mid-run with one that
+        # logs to "py.warnings" (stderr only): turned on first, GE's call changes nothing. catch_warnings restores
+        # the showwarning it found when the run ends.
+        logging.captureWarnings(True)
+        warnings.showwarning = to_log
+        yield
 
 
 @task(name="poll-cycles")
 def poll_task(data_dir: str, cycles: int | None, interval: float, step: float, symbols: int, seed: int | None,
               fresh: bool, online: bool = True, source: str = "simulated", symbol_list: list[str] | None = None,
               sources_config: str | None = None, until: str | None = None,
-              metrics_port: int | None = None) -> dict[str, Any]:
+              metrics_port: int | None = None, log_format: str | None = None) -> dict[str, Any]:
     # Vendor keys are read from the environment inside the source; they are never task parameters, so
     # they never reach Prefect's stored parameters, results or logs.
     from prefect import get_run_logger
 
     log = get_run_logger()
     last = [time.monotonic()]
+    live = _LiveArtifacts(cycles, dt.datetime.fromisoformat(until) if until else None)
 
     def progress(i: int, s: PollStats) -> None:
+        live.cycle(i, s)
         if time.monotonic() - last[0] < PROGRESS_EVERY_S:
             return
         last[0] = time.monotonic()
-        age = None
-        if s.last_features is not None and s.last_features.num_rows:
-            newest = max(s.last_features.column("event_ts").to_pylist())
-            age = (dt.datetime.now(dt.UTC) - newest).total_seconds()
+        ages = _online_age(s)
+        age = None if ages is None else ages[0]
         log.info("cycle %d: %d snapshots written, coverage %s, quarantined %d, missing %d, skipped slots %d, "
                  "newest online book %s s old", i + 1, s.written, s.coverage(), sum(s.quarantined.values()),
                  sum(s.missing.values()), s.skipped_slots, "?" if age is None else f"{age:.1f}")
@@ -60,10 +110,111 @@ def poll_task(data_dir: str, cycles: int | None, interval: float, step: float, s
                         source_kind=source, symbol_list=symbol_list,
                         sources_config=Path(sources_config) if sources_config else None,
                         until=dt.datetime.fromisoformat(until) if until else None, on_cycle=progress,
-                        **_metrics_endpoint(metrics_port))
+                        log_format=log_format, **_metrics_endpoint(metrics_port))
+    live.finish(stats)
     d = stats.as_dict()
     d["online_symbols"] = [] if stats.last_features is None else stats.last_features.column("symbol").to_pylist()
     return d
+
+
+class _LiveArtifacts:
+    """The session's artifacts while it polls (Prefect UI: Artifacts): ``poll-progress`` (percent of the cycles or
+    of the session until its close) and ``poll-health`` (a table: cycles, snapshots, quarantined, coverage by
+    source in the latest cycle, the online books' age). Created at the first cycle, then updated in place every
+    ``ARTIFACT_EVERY_S`` or 5 % of the run, and at its end."""
+
+    def __init__(self, cycles: int | None, until: dt.datetime | None) -> None:
+        self.cycles, self.until = cycles, until
+        self.t0 = dt.datetime.now(dt.UTC)
+        self.progress_id: Any = None
+        self.health_id: Any = None
+        self._at = 0.0
+        self._pct = -100.0
+
+    def percent(self, done: int) -> float:
+        parts = []
+        if self.cycles:
+            parts.append(done / self.cycles)
+        if self.until is not None and self.until > self.t0:
+            parts.append((dt.datetime.now(dt.UTC) - self.t0) / (self.until - self.t0))
+        return round(100.0 * min(max(parts, default=0.0), 1.0), 1)
+
+    def cycle(self, i: int, s: PollStats) -> None:
+        pct = self.percent(i + 1)
+        if time.monotonic() - self._at < ARTIFACT_EVERY_S and pct - self._pct < 5.0:
+            return
+        self._try(pct, s)
+
+    def finish(self, s: PollStats) -> None:
+        self._try(100.0, s)
+
+    def _try(self, pct: float, s: PollStats) -> None:
+        """A session outlives a Prefect API hiccup: a failed update is a warning in the run log, and the next one
+        is tried at the next interval; the poll goes on."""
+        try:
+            self._write(pct, s)
+        except Exception as e:  # any failure: the artifacts are a view; the poll is the job
+            from prefect import get_run_logger
+
+            from microstructure.sources.secrets import scrub
+
+            self._at = time.monotonic()
+            get_run_logger().warning("could not update the session's artifacts: %s", scrub(f"{type(e).__name__}: {e}"))
+
+    def _write(self, pct: float, s: PollStats) -> None:
+        from prefect.artifacts import (
+            TableArtifact,
+            create_progress_artifact,
+            create_table_artifact,
+            update_progress_artifact,
+        )
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import ArtifactUpdate
+
+        self._at, self._pct = time.monotonic(), pct
+        rows = _health_rows(s)
+        if self.progress_id is None:
+            self.progress_id = create_progress_artifact(pct, key="poll-progress", description="Poll session progress")
+            self.health_id = create_table_artifact(rows, key="poll-health", description="Poll session health")
+            return
+        update_progress_artifact(self.progress_id, pct)
+        with get_client(sync_client=True) as c:  # in place: one artifact a session, not one a minute
+            c.update_artifact(self.health_id, ArtifactUpdate(data=TableArtifact(table=rows).format()))
+
+
+def _health_rows(s: PollStats) -> list[dict[str, Any]]:
+    """The health table: running totals, the latest cycle's coverage per serving source, the online books' age."""
+    from microstructure.lake.coverage import cycle_coverage
+
+    cov = s.coverage()
+    rows: list[dict[str, Any]] = [
+        {"measure": "cycles", "value": s.cycles},
+        {"measure": "snapshots written", "value": s.written},
+        {"measure": "quarantined", "value": sum(s.quarantined.values())},
+        {"measure": "symbol-polls missing", "value": sum(s.missing.values())},
+        {"measure": "skipped slots (overruns)", "value": s.skipped_slots},
+        {"measure": "coverage L2 / shallow / L1 only / none",
+         "value": f"{cov['l2']} / {cov['shallow']} / {cov['l1_only']} / {cov['none']}"}]
+    if s.last_outcomes is not None:
+        for src, c in sorted(cycle_coverage(s.last_outcomes).items()):
+            rows.append({"measure": f"latest cycle, {src}: L2 / shallow / L1 only / none",
+                         "value": f"{c['l2']} / {c['shallow']} / {c['l1_only']} / {c['none']}"})
+    age = _online_age(s)
+    rows.append({"measure": "online books age, newest / oldest (s)",
+                 "value": "-" if age is None else f"{age[0]:.1f} / {age[1]:.1f}"})
+    rows.append({"measure": "updated", "value": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    return rows
+
+
+def _online_age(s: PollStats) -> tuple[float, float] | None:
+    """Seconds since the newest and the oldest book last pushed online (event time), or None before any push."""
+    if s.last_features is None or not s.last_features.num_rows:
+        return None
+    ts = [t for t in s.last_features.column("event_ts").to_pylist() if t is not None]
+    if not ts:
+        return None
+    now = dt.datetime.now(dt.UTC)
+    return (now - max(ts)).total_seconds(), (now - min(ts)).total_seconds()
 
 
 def _metrics_endpoint(port: int | None) -> dict[str, Any]:
@@ -114,16 +265,30 @@ def rebuild_changed_task(data_dir: str) -> list[dict[str, Any]]:
 def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float = 2.0, step: float = 2.0,
               symbols: int = 150, seed: int | None = None, source: str = "simulated",
               symbol_list: list[str] | None = None, sources_config: str | None = None,
-              session: bool = True, metrics_port: int | None = None) -> dict[str, Any]:
+              session: bool = True, metrics_port: int | None = None, log_format: str | None = None
+              ) -> dict[str, Any]:
     """Poll today's exchange session (open to close from the exchange calendar, half days included), then
     build and publish the day's features. On a day without a session it returns at once with the reason.
     ``session=False`` polls ``cycles`` cycles instead (crypto, tests). ``source``: simulated, or polygon /
-    alpaca / databento / chain (keys from the environment). ``metrics_port`` (default
-    ``$MICROSTRUCTURE_METRICS_PORT``, else none): serve the poll's Prometheus metrics there while it polls
-    (docs/operations.md)."""
+    alpaca / databento / ccxt / chain (keys from the environment). ``metrics_port`` (default
+    ``$MICROSTRUCTURE_METRICS_PORT``, else none): serve the poll's Prometheus metrics there while it polls (docs/operations.md). ``log_format`` (default
+    ``$MICROSTRUCTURE_LOG_FORMAT``, else none): ``json`` or ``text`` poll lines on the worker's stderr
+    (docs/operations.md, "Logs"); the run log and the artifacts ``poll-progress``/``poll-health`` show progress
+    either way."""
+    with run_warnings():
+        return _poll_flow(data_dir, cycles, interval, step, symbols, seed, source, symbol_list, sources_config,
+                          session, metrics_port, log_format)
+
+
+def _poll_flow(data_dir: str, cycles: int | None, interval: float, step: float, symbols: int, seed: int | None,
+               source: str, symbol_list: list[str] | None, sources_config: str | None, session: bool,
+               metrics_port: int | None, log_format: str | None) -> dict[str, Any]:
+    import os
+
     from prefect import get_run_logger
 
     from microstructure.contract.calendar import await_session
+    from microstructure.jobs.logs import LOG_FORMAT_ENV, log_format_from
     from microstructure.jobs.metrics import endpoint_from_env
 
     until = None
@@ -137,7 +302,9 @@ def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float
     with datadir.writer(Path(data_dir), wait=True):
         stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
                           symbol_list=symbol_list, sources_config=sources_config, until=until,
-                          metrics_port=metrics_port if metrics_port is not None else endpoint_from_env()[0])
+                          metrics_port=metrics_port if metrics_port is not None else endpoint_from_env()[0],
+                          log_format=log_format_from(fmt) if (fmt := log_format or os.environ.get(LOG_FORMAT_ENV))
+                          else None)
         builds = build_task(data_dir, stats["dates"])
         compact_task(data_dir, stats["dates"])
         record_task(data_dir, stats["dates"])
@@ -170,7 +337,7 @@ def _session_artifact(stats: dict[str, Any], builds: list[dict[str, Any]]) -> No
 def build_features_flow(data_dir: str = "data", dates: list[str] | None = None) -> list[dict[str, Any]]:
     """The nightly rebuild. Without ``dates``: only the dates whose partitions changed since their last build
     (the manifest, docs/prefect.md); a night without new data does nothing. With ``dates``: those dates."""
-    with datadir.writer(Path(data_dir), wait=True, create=False):
+    with run_warnings(), datadir.writer(Path(data_dir), wait=True, create=False):
         if not dates:
             return rebuild_changed_task(data_dir)
         res = build_task(data_dir, dates)
@@ -183,10 +350,11 @@ def build_features_flow(data_dir: str = "data", dates: list[str] | None = None) 
 def main_flow(data_dir: str = "data", cycles: int = 300, interval: float = 0.0, step: float = 2.0,
               symbols: int = 150, seed: int | None = None, fresh: bool = False) -> dict[str, Any]:
     """The main job: poll the simulated source, build, check, publish, compact; returns the run summary."""
-    with datadir.writer(Path(data_dir), wait=True):
-        stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=fresh)
-        builds = build_task(data_dir, stats["dates"])
-        compacted = compact_task(data_dir, stats["dates"])
-        record_task(data_dir, stats["dates"])
-    return {"poll": stats, "builds": builds, "compacted": compacted, "symbols": symbols,
-            **runner.online_sample(Path(data_dir).resolve(), stats["online_symbols"])}
+    with run_warnings():
+        with datadir.writer(Path(data_dir), wait=True):
+            stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=fresh)
+            builds = build_task(data_dir, stats["dates"])
+            compacted = compact_task(data_dir, stats["dates"])
+            record_task(data_dir, stats["dates"])
+        return {"poll": stats, "builds": builds, "compacted": compacted, "symbols": symbols,
+                **runner.online_sample(Path(data_dir).resolve(), stats["online_symbols"])}

@@ -25,7 +25,7 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana" / "microstr
 FAMILIES = {"microstructure_cycle_seconds", "microstructure_snapshots_written_total",
             "microstructure_quarantined_total", "microstructure_source_errors_total",
             "microstructure_skipped_slots_total", "microstructure_online_age_seconds",
-            "microstructure_coverage_symbols"}
+            "microstructure_coverage_symbols", "microstructure_coverage_symbols_by_source"}
 
 
 def _free_port() -> int:
@@ -171,6 +171,10 @@ def test_a_cycle_updates_each_family_from_what_it_knows() -> None:
                       ("none", "not_configured"): 1, ("simulated", "invalid_book"): 1}
     cov = {b: v("microstructure_coverage_symbols", {"depth": b}) for b in ("l2", "shallow", "l1_only", "none")}
     assert cov == {"l2": 1, "shallow": 1, "l1_only": 1, "none": 3}
+    by_source = {(s.labels["source"], s.labels["depth"]): s.value for f in m.registry.collect()
+                 if f.name == "microstructure_coverage_symbols_by_source" for s in f.samples if s.value}
+    assert by_source == {("polygon", "l2"): 1, ("polygon", "l1_only"): 1, ("alpaca", "shallow"): 1,
+                         ("none", "none"): 3}
     assert [v("microstructure_online_age_seconds", {"stat": s}) for s in ("min", "median", "max")] == [0.5, 1.0, 2.0]
 
     # The next cycle: PollStats' running totals become increments; the books online age a second.
@@ -187,6 +191,10 @@ def test_a_cycle_updates_each_family_from_what_it_knows() -> None:
     assert v("microstructure_source_errors_total", {"source": "polygon", "error_class": "timeout"}) == 1
     assert v("microstructure_coverage_symbols", {"depth": "l2"}) == 3
     assert v("microstructure_coverage_symbols", {"depth": "none"}) == 0
+    # Per source: alpaca served nothing this cycle, so it reads 0 (not its last cycle's 1); no "none" left.
+    assert v("microstructure_coverage_symbols_by_source", {"source": "polygon", "depth": "l2"}) == 3
+    assert v("microstructure_coverage_symbols_by_source", {"source": "alpaca", "depth": "shallow"}) == 0
+    assert v("microstructure_coverage_symbols_by_source", {"source": "none", "depth": "none"}) == 0
     assert v("microstructure_online_age_seconds", {"stat": "max"}) == 3.0
     # A private registry: Prefect's default one never carries the poll's metrics (nor the poll Prefect's).
     assert REGISTRY.get_sample_value("microstructure_snapshots_written_total") is None

@@ -153,11 +153,16 @@ def poll_cmd(
                                                      help="Address the metrics endpoint binds (default 127.0.0.1: "
                                                           "this machine only; 0.0.0.0 for every interface).")]
     = None,
+    log_format: Annotated[str | None, typer.Option(envvar="MICROSTRUCTURE_LOG_FORMAT", metavar="text|json",
+                                                   help="Progress on stderr: text (a summary line a minute when "
+                                                        "stderr is no terminal; a progress bar when it is) or "
+                                                        "json (a JSON line per cycle and per warning).")] = None,
     as_json: JsonOut = False,
 ) -> None:
     """Poll a source into the lake: the simulated book (continues the saved one unless --seed) or real vendors."""
     _quiet_libraries()
     _change_online_store(data_dir, online_store)
+    log = _poll_log(log_format)  # checked before a --session waits for the open
     start_ts = _parse_ts(start) if start else None
     syms = list(symbol or [])
     if syms or symbols_file is not None:
@@ -182,7 +187,8 @@ def poll_cmd(
 
         err.print(f"metrics: http://{metrics_host or DEFAULT_HOST}:{metrics_port}/metrics")
     stats = _do_poll(data_dir, cycles, interval, step, symbols, seed, fresh=fresh, online=online,
-                     show_progress=not as_json, ack_log=ack_log, start=start_ts, source_kind=Source(source).value,
+                     show_progress=not as_json and log is None, log_format=log,
+                     ack_log=ack_log, start=start_ts, source_kind=Source(source).value,
                      symbol_list=syms or None, sources_config=sources_config, until=end or None,
                      metrics_port=metrics_port, metrics_host=metrics_host)
     d = stats.as_dict()
@@ -190,6 +196,22 @@ def poll_cmd(
         print(dumps(d))
     else:
         out.print(_table("poll", ["", "value"], [[k, v] for k, v in d.items()]))
+
+
+def _poll_log(value: str | None) -> str | None:
+    """The poll's log lines on stderr: json always when asked; text only when stderr is no terminal (piped, a
+    service's log), where the progress bar cannot draw; None: the progress bar."""
+    import sys
+
+    from microstructure.jobs.logs import LogFormatError, log_format_from
+
+    try:
+        fmt = log_format_from(value)
+    except LogFormatError as e:
+        raise UserError(f"--log-format: {e}") from None
+    if fmt == "json" or not sys.stderr.isatty():
+        return fmt
+    return None
 
 
 def _poll_end(until: str | None, session: bool, interval: float, as_json: bool) -> dt.datetime | bool | None:

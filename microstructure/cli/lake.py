@@ -148,7 +148,8 @@ def coverage(data_dir: DataDir = DEFAULT_DATA,
              until: Annotated[str | None, typer.Option(help="ISO time, UTC unless it carries an offset: window "
                                                            "end.")] = None,
              as_json: JsonOut = False) -> None:
-    """Per source and overall: symbols with L2 (>= 5 levels), shallow (2-4), L1 only, and none."""
+    """Per source and overall: symbols with L2 (>= 5 levels), shallow (2-4), L1 only, and none; failed calls and
+    the symbols they failed for; and per poll cycle, how many symbols had L2 (min, median, last cycle)."""
     from microstructure.lake.coverage import coverage as cov
 
     paths = _paths(data_dir, must_exist=True)
@@ -156,9 +157,13 @@ def coverage(data_dir: DataDir = DEFAULT_DATA,
     if as_json:
         print(dumps(res))
         return
-    cols = ["source", "l2", "shallow", "l1_only", "snapshots", "failed_calls"]
+    cols = ["source", "l2", "shallow", "l1_only", "snapshots", "failed_calls", "failed_symbols"]
     out.print(_table("coverage by source (symbols by the most levels served)", cols,
                      [[r[c] for c in cols] for r in res["sources"]]))
+    per = ["cycles", "l2_cycle_min", "l2_cycle_median", "l2_cycle_last"]
+    out.print(_table("symbols with L2 per poll cycle (min / median / last cycle)", ["source", *per],
+                     [[r["source"], *[r[c] for c in per]] for r in res["sources"]]
+                     + [["all sources", *[res["all_sources_per_cycle"][c] for c in per]]]))
     o = res["overall"]
     out.print(_table("overall", ["symbols", "l2", "shallow", "l1_only", "none"],
                      [[o["symbols"], o["l2"], o["shallow"], o["l1_only"], o["none"]]]))

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client import values as prometheus_values
 
 # The depth classes and their thresholds are `microstructure coverage`'s: one definition for both.
-from microstructure.lake.coverage import BUCKETS, _bucket
+from microstructure.lake.coverage import BUCKETS, _bucket, cycle_coverage
 from microstructure.sources import guard
 
 _IN_MEMORY = threading.Lock()
@@ -105,6 +105,11 @@ class PollMetrics:
                               "`microstructure coverage`).", ["depth"], registry=r)
         for b in BUCKETS:
             self.coverage.labels(b)  # present (at 0) from the first scrape, so a dashboard has all four lines
+        self.coverage_by_source = Gauge(
+            "microstructure_coverage_symbols_by_source",
+            "Symbols in the latest cycle by the source that served them and its depth (l2, shallow, l1_only); "
+            "symbols no source served: source none, depth none.", ["source", "depth"], registry=r)
+        self._sources: set[str] = set()  # sources seen this poll: zeroed in a cycle they serve nothing
         # PollStats keeps running totals; these are what was already counted.
         self._written = 0
         self._quarantined: Tally[str] = Tally()
@@ -133,6 +138,11 @@ class PollMetrics:
             depth = Tally(_bucket(int(lv or 0)) for lv in levels)
             for b in BUCKETS:
                 self.coverage.labels(b).set(depth[b])
+            by_source = cycle_coverage(stats.last_outcomes)
+            self._sources |= set(by_source)
+            for src in self._sources:
+                for b in BUCKETS:
+                    self.coverage_by_source.labels(src, b).set(by_source.get(src, {}).get(b, 0))
             for (src, cls), n in failed_calls(stats.last_outcomes).items():
                 self.source_errors.labels(src, cls).inc(n)
         if online is not None and online is not self._pushed and online.num_rows:

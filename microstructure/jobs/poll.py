@@ -183,6 +183,7 @@ def poll_cycles(
                 publisher.add_cycle(new)
                 if (i + 1) % publish_every == 0:
                     publisher.flush()
+                    stats.last_features = publisher.last_pushed  # on_cycle sees the online books' age mid-run
             if on_cycle:
                 on_cycle(i, stats)
             if i == 0 and isinstance(times, LiveClock):

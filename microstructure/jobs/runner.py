@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,16 +28,19 @@ def run_poll(data_dir: Path, cycles: int | None, interval: float, step: float | 
          start: dt.datetime | None = None, source_kind: str = "simulated", symbol_list: list[str] | None = None,
          sources_config: Path | None = None, until: dt.datetime | None = None,
          on_cycle: Callable[[int, PollStats], None] | None = None, metrics_port: int | None = None,
-         metrics_host: str | None = None) -> PollStats:
+         metrics_host: str | None = None, log_format: str | None = None) -> PollStats:
     """Poll into the lake: live on the wall clock when ``interval > 0``, else a replay on a simulated clock.
 
     Live: ``cycles`` and/or ``until`` end the poll (the first reached). A replay needs ``cycles``.
     ``metrics_port``: serve the poll's Prometheus metrics on ``http://metrics_host:port/metrics`` from before the
     stores load until the poll ends (``jobs.metrics``; the host defaults to loopback).
+    ``log_format``: ``text`` (a summary line a minute) or ``json`` (a line per cycle and per warning) on stderr
+    (``jobs.logs``); None: no log lines.
     """
     args = (data_dir, cycles, interval, step, symbols, seed, fresh, online)
     kw: dict[str, Any] = {"ack_log": ack_log, "start": start, "source_kind": source_kind, "symbol_list": symbol_list,
-                          "sources_config": sources_config, "until": until, "on_cycle": on_cycle}
+                          "sources_config": sources_config, "until": until, "on_cycle": on_cycle,
+                          "log_format": log_format}
     if metrics_port is None:
         return _run_poll(*args, **kw)
     from microstructure.jobs.metrics import DEFAULT_HOST, MetricsError, PollMetrics, serve
@@ -57,13 +61,15 @@ def _run_poll(data_dir: Path, cycles: int | None, interval: float, step: float |
               seed: int | None, fresh: bool, online: bool, ack_log: Path | None = None,
               start: dt.datetime | None = None, source_kind: str = "simulated", symbol_list: list[str] | None = None,
               sources_config: Path | None = None, until: dt.datetime | None = None,
-              on_cycle: Callable[[int, PollStats], None] | None = None, metrics: PollMetrics | None = None
-              ) -> PollStats:
+              on_cycle: Callable[[int, PollStats], None] | None = None, metrics: PollMetrics | None = None,
+              log_format: str | None = None) -> PollStats:
     paths = LakePaths(data_dir)
     live = interval > 0
     step_s = interval if live else (step or 2.0)
     if cycles is not None and cycles < 1:
         raise PollError("--cycles must be at least 1")
+    if log_format not in (None, "text", "json"):
+        raise PollError(f"the log format must be text or json, not {log_format!r}")
     if cycles is None and until is None:
         raise PollError("give --cycles, --until or --session: the poll needs an end")
     if not live and cycles is None:
@@ -116,6 +122,11 @@ def _run_poll(data_dir: Path, cycles: int | None, interval: float, step: float |
     if metrics is not None:  # timed polls and a counting on_cycle: the cycle feeds /metrics
         polled = metrics.timed(source)
         on_cycle = metrics.on_cycle(on_cycle, clock=times, publisher=publisher)
+    logs = ExitStack()
+    if log_format is not None:  # logged first: a line per cycle even if a later callback fails
+        from microstructure.jobs.logs import CycleLog, poll_logger
+
+        on_cycle = CycleLog(logs.enter_context(poll_logger(log_format)), log_format, clock=times).wrap(on_cycle)
     try:
         stats = poll_cycles(paths, polled, syms, times, publisher=publisher, publish_every=every,
                               on_cycle=on_cycle, ack_log=ack_log, after_ack=saver,
@@ -127,6 +138,7 @@ def _run_poll(data_dir: Path, cycles: int | None, interval: float, step: float |
             raise PollError(str(e)) from None
         raise
     finally:
+        logs.close()
         if hasattr(source, "close"):
             source.close()
     return stats

@@ -1,0 +1,153 @@
+"""A running poll flow shows its progress in Prefect (artifacts updated while it polls), and its run log carries
+the run's warnings but no library's deprecation notices. A real Prefect server (``prefect_test_harness``); the
+artifacts and logs are read back through the Prefect client, as the UI reads them."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import warnings
+
+import pytest
+
+pytestmark = pytest.mark.integration  # a temporary Prefect server and live polls of a few seconds
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _latest(key: str, flow_run_id=None):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    f = ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+    if flow_run_id is not None:
+        f.flow_run_id = ArtifactFilterFlowRunId(any_=[flow_run_id])
+    with get_client(sync_client=True) as c:
+        got = c.read_artifacts(artifact_filter=f, sort=ArtifactSort.CREATED_DESC, limit=5)
+    return got
+
+
+def _run_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    with get_client(sync_client=True) as c:
+        return [r.message for r in c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                               limit=200, offset=0, sort=LogSort.TIMESTAMP_ASC)]
+
+
+def _wait_for_logs(flow_run_id, enough, timeout_s: float = 20.0) -> list[str]:
+    """The run's logs reach the API in batches after the run: wait until ``enough(logs)`` or the timeout."""
+    deadline = time.time() + timeout_s
+    while not enough(got := _run_logs(flow_run_id)) and time.time() < deadline:
+        time.sleep(0.5)
+    return got
+
+
+def test_progress_and_health_artifacts_update_while_the_poll_runs(harness, data_dir):
+    """A live poll of 10 cycles, 0.4 s apart: a reader polling the API sees the progress artifact rise and the health
+    table's cycle count grow before the run ends; both end complete."""
+    from microstructure.flows.pipeline import poll_flow
+
+    seen: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            prog, health = _latest("poll-progress"), _latest("poll-health")
+            if prog and health:
+                rows = json.loads(health[0].data) if isinstance(health[0].data, str) else health[0].data
+                cycles = next(r["value"] for r in rows if r["measure"] == "cycles")
+                seen.append((float(prog[0].data), int(cycles)))
+            time.sleep(0.1)
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    try:
+        state = poll_flow(str(data_dir), cycles=10, interval=0.4, symbols=3, seed=2, session=False,
+                          return_state=True)
+    finally:
+        done.set()
+        reader.join(timeout=10)
+    stats = state.result()
+    assert stats["cycles"] == 10
+    during = [p for p, _ in seen if p < 100.0]
+    assert len(set(during)) >= 2, seen  # seen rising mid-run, not only written at the end
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen)
+    assert [c for _, c in seen] == sorted(c for _, c in seen) and len({c for _, c in seen}) >= 2
+    run_id = state.state_details.flow_run_id
+    prog, health = _latest("poll-progress", run_id), _latest("poll-health", run_id)
+    assert len(prog) == 1 and len(health) == 1  # updated in place: one of each a session, not one per update
+    assert float(prog[0].data) == 100.0
+    rows = {r["measure"]: r["value"] for r in json.loads(health[0].data)}
+    assert rows["cycles"] == 10 and rows["snapshots written"] == stats["written"] > 0
+    assert rows["quarantined"] == 0
+    assert rows["latest cycle, simulated: L2 / shallow / L1 only / none"] == "3 / 0 / 0 / 0"
+    assert rows["online books age, newest / oldest (s)"] != "-"
+
+
+def test_run_logs_carry_no_library_deprecation_warnings(harness, data_dir):
+    """The main flow (poll, build, GE checks, Feast publish) in a fresh process, as a worker runs it: Feast and GE are
+    first imported inside the run, so their import-time notices fire there, where ``run_warnings`` would log them.
+    The run log, read from the API, has no DeprecationWarning/FutureWarning text."""
+    import os
+    import subprocess
+    import sys
+    from uuid import UUID
+
+    from prefect.settings import PREFECT_API_URL
+
+    script = ("import sys\n"
+              "from microstructure.flows.pipeline import main_flow\n"
+              "s = main_flow(sys.argv[1], cycles=5, interval=0, step=2.0, symbols=3, seed=1, return_state=True)\n"
+              "assert s.result()['poll']['cycles'] == 5\n"
+              "print(s.state_details.flow_run_id)\n")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONWARNINGS": "default"}
+    got = subprocess.run([sys.executable, "-c", script, str(data_dir)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    run_id = UUID(got.stdout.strip().splitlines()[-1])
+    logs = _wait_for_logs(run_id, lambda got: any("Finished in state Completed" in m for m in got))
+    assert any("Finished in state Completed" in m for m in logs)  # the whole run's log is there
+    noise = [m for m in logs if "DeprecationWarning" in m or "FutureWarning" in m]
+    assert noise == []
+
+
+def test_a_warning_raised_in_a_flow_reaches_its_run_log_but_a_library_notice_does_not(harness):
+    """The other half of the test above: a warning does reach the run log (so "no warning text" means none was
+    raised), scrubbed; a deprecation notice attributed to a listed library (feast) does not; the same category from
+    a module not listed (ours) does."""
+    from microstructure.flows.pipeline import run_warnings
+    from prefect import flow
+
+    secret = "sk-live-0123456789abcdef"
+
+    @flow(name="warns")
+    def warns() -> None:
+        with run_warnings():
+            warnings.warn(f"a warning of ours, apiKey={secret}", UserWarning, stacklevel=1)
+            warnings.warn_explicit("feast's own notice", DeprecationWarning, "feast/repo_config.py", 1,
+                                   module="feast.repo_config")
+            warnings.warn_explicit("our deprecated call", DeprecationWarning, "microstructure/x.py", 1,
+                                   module="microstructure.x")
+
+    state = warns(return_state=True)
+    logs = _wait_for_logs(state.state_details.flow_run_id,
+                          lambda got: sum("Warning: " in m for m in got) >= 2)
+    text = "\n".join(logs)
+    assert "UserWarning: a warning of ours, apiKey=***" in text
+    assert secret not in text
+    assert "DeprecationWarning: our deprecated call" in text
+    assert "DeprecationWarning: feast's own notice" not in text
+    # Scoped to the run: the process's filters are as they were.
+    assert not any(f[2] is DeprecationWarning and str(getattr(f[3], "pattern", f[3])).startswith("feast")
+                   for f in warnings.filters)
