@@ -273,8 +273,8 @@ def poll_flow(data_dir: str = "data", cycles: int | None = None, interval: float
     alpaca / databento / ccxt / chain (keys from the environment). ``metrics_port`` (default
     ``$MICROSTRUCTURE_METRICS_PORT``, else none): serve the poll's Prometheus metrics there while it polls
     (docs/operations.md). ``log_format`` (default ``$MICROSTRUCTURE_LOG_FORMAT``, else none): ``json`` or ``text``
-    poll lines on the worker's stderr (docs/operations.md, "Logs"); the run log and the artifacts ``poll-progress``/``poll-health`` show progress
-    either way."""
+    poll lines on the worker's stderr (docs/operations.md, "Logs"); the run log and the artifacts
+    ``poll-progress``/``poll-health`` show progress either way."""
     with run_warnings():
         return _poll_flow(data_dir, cycles, interval, step, symbols, seed, source, symbol_list, sources_config,
                           session, metrics_port, log_format)
