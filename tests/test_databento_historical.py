@@ -171,3 +171,36 @@ def test_requests_past_the_bounds_are_refused_before_anything_is_sent(stand_in, 
             "--end", "2025-01-02", env=env)
     assert "101 symbols: at most 100 in one request (MAX_SYMBOLS)" in one_error_line(r)
     assert server.log == [] and not (tmp_path / "d").exists()
+
+
+def test_a_stand_in_that_streams_forever_is_stopped_at_the_download_bound(stand_in, tmp_path, monkeypatch):
+    """The SDK writes the answer to disk with no limit: a hostile (or mistaken) server streaming forever must stop
+    at MAX_DOWNLOAD_BYTES with one error, the temporary file removed, and the process's file-size limit put back."""
+    import resource
+    import tempfile
+
+    from microstructure.recorded.databento_historical import HistoricalError, fetch_mbp10
+
+    server, crt = stand_in
+    head = write_dbn(tmp_path / "head.dbn.zst", {"AAPL": 1}, []).read_bytes()
+
+    def forever():
+        yield head
+        block = os.urandom(1 << 16)  # incompressible: the bytes on disk are the bytes sent
+        while True:
+            yield block
+
+    server.expect_request("/v0/timeseries.get_range", method="POST").respond_with_handler(
+        lambda req: Response(forever(), 200, content_type="application/octet-stream"))
+    for k, v in _env(server.url_for("").rstrip("/"), crt).items():
+        monkeypatch.setenv(k, v)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    batches = fetch_mbp10("XNAS.ITCH", ["AAPL"], dt.datetime(2025, 11, 24, 16, tzinfo=dt.UTC),
+                          dt.datetime(2025, 11, 24, 17, tzinfo=dt.UTC), 1.0, max_bytes=4 << 20)
+    with pytest.raises(HistoricalError, match=r"passed 4,194,304 bytes on disk \(MAX_DOWNLOAD_BYTES\)"):
+        next(iter(batches))
+    assert list(tmp.iterdir()) == []  # the partial answer is gone
+    assert resource.getrlimit(resource.RLIMIT_FSIZE) == limit

@@ -9,11 +9,15 @@ as for every vendor, and on loopback too, since the SDK only speaks https; a loc
 ``REQUESTS_CA_BUNDLE`` names its certificate).
 
 A request is bounded before it is sent (it costs money and disk): at most MAX_SPAN of time and MAX_SYMBOLS
-symbols; the answer's decompressed size is bounded by the DBN reader.
+symbols. The answer is bounded on disk while it downloads: the SDK writes it with no limit of its own, so the
+process's file-size limit (``RLIMIT_FSIZE``) is lowered to MAX_DOWNLOAD_BYTES for the download (a larger answer, or a
+stand-in that streams forever, fails the write: one error, the temporary file removed); its decompressed size is
+bounded by the DBN reader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +34,9 @@ SCHEMA = "mbp-10"
 # laptop should download in one go (split longer backfills into several runs: each is idempotent).
 MAX_SPAN = dt.timedelta(days=7)
 MAX_SYMBOLS = 100  # the SDK takes 2,000; more than this in one answer is more instruments than one run should hold
+# The zstd answer on disk (in the temporary directory, TMPDIR). MBP-10 compresses ~5x, so this is about what the
+# DBN reader's MAX_DECOMPRESSED_BYTES (64 GiB) lets through anyway: a larger answer could not be read.
+MAX_DOWNLOAD_BYTES = 16 * 2**30
 
 
 class HistoricalError(InputError):
@@ -54,8 +61,8 @@ def check_request(dataset: str, symbols: list[str], start: dt.datetime, end: dt.
                               "(MAX_SPAN); split it into several runs (each is idempotent)")
 
 
-def fetch_mbp10(dataset: str, symbols: list[str], start: dt.datetime, end: dt.datetime, cadence_s: float = 1.0
-                ) -> Iterator[Batch]:
+def fetch_mbp10(dataset: str, symbols: list[str], start: dt.datetime, end: dt.datetime, cadence_s: float = 1.0,
+                max_bytes: int = MAX_DOWNLOAD_BYTES) -> Iterator[Batch]:
     """The request's MBP-10 records, sampled at ``cadence_s`` (see ``recorded.dbn``), in ``Batch``es. The request
     is checked (bounds, key, host) now; the download happens when the first batch is asked for, and the temporary
     file is removed when the iteration ends."""
@@ -75,11 +82,31 @@ def fetch_mbp10(dataset: str, symbols: list[str], start: dt.datetime, end: dt.da
         raise HistoricalError(f"{HIST_URL_ENV}: the Databento historical client speaks https only; give an https:// "
                               "URL (a local stand-in serves TLS, its certificate named by REQUESTS_CA_BUNDLE)")
     assert key is not None
-    return _download_and_read(key, gateway, dataset, symbols, start, end, cadence_s)
+    return _download_and_read(key, gateway, dataset, symbols, start, end, cadence_s, max_bytes)
+
+
+@contextlib.contextmanager
+def _file_size_limit(max_bytes: int) -> Iterator[None]:
+    """No file this process writes grows past ``max_bytes`` while inside (a write past it fails with EFBIG:
+    CPython ignores SIGXFSZ from start-up, so the write raises instead of the signal killing the process). The
+    SDK's download loop has no bound of its own, and is not ours to patch; the limit is per file, so the lake's
+    files (far smaller) are not affected by it."""
+    import resource
+    import signal
+
+    if signal.getsignal(signal.SIGXFSZ) != signal.SIG_IGN:
+        raise HistoricalError("SIGXFSZ is not ignored in this process: the download could not be bounded")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    new = max_bytes if soft == resource.RLIM_INFINITY else min(soft, max_bytes)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (new, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def _download_and_read(key: str, gateway: str | None, dataset: str, symbols: list[str], start: dt.datetime,
-                       end: dt.datetime, cadence_s: float) -> Iterator[Batch]:
+                       end: dt.datetime, cadence_s: float, max_bytes: int) -> Iterator[Batch]:
     import databento as db
 
     from microstructure.recorded.dbn import read_dbn
@@ -89,9 +116,13 @@ def _download_and_read(key: str, gateway: str | None, dataset: str, symbols: lis
         path = Path(tmp) / f"{dataset}-{SCHEMA}.dbn.zst"
         try:
             client = db.Historical(key, gateway=gateway) if gateway else db.Historical(key)
-            client.timeseries.get_range(dataset=dataset, symbols=symbols, schema=SCHEMA, start=start, end=end,
-                                        stype_in="raw_symbol", path=path)
+            with _file_size_limit(max_bytes):
+                client.timeseries.get_range(dataset=dataset, symbols=symbols, schema=SCHEMA, start=start, end=end,
+                                            stype_in="raw_symbol", path=path)
         except Exception as e:  # the SDK's BentoError family, requests' and OSErrors: one line, key scrubbed
+            if path.exists() and path.stat().st_size >= max_bytes:
+                raise HistoricalError(f"the Databento answer passed {max_bytes:,} bytes on disk (MAX_DOWNLOAD_BYTES) "
+                                      "and was stopped: request fewer symbols or a shorter span") from None
             detail = " ".join(str(e).split())[:300] or type(e).__name__
             raise HistoricalError(scrub(f"Databento timeseries.get_range failed: {detail}")) from None
         yield from read_dbn([path], cadence_s, None)
