@@ -204,3 +204,15 @@ def test_a_stand_in_that_streams_forever_is_stopped_at_the_download_bound(stand_
         next(iter(batches))
     assert list(tmp.iterdir()) == []  # the partial answer is gone
     assert resource.getrlimit(resource.RLIMIT_FSIZE) == limit
+
+
+def test_a_missing_key_or_refused_url_creates_no_data_dir(stand_in, tmp_path):
+    server, crt = stand_in
+    env = _env(server.url_for("").rstrip("/"), crt)
+    no_key = {k: v for k, v in env.items() if k != "DATABENTO_API_KEY"}
+    base = ["backfill", "--from", "databento", "--dataset", "XNAS.ITCH", "--symbols", "AAPL",
+            "--start", "2025-11-24T16:00", "--end", "2025-11-24T17:00", "--data-dir", tmp_path / "d"]
+    assert "DATABENTO_API_KEY is not set" in one_error_line(cli(*base, env=no_key))
+    assert "speaks https only" in one_error_line(cli(*base, env={**env, "MICROSTRUCTURE_DATABENTO_HIST_URL":
+                                                                 "http://127.0.0.1:9"}))
+    assert not (tmp_path / "d").exists() and server.log == []

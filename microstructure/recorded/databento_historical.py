@@ -61,16 +61,11 @@ def check_request(dataset: str, symbols: list[str], start: dt.datetime, end: dt.
                               "(MAX_SPAN); split it into several runs (each is idempotent)")
 
 
-def fetch_mbp10(dataset: str, symbols: list[str], start: dt.datetime, end: dt.datetime, cadence_s: float = 1.0,
-                max_bytes: int = MAX_DOWNLOAD_BYTES) -> Iterator[Batch]:
-    """The request's MBP-10 records, sampled at ``cadence_s`` (see ``recorded.dbn``), in ``Batch``es. The request
-    is checked (bounds, key, host) now; the download happens when the first batch is asked for, and the temporary
-    file is removed when the iteration ends."""
-    from microstructure.recorded.bounds import check_cadence
+def check_config() -> tuple[str, str | None]:
+    """(key, https gateway or None) from the environment, or HistoricalError: checked before anything is locked or
+    created, so a run without a key leaves no data dir behind."""
     from microstructure.sources.vendor import ConfigError, base_url_from_env, env_key
 
-    check_cadence(cadence_s)
-    check_request(dataset, symbols, start, end)
     try:
         key = env_key(KEY_ENV, True, "the Databento historical API needs a key")
         gateway = base_url_from_env(HIST_URL_ENV)
@@ -82,6 +77,19 @@ def fetch_mbp10(dataset: str, symbols: list[str], start: dt.datetime, end: dt.da
         raise HistoricalError(f"{HIST_URL_ENV}: the Databento historical client speaks https only; give an https:// "
                               "URL (a local stand-in serves TLS, its certificate named by REQUESTS_CA_BUNDLE)")
     assert key is not None
+    return key, gateway
+
+
+def fetch_mbp10(dataset: str, symbols: list[str], start: dt.datetime, end: dt.datetime, cadence_s: float = 1.0,
+                max_bytes: int = MAX_DOWNLOAD_BYTES) -> Iterator[Batch]:
+    """The request's MBP-10 records, sampled at ``cadence_s`` (see ``recorded.dbn``), in ``Batch``es. The request
+    is checked (bounds, key, host) now; the download happens when the first batch is asked for, and the temporary
+    file is removed when the iteration ends."""
+    from microstructure.recorded.bounds import check_cadence
+
+    check_cadence(cadence_s)
+    check_request(dataset, symbols, start, end)
+    key, gateway = check_config()
     return _download_and_read(key, gateway, dataset, symbols, start, end, cadence_s, max_bytes)
 
 
