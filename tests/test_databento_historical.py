@@ -216,3 +216,26 @@ def test_a_missing_key_or_refused_url_creates_no_data_dir(stand_in, tmp_path):
     assert "speaks https only" in one_error_line(cli(*base, env={**env, "MICROSTRUCTURE_DATABENTO_HIST_URL":
                                                                  "http://127.0.0.1:9"}))
     assert not (tmp_path / "d").exists() and server.log == []
+
+
+def test_a_dataset_holding_a_path_is_refused_and_writes_nothing_outside_the_temp_dir(stand_in, tmp_path, monkeypatch):
+    """The answer's temporary file was named after --dataset: "../x" put the download beside the temporary
+    directory, where it stayed after the run."""
+    import tempfile
+
+    from microstructure.recorded.databento_historical import HistoricalError, fetch_mbp10
+
+    server, crt = stand_in
+    answer = write_dbn(tmp_path / "a.dbn.zst", {"AAPL": 1}, [mbp(1, T0, [level(189 * NS, 1, 190 * NS, 1)])])
+    server.expect_request("/v0/timeseries.get_range", method="POST").respond_with_data(
+        answer.read_bytes(), content_type="application/octet-stream")
+    for k, v in _env(server.url_for("").rstrip("/"), crt).items():
+        monkeypatch.setenv(k, v)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with pytest.raises(HistoricalError, match="is not a Databento dataset code"):
+        for _ in fetch_mbp10("../escape", ["AAPL"], dt.datetime(2025, 11, 24, 16, tzinfo=dt.UTC),
+                             dt.datetime(2025, 11, 24, 17, tzinfo=dt.UTC)):
+            pass
+    assert list(tmp.iterdir()) == [] and server.log == []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,9 @@ def check_request(dataset: str, symbols: list[str], start: dt.datetime, end: dt.
     """Refuses a request past the bounds (MAX_SPAN, MAX_SYMBOLS) or without a dataset, before it costs anything."""
     if not dataset or len(dataset) > MAX_FIELD_BYTES:
         raise HistoricalError("--dataset is required (e.g. XNAS.ITCH, GLBX.MDP3)")
+    if not re.fullmatch(r"[A-Za-z0-9]+(?:[.-][A-Za-z0-9]+)*", dataset):
+        raise HistoricalError(f"--dataset {dataset[:40]!r} is not a Databento dataset code (e.g. XNAS.ITCH, "
+                              "GLBX.MDP3)")
     if not symbols:
         raise HistoricalError("--symbols is required: a comma-separated list (e.g. AAPL,MSFT)")
     if len(symbols) > MAX_SYMBOLS:
@@ -121,7 +125,7 @@ def _download_and_read(key: str, gateway: str | None, dataset: str, symbols: lis
     from microstructure.sources.secrets import scrub
 
     with tempfile.TemporaryDirectory(prefix="microstructure-databento-") as tmp:
-        path = Path(tmp) / f"{dataset}-{SCHEMA}.dbn.zst"
+        path = Path(tmp) / "answer.dbn.zst"  # never a name from input: a "../" in it would leave the directory
         try:
             client = db.Historical(key, gateway=gateway) if gateway else db.Historical(key)
             with _file_size_limit(max_bytes):
