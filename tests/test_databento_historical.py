@@ -239,3 +239,20 @@ def test_a_dataset_holding_a_path_is_refused_and_writes_nothing_outside_the_temp
                              dt.datetime(2025, 11, 24, 17, tzinfo=dt.UTC)):
             pass
     assert list(tmp.iterdir()) == [] and server.log == []
+
+
+def test_a_warning_header_echoing_the_key_is_scrubbed_one_line(stand_in, tmp_path):
+    """The SDK prints the server's X-Warning header through warnings.warn, as sent: a server echoing the key (or
+    sending terminal escapes) reached stderr."""
+    server, crt = stand_in
+    answer = write_dbn(tmp_path / "a.dbn.zst", {"AAPL": 1}, [mbp(1, T0, [level(189 * NS, 1, 190 * NS, 1)])])
+    warning = json.dumps([f"Warning: your key {KEY} is \x1b[31mold\nsecond line"])
+    server.expect_request("/v0/timeseries.get_range", method="POST").respond_with_data(
+        answer.read_bytes(), content_type="application/octet-stream", headers={"X-Warning": warning})
+    r = cli("backfill", "--from", "databento", "--dataset", "XNAS.ITCH", "--symbols", "AAPL",
+            "--start", "2025-11-24T16:00", "--end", "2025-11-24T17:00", "--data-dir", tmp_path / "d", "--json",
+            env=_env(server.url_for("").rstrip("/"), crt))
+    assert r.returncode == 0, r.stderr
+    assert KEY not in r.stderr + r.stdout and "\x1b" not in r.stderr
+    told = [ln for ln in r.stderr.splitlines() if "Databento:" in ln]
+    assert told == ["Databento: your key *** is \\x1b[31mold second line"], r.stderr

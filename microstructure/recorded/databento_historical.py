@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from microstructure.contract.inputs import InputError
 from microstructure.recorded.batch import Batch
 from microstructure.recorded.bounds import MAX_FIELD_BYTES
 
+_log = logging.getLogger(__name__)
 KEY_ENV = "DATABENTO_API_KEY"
 HIST_URL_ENV = "MICROSTRUCTURE_DATABENTO_HIST_URL"
 SCHEMA = "mbp-10"
@@ -121,6 +124,7 @@ def _download_and_read(key: str, gateway: str | None, dataset: str, symbols: lis
                        end: dt.datetime, cadence_s: float, max_bytes: int) -> Iterator[Batch]:
     import databento as db
 
+    from microstructure.contract.text import visible
     from microstructure.recorded.dbn import read_dbn
     from microstructure.sources.secrets import scrub
 
@@ -128,7 +132,10 @@ def _download_and_read(key: str, gateway: str | None, dataset: str, symbols: lis
         path = Path(tmp) / "answer.dbn.zst"  # never a name from input: a "../" in it would leave the directory
         try:
             client = db.Historical(key, gateway=gateway) if gateway else db.Historical(key)
-            with _file_size_limit(max_bytes):
+            # The SDK turns the server's X-Warning header into warnings.warn: printed as sent, unscrubbed (a
+            # server may echo the key) and with its control characters. Caught here, and retold below.
+            with _file_size_limit(max_bytes), warnings.catch_warnings(record=True) as told:
+                warnings.simplefilter("always")
                 client.timeseries.get_range(dataset=dataset, symbols=symbols, schema=SCHEMA, start=start, end=end,
                                             stype_in="raw_symbol", path=path)
         except Exception as e:  # the SDK's BentoError family, requests' and OSErrors: one line, key scrubbed
@@ -137,4 +144,9 @@ def _download_and_read(key: str, gateway: str | None, dataset: str, symbols: lis
                                       "and was stopped: request fewer symbols or a shorter span") from None
             detail = " ".join(str(e).split())[:300] or type(e).__name__
             raise HistoricalError(scrub(f"Databento timeseries.get_range failed: {detail}")) from None
+        from databento.common.error import BentoWarning
+
+        told = [w for w in told if issubclass(w.category, BentoWarning)]
+        for w in told[:10]:  # each one line, scrubbed, control characters escaped (a failed request: its error only)
+            _log.warning("Databento: %s", visible(scrub(" ".join(str(w.message).split())[:300])))
         yield from read_dbn([path], cadence_s, None)
