@@ -210,3 +210,14 @@ def test_an_instrument_id_reused_on_another_day_takes_that_days_symbol(tmp_path)
     f.write_bytes(md.encode() + mbp(7, T0, _book(0)) + mbp(7, T0 + 86_400 * NS, _book(1)))
     rows = [r for b in read_dbn([f], 1.0) for r in b.raw.to_pylist()]
     assert [(r["symbol"], r["received_ts"].date()) for r in rows] == [("AAPL", DAY), ("MSFT", nxt)]
+
+
+def test_a_parent_subscriptions_mapping_records_label_each_contract_by_its_raw_symbol(tmp_path):
+    """A live capture of ES.FUT (parent) sends one SymbolMappingMsg per contract: in ES.FUT, out ESZ5 / ESH6. The
+    reader used the input symbol, so every contract's book went into the lake as one symbol, ES.FUT. Databento's
+    SDK takes the output symbol (unless it is an instrument id)."""
+    recs = [mapping_msg(3, "ES.FUT", T0, raw="ESZ5"), mapping_msg(4, "ES.FUT", T0, raw="ESH6"),
+            mbp(3, T0 + 1, _book(0)), mbp(4, T0 + 2, _book(1))]
+    f = write_dbn(tmp_path / "live.dbn", {}, recs, zstd=False)
+    rows = [r for b in read_dbn([f], 1.0) for r in b.raw.to_pylist()]
+    assert sorted(r["symbol"] for r in rows) == ["ESH6", "ESZ5"]

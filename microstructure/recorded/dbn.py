@@ -8,8 +8,8 @@ event may show a book half way through the event.
 
 * Symbols: the metadata's mappings (``raw symbol -> instrument id`` per UTC date, the date of ``ts_recv``, the
   time Databento indexes symbology by), updated by ``SymbolMappingMsg`` records when the file has them (live
-  captures). An instrument no mapping names is quarantined once per file (``unmapped_instrument``), never
-  guessed.
+  captures; their output symbol, the contract's own, unless it is an instrument id). An instrument no mapping
+  names is quarantined once per file (``unmapped_instrument``), never guessed.
 * Prices: DBN fixed point, integer units of 1e-9. Each becomes the float nearest its exact decimal value (Python
   divides two integers correctly rounded; a float64 ``price * 1e-9`` would be off by one unit in the last place
   for some prices). ``UNDEF_PRICE`` (and size 0) marks an empty level: NULL here, never a price. A book with an
@@ -190,7 +190,12 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
                 continue
             assert names is not None
             if isinstance(rec, dbn.SymbolMappingMsg):
-                names.live[rec.instrument_id] = rec.stype_in_symbol
+                # As Databento's SDK does (InstrumentMap.insert_symbol_mapping_msg): the output symbol, the
+                # contract's own (ESZ5) for a parent or continuous subscription (ES.FUT), unless it is an instrument
+                # id (a raw-symbol subscription), then the input symbol. The input one would file every contract
+                # of ES.FUT under one symbol.
+                out = rec.stype_out_symbol
+                names.live[rec.instrument_id] = rec.stype_in_symbol if out.isdigit() else out
                 continue
             if not isinstance(rec, dbn.MBP10Msg | dbn.MBP1Msg) or not rec.flags & dbn.F_LAST:
                 continue  # other records (system, error, status) carry no book; non-last ones a partial event
