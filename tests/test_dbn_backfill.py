@@ -221,3 +221,33 @@ def test_a_parent_subscriptions_mapping_records_label_each_contract_by_its_raw_s
     f = write_dbn(tmp_path / "live.dbn", {}, recs, zstd=False)
     rows = [r for b in read_dbn([f], 1.0) for r in b.raw.to_pylist()]
     assert sorted(r["symbol"] for r in rows) == ["ESH6", "ESZ5"]
+
+
+def test_a_parent_symbol_naming_two_contracts_on_one_date_is_quarantined_not_mixed(tmp_path):
+    """A historical file requested with stype_in=parent maps ES.FUT to every contract's instrument id: read as a
+    symbol, ESZ5's and ESH6's books became one interleaved ES.FUT series. A contract that is ES.FUT's only
+    instrument on another date (a continuous symbol's roll) is still named."""
+    import datetime as dt
+    from types import SimpleNamespace as NS_
+
+    import databento_dbn as dbn
+
+    from tests.dbn_files import DAY
+
+    AMBIGUOUS = "ambiguous_symbol"
+    nxt = DAY + dt.timedelta(1)
+    md = dbn.Metadata(dataset="GLBX.MDP3", start=T0, end=T0 + 2 * 86_400 * NS, stype_in=dbn.SType.PARENT,
+                      stype_out=dbn.SType.INSTRUMENT_ID, schema=dbn.Schema.MBP_10, symbols=["ES.FUT", "NQZ5"],
+                      mappings=[NS_(raw_symbol="ES.FUT", intervals=[NS_(start_date=DAY, end_date=nxt, symbol="3"),
+                                                                    NS_(start_date=DAY, end_date=nxt, symbol="4")]),
+                                NS_(raw_symbol="ES.C.0", intervals=[NS_(start_date=DAY, end_date=nxt, symbol="5"),
+                                                                    NS_(start_date=nxt, end_date=nxt + dt.timedelta(1),
+                                                                        symbol="6")]),
+                                NS_(raw_symbol="NQZ5", intervals=[NS_(start_date=DAY, end_date=nxt, symbol="1")])])
+    f = tmp_path / "parent.dbn"
+    f.write_bytes(md.encode() + b"".join(mbp(i, T0 + i, _book(i)) for i in (1, 3, 4, 5))
+                  + mbp(3, T0 + NS, _book(0)) + mbp(6, T0 + 86_400 * NS, _book(6)))
+    batches = list(read_dbn([f], 1.0))
+    assert sorted(r["symbol"] for b in batches for r in b.raw.to_pylist()) == ["ES.C.0", "ES.C.0", "NQZ5"]
+    rej = sorted((r["symbol"], r["reason"], r["origin"]) for b in batches for r in b.rejected.to_pylist())
+    assert rej == [("ES.FUT", AMBIGUOUS, "parent.dbn record 2"), ("ES.FUT", AMBIGUOUS, "parent.dbn record 3")]

@@ -9,7 +9,8 @@ event may show a book half way through the event.
 * Symbols: the metadata's mappings (``raw symbol -> instrument id`` per UTC date, the date of ``ts_recv``, the
   time Databento indexes symbology by), updated by ``SymbolMappingMsg`` records when the file has them (live
   captures; their output symbol, the contract's own, unless it is an instrument id). An instrument no mapping
-  names is quarantined once per file (``unmapped_instrument``), never guessed.
+  names is quarantined once per file (``unmapped_instrument``), never guessed; so is one whose symbol names
+  several instruments on that date (``ambiguous_symbol``: a parent symbol such as ES.FUT).
 * Prices: DBN fixed point, integer units of 1e-9. Each becomes the float nearest its exact decimal value (Python
   divides two integers correctly rounded; a float64 ``price * 1e-9`` would be off by one unit in the last place
   for some prices). ``UNDEF_PRICE`` (and size 0) marks an empty level: NULL here, never a price. A book with an
@@ -51,6 +52,7 @@ MAX_METADATA_BYTES = 64 * MiB
 # is ~1.5 M: split such a file by symbol (``--symbol``) or request fewer symbols.
 MAX_INSTRUMENTS = 200_000
 UNMAPPED = "unmapped_instrument"
+AMBIGUOUS = "ambiguous_symbol"
 
 
 def fixed_price(v: int) -> float:
@@ -79,34 +81,49 @@ def _levels(rec: Any, undef: int) -> tuple[list[tuple[float, float | None]], lis
 
 
 class _Symbols:
-    """instrument id -> symbol, from the metadata's mappings (per UTC date) and SymbolMappingMsg records."""
+    """instrument id -> symbol, from the metadata's mappings (per UTC date) and SymbolMappingMsg records.
+
+    A symbol that names more than one instrument on one date (a parent symbol, ES.FUT, requested with
+    ``stype_in=parent``: every contract maps to it) is ambiguous there: its books cannot be told apart by symbol,
+    so they are quarantined (``ambiguous_symbol``), never mixed into one symbol's series."""
 
     def __init__(self, mappings: dict[str, list[dict[str, Any]]]) -> None:
-        self.by_id: dict[int, list[tuple[dt.date, dt.date, str]]] = {}
+        self.by_id: dict[int, list[tuple[dt.date, dt.date, str, bool]]] = {}
         self.live: dict[int, str] = {}
-        self.last: dict[int, tuple[int, int, str]] = {}  # instrument -> the span (ns) of its last mapping found
+        # instrument -> the span (ns) of its last mapping found, its symbol, and whether that is ambiguous
+        self.last: dict[int, tuple[int, int, str, bool]] = {}
         for raw, intervals in mappings.items():
+            spans: list[tuple[dt.date, dt.date, int]] = []
             for iv in intervals:
                 try:
                     iid = int(iv["symbol"])
                 except (KeyError, TypeError, ValueError):
                     continue  # a mapping to another symbology than instrument ids: not one we can use
-                self.by_id.setdefault(iid, []).append((iv["start_date"], iv["end_date"], raw))
+                spans.append((iv["start_date"], iv["end_date"], iid))
+            spans.sort()
+            # Sorted by start: a span overlaps an earlier one iff it starts before the latest end so far, and a
+            # later one iff the next span starts before it ends (end dates are exclusive).
+            latest: dt.date | None = None
+            for i, (start, end, iid) in enumerate(spans):
+                overlaps = (latest is not None and start < latest) or (i + 1 < len(spans) and spans[i + 1][0] < end)
+                latest = end if latest is None else max(latest, end)
+                self.by_id.setdefault(iid, []).append((start, end, raw, overlaps))
 
-    def get(self, iid: int, ts_ns: int) -> str | None:
+    def get(self, iid: int, ts_ns: int) -> tuple[str, bool] | None:
+        """(symbol, ambiguous) of the instrument at ``ts_ns``, or None when no mapping names it."""
         if iid in self.live:
-            return self.live[iid]
+            return self.live[iid], False
         hit = self.last.get(iid)
         if hit is not None and hit[0] <= ts_ns < hit[1]:  # most records fall in the span their previous one did
-            return hit[2]
+            return hit[2], hit[3]
         spans = self.by_id.get(iid)
         if not spans:
             return None
         day = dt.datetime.fromtimestamp(ts_ns // 1_000_000_000, dt.UTC).date()
-        for start, end, raw in spans:
+        for start, end, raw, ambiguous in spans:
             if start <= day < end:
-                self.last[iid] = (_day_ns(start), _day_ns(end), raw)
-                return raw
+                self.last[iid] = (_day_ns(start), _day_ns(end), raw, ambiguous)
+                return raw, ambiguous
         return None
 
 
@@ -201,16 +218,22 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
                 continue  # other records (system, error, status) carry no book; non-last ones a partial event
             where = f"{path.name} record {n}"
             iid, recv = rec.instrument_id, rec.ts_recv
-            sym = names.get(iid, recv)
-            if sym is None:
+            named = names.get(iid, recv)
+            if named is None or named[1]:
                 if iid not in unmapped:
                     unmapped.add(iid)
-                    rejected.append({"symbol": f"instrument_id={iid}", "received_ts": loaded,
-                                     "source": SOURCE_NAME, "reason": UNMAPPED,
-                                     "detail": "no symbol mapping names this instrument on this date (first record "
-                                               "shown; the file's other records of it are skipped too)",
-                                     "origin": where})
+                    rejected.append(
+                        {"symbol": f"instrument_id={iid}", "received_ts": loaded, "source": SOURCE_NAME,
+                         "reason": UNMAPPED,
+                         "detail": "no symbol mapping names this instrument on this date (first record shown; the "
+                                   "file's other records of it are skipped too)", "origin": where}
+                        if named is None else
+                        {"symbol": named[0], "received_ts": loaded, "source": SOURCE_NAME, "reason": AMBIGUOUS,
+                         "detail": f"{snippet(named[0], 40)} names instrument_id={iid} and others on this date (a "
+                                   "parent or other many-to-one symbology): request raw symbols (first record "
+                                   "shown; the file's other records of it are skipped too)", "origin": where})
                 continue
+            sym = named[0]
             if symbols is not None and sym not in symbols:
                 continue
             if not (plausible_ns(rec.ts_event) and plausible_ns(recv)):
