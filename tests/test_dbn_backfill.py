@@ -251,3 +251,14 @@ def test_a_parent_symbol_naming_two_contracts_on_one_date_is_quarantined_not_mix
     assert sorted(r["symbol"] for b in batches for r in b.raw.to_pylist()) == ["ES.C.0", "ES.C.0", "NQZ5"]
     rej = sorted((r["symbol"], r["reason"], r["origin"]) for b in batches for r in b.rejected.to_pylist())
     assert rej == [("ES.FUT", AMBIGUOUS, "parent.dbn record 2"), ("ES.FUT", AMBIGUOUS, "parent.dbn record 3")]
+
+
+def test_two_files_of_one_capture_give_one_snapshot_per_slot_across_the_boundary(tmp_path):
+    """A capture split into files (hourly, say) cuts a cadence slot in two: each file's pending sample was emitted
+    at its end, so the slot at the boundary held two snapshots of one symbol instead of its last one."""
+    a = write_dbn(tmp_path / "a.dbn", {"AAPL": 1}, [mbp(1, T0 + 100, _book(0)), mbp(1, T0 + 200, _book(1))],
+                  zstd=False)
+    b = write_dbn(tmp_path / "b.dbn", {"AAPL": 1}, [mbp(1, T0 + 300, _book(2)), mbp(1, T0 + NS, _book(3))],
+                  zstd=False)
+    rows = [r for bt in read_dbn([a, b], 1.0) for r in bt.raw.to_pylist()]
+    assert [r["bid_px_1"] for r in rows] == [exact(_book(2)[0].bid_px), exact(_book(3)[0].bid_px)]

@@ -20,9 +20,9 @@ event may show a book half way through the event.
   Databento's capture server had the message). As for the Binance and Hyperliquid recordings, the receive time
   of the recording is the closest truth we have about when the data was in hand: we did not receive it live.
   A record whose times are not plausible is quarantined (``implausible_time``).
-* Sampling: per instrument, the last ``F_LAST`` record of each ``cadence`` slot of ``ts_recv`` (DBN files are
+* Sampling: per symbol, the last ``F_LAST`` record of each ``cadence`` slot of ``ts_recv`` (DBN files are
   ordered by ``ts_recv``, and a historical request's range is on ``ts_recv``), like the Binance and Hyperliquid
-  readers.
+  readers; the files are read in turn as one stream, so a slot cut by a file boundary still gives one snapshot.
 
 Bounds: the file is streamed through ``streams.BoundedStream`` (decompressed size counted: a zstd bomb stops at
 its bound), the metadata header is at most MAX_METADATA_BYTES, and at most MAX_INSTRUMENTS instruments are
@@ -171,7 +171,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None = None) -> Iterator[Batch]:
-    """Sampled snapshots of DBN MBP-10 / MBP-1 files (each file in turn), in ``Batch``es; ``symbols`` keeps those
+    """Sampled snapshots of DBN MBP-10 / MBP-1 files (in turn, one stream), in ``Batch``es; ``symbols`` keeps those
     symbols only (None: every symbol). See the module docstring."""
     import databento_dbn as dbn
 
@@ -191,18 +191,31 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
         quotes.append(BookQuote(sym, ts_from_ns(rec.ts_event), ts_from_ns(rec.ts_recv), SOURCE_NAME, bids, asks))
         origins.append(where)
 
+    # symbol -> (slot, record, where), across files: a capture split into files cuts a slot in two, and the slot's
+    # snapshot is its last record whichever file holds it (instrument ids are per file and date; symbols are not).
+    pending: dict[str, tuple[int, Any, str]] = {}
+
+    def drain() -> Iterator[Batch]:
+        for sym, (_, rec, where) in pending.items():
+            emit(rec, sym, where)
+            if len(quotes) >= BATCH:
+                yield flush()
+        pending.clear()
+        if quotes or rejected:
+            yield flush()
+
     for path in files:
         loaded = file_time(path)
         names: _Symbols | None = None
-        pending: dict[int, tuple[int, Any, str, str]] = {}  # instrument -> (slot, record, symbol, where)
         unmapped: set[int] = set()
         stop: list[FileFormatError] = []
         for n, rec in _stop_after(_records(path), stop):
             if n == 0:
                 schema = rec.schema
                 if schema is not None and str(schema) not in SCHEMAS:
-                    raise FileFormatError(f"{path.name}: DBN schema {snippet(schema, 20)}; backfill --format dbn "
-                                          f"reads {' and '.join(SCHEMAS)}")
+                    stop.append(FileFormatError(f"{path.name}: DBN schema {snippet(schema, 20)}; backfill --format "
+                                                f"dbn reads {' and '.join(SCHEMAS)}"))
+                    break
                 names = _Symbols(rec.mappings)
                 continue
             assert names is not None
@@ -242,25 +255,19 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
                                  "detail": f"ts_event={rec.ts_event} ns, ts_recv={recv} ns", "origin": where})
             else:
                 slot = recv // slot_ns
-                prev = pending.get(iid)
+                prev = pending.get(sym)
                 if prev is not None and prev[0] != slot:
-                    emit(prev[1], prev[2], prev[3])
+                    emit(prev[1], sym, prev[2])
                 elif prev is None and len(pending) >= MAX_INSTRUMENTS:
                     raise FileFormatError(f"{where}: more than {MAX_INSTRUMENTS:,} instruments at once "
                                           "(MAX_INSTRUMENTS): read it a few symbols at a time (--symbol)")
-                pending[iid] = (slot, rec, sym, where)
+                pending[sym] = (slot, rec, where)
             if len(quotes) + len(rejected) >= BATCH:
                 yield flush()
-        for _, rec, sym, where in pending.values():
-            emit(rec, sym, where)
-            if len(quotes) >= BATCH:
-                yield flush()
         if stop:  # a file cut short or broken part-way: the books before the break are kept, then the error
-            if quotes or rejected:
-                yield flush()
+            yield from drain()
             raise stop[0]
-    if quotes or rejected:
-        yield flush()
+    yield from drain()
 
 
 def _stop_after(records: Iterator[tuple[int, Any]], stop: list[FileFormatError]) -> Iterator[tuple[int, Any]]:
