@@ -262,3 +262,20 @@ def test_two_files_of_one_capture_give_one_snapshot_per_slot_across_the_boundary
                   zstd=False)
     rows = [r for bt in read_dbn([a, b], 1.0) for r in bt.raw.to_pylist()]
     assert [r["bid_px_1"] for r in rows] == [exact(_book(2)[0].bid_px), exact(_book(3)[0].bid_px)]
+
+
+def test_records_flagged_maybe_bad_book_or_bad_ts_recv_are_quarantined_not_books(tmp_path):
+    """Databento flags a record whose book may be wrong after an unrecoverable gap (F_MAYBE_BAD_BOOK) or whose
+    ts_recv is inaccurate (F_BAD_TS_RECV): stored as books, they were a wrong book and an untrue received_ts."""
+    import databento_dbn as dbn
+
+    recs = [mbp(1, T0, _book(0)),
+            mbp(1, T0 + NS, _book(1), flags=dbn.F_LAST | dbn.F_MAYBE_BAD_BOOK),
+            mbp(1, T0 + 2 * NS, _book(2), flags=dbn.F_LAST | dbn.F_BAD_TS_RECV),
+            mbp(1, T0 + 3 * NS, _book(3))]
+    f = write_dbn(tmp_path / "flags.dbn", {"AAPL": 1}, recs, zstd=False)
+    batches = list(read_dbn([f], 1.0))
+    assert [r["bid_px_1"] for b in batches for r in b.raw.to_pylist()] == [exact(_book(0)[0].bid_px),
+                                                                        exact(_book(3)[0].bid_px)]
+    assert sorted((r["reason"], r["origin"]) for b in batches for r in b.rejected.to_pylist()) == [
+        ("bad_ts_recv", "flags.dbn record 3"), ("maybe_bad_book", "flags.dbn record 2")]

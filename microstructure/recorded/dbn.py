@@ -19,7 +19,9 @@ event may show a book half way through the event.
 * Times: ``event_ts`` = ``ts_event`` (the venue's matching-engine time); ``received_ts`` = ``ts_recv`` (when
   Databento's capture server had the message). As for the Binance and Hyperliquid recordings, the receive time
   of the recording is the closest truth we have about when the data was in hand: we did not receive it live.
-  A record whose times are not plausible is quarantined (``implausible_time``).
+  A record whose times are not plausible is quarantined (``implausible_time``); so is a sampled record Databento
+  flags ``F_BAD_TS_RECV`` (``bad_ts_recv``: its ``ts_recv`` is not when the message came) or ``F_MAYBE_BAD_BOOK``
+  (``maybe_bad_book``: after a gap the venue feed could not recover, the book may be wrong).
 * Sampling: per symbol, the last ``F_LAST`` record of each ``cadence`` slot of ``ts_recv`` (DBN files are
   ordered by ``ts_recv``, and a historical request's range is on ``ts_recv``), like the Binance and Hyperliquid
   readers; the files are read in turn as one stream, so a slot cut by a file boundary still gives one snapshot.
@@ -53,6 +55,8 @@ MAX_METADATA_BYTES = 64 * MiB
 MAX_INSTRUMENTS = 200_000
 UNMAPPED = "unmapped_instrument"
 AMBIGUOUS = "ambiguous_symbol"
+MAYBE_BAD_BOOK = "maybe_bad_book"  # F_MAYBE_BAD_BOOK: an unrecoverable gap in the venue's feed
+BAD_TS_RECV = "bad_ts_recv"  # F_BAD_TS_RECV: ts_recv inaccurate (clock issues or packet reordering)
 
 
 def fixed_price(v: int) -> float:
@@ -178,6 +182,7 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
     check_cadence(cadence_s)
     slot_ns = round(cadence_s * 1e9)  # cadence >= 1 ms: an integer number of ns is exact enough
     undef = dbn.UNDEF_PRICE
+    doubts = ((dbn.F_MAYBE_BAD_BOOK, MAYBE_BAD_BOOK), (dbn.F_BAD_TS_RECV, BAD_TS_RECV))
     quotes: list[BookQuote] = []
     origins: list[str] = []
     rejected: list[dict[str, Any]] = []
@@ -187,6 +192,14 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
         return take_batch(quotes, origins, rejected, loaded)
 
     def emit(rec: Any, sym: str, where: str) -> None:
+        # Databento's own doubts about a record: a gap the venue feed could not recover (the book may be wrong
+        # until it recovers) or a ts_recv that is not when the message came (clock trouble, reordering: our
+        # received_ts would not be true). The slot's snapshot is then quarantined, never stored as a book.
+        doubt = [why for flag, why in doubts if rec.flags & flag]
+        if doubt:
+            rejected.append({"symbol": sym, "received_ts": loaded, "source": SOURCE_NAME, "reason": doubt[0],
+                             "detail": f"DBN flags {rec.flags:#04x}: {', '.join(doubt)}", "origin": where})
+            return
         bids, asks = _levels(rec, undef)
         quotes.append(BookQuote(sym, ts_from_ns(rec.ts_event), ts_from_ns(rec.ts_recv), SOURCE_NAME, bids, asks))
         origins.append(where)
