@@ -279,3 +279,29 @@ def test_records_flagged_maybe_bad_book_or_bad_ts_recv_are_quarantined_not_books
                                                                         exact(_book(3)[0].bid_px)]
     assert sorted((r["reason"], r["origin"]) for b in batches for r in b.rejected.to_pylist()) == [
         ("bad_ts_recv", "flags.dbn record 3"), ("maybe_bad_book", "flags.dbn record 2")]
+
+
+def _with_iid(rec: bytes, iid: int) -> bytes:
+    """``rec`` with another instrument id (the record header's u32 at offset 4)."""
+    import struct
+
+    return rec[:4] + struct.pack("<I", iid) + rec[8:]
+
+
+@pytest.mark.parametrize("kind", ["symbol_mapping_records", "unmapped_instruments"])
+def test_endless_distinct_instruments_are_bounded_good_books_before_kept(tmp_path, kind):
+    """Every SymbolMappingMsg and every unmapped instrument id was remembered without a bound: a file of a few
+    hundred MB of distinct ids (the decompressed bound allows 64 GiB) grew the reader's memory to many GB."""
+    from microstructure.recorded.dbn import MAX_INSTRUMENTS
+
+    one = mapping_msg(1, "X", T0) if kind == "symbol_mapping_records" else mbp(9, T0 + NS, [level(1, 1, 2, 1)],
+                                                                               depth10=False)
+    many = b"".join(_with_iid(one, 1000 + i) for i in range(MAX_INSTRUMENTS + 1))
+    f = tmp_path / "many.dbn.zst"
+    f.write_bytes(zstandard.ZstdCompressor().compress(metadata({"AAPL": 1}, schema="mbp-1")
+                                                      + mbp(1, T0, _book(0), depth10=False) + many))
+    got = []
+    with pytest.raises(FileFormatError, match=f"more than {MAX_INSTRUMENTS:,} instruments"):
+        for b in read_dbn([f], 1.0):
+            got += b.raw.to_pylist()
+    assert [r["symbol"] for r in got] == ["AAPL"]

@@ -28,7 +28,8 @@ event may show a book half way through the event.
 
 Bounds: the file is streamed through ``streams.BoundedStream`` (decompressed size counted: a zstd bomb stops at
 its bound), the metadata header is at most MAX_METADATA_BYTES, and at most MAX_INSTRUMENTS instruments are
-held at once. Memory is one read (1 MiB) of records, one pending record per instrument and one batch of rows.
+held at once (pending a sample, mapped by SymbolMappingMsg records, or remembered as unmapped). Memory is one
+read (1 MiB) of records, one pending record per symbol and one batch of rows.
 """
 
 from __future__ import annotations
@@ -238,6 +239,10 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
                 # id (a raw-symbol subscription), then the input symbol. The input one would file every contract
                 # of ES.FUT under one symbol.
                 out = rec.stype_out_symbol
+                if rec.instrument_id not in names.live and len(names.live) >= MAX_INSTRUMENTS:
+                    stop.append(FileFormatError(f"{path.name} record {n}: more than {MAX_INSTRUMENTS:,} instruments "
+                                                "mapped (MAX_INSTRUMENTS): not a capture this reader holds"))
+                    break
                 names.live[rec.instrument_id] = rec.stype_in_symbol if out.isdigit() else out
                 continue
             if not isinstance(rec, dbn.MBP10Msg | dbn.MBP1Msg) or not rec.flags & dbn.F_LAST:
@@ -247,6 +252,10 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
             named = names.get(iid, recv)
             if named is None or named[1]:
                 if iid not in unmapped:
+                    if len(unmapped) >= MAX_INSTRUMENTS:  # each is remembered, to quarantine it once
+                        stop.append(FileFormatError(f"{where}: more than {MAX_INSTRUMENTS:,} instruments without a "
+                                                    "symbol (MAX_INSTRUMENTS): not a file this reader knows"))
+                        break
                     unmapped.add(iid)
                     rejected.append(
                         {"symbol": f"instrument_id={iid}", "received_ts": loaded, "source": SOURCE_NAME,
