@@ -47,17 +47,19 @@ def mapping_msg(iid: int, symbol: str, ts: int, raw: str | None = None) -> bytes
                                       end_ts=ts + 86_400 * NS))
 
 
-def metadata(mappings: dict[str, int], schema: str = "mbp-10", day: dt.date = DAY) -> bytes:
+def metadata(mappings: dict[str, int], schema: str | None = "mbp-10", day: dt.date = DAY) -> bytes:
+    """``schema`` None: a file of several schemas (a live capture subscribed to more than one)."""
     maps = [SimpleNamespace(raw_symbol=raw, intervals=[SimpleNamespace(start_date=day, end_date=day + dt.timedelta(1),
                                                                        symbol=str(iid))])
             for raw, iid in mappings.items()]
     md = dbn.Metadata(dataset="XNAS.ITCH", start=T0, end=T0 + 3600 * NS, stype_in=dbn.SType.RAW_SYMBOL,
-                      stype_out=dbn.SType.INSTRUMENT_ID, schema=dbn.Schema(schema), symbols=list(mappings),
+                      stype_out=dbn.SType.INSTRUMENT_ID, schema=None if schema is None else dbn.Schema(schema),
+                      symbols=list(mappings),
                       mappings=maps)
     return md.encode()
 
 
-def write_dbn(path: Path, mappings: dict[str, int], records: list[bytes], schema: str = "mbp-10",
+def write_dbn(path: Path, mappings: dict[str, int], records: list[bytes], schema: str | None = "mbp-10",
               zstd: bool = True) -> Path:
     data = metadata(mappings, schema) + b"".join(records)
     path.write_bytes(zstandard.ZstdCompressor().compress(data) if zstd else data)

@@ -305,3 +305,16 @@ def test_endless_distinct_instruments_are_bounded_good_books_before_kept(tmp_pat
         for b in read_dbn([f], 1.0):
             got += b.raw.to_pylist()
     assert [r["symbol"] for r in got] == ["AAPL"]
+
+
+def test_a_capture_of_mbp_10_and_mbp_1_together_samples_the_deep_book_not_a_flip_to_one_level(tmp_path):
+    """A live capture subscribed to mbp-10 and mbp-1 (metadata schema: none) has both records of each event, each
+    F_LAST: the slot's snapshot was whichever came last, so a symbol's series flipped between 10 levels and 1. A
+    symbol with only MBP-1 keeps its one level."""
+    recs = [mbp(1, T0 + 100, _book(0)), mbp(1, T0 + 100, _book(0), depth10=False),
+            mbp(2, T0 + 150, _book(5), depth10=False),
+            mbp(1, T0 + NS, _book(1), depth10=False), mbp(1, T0 + NS, _book(1))]
+    f = write_dbn(tmp_path / "mixed.dbn", {"AAPL": 1, "MSFT": 2}, recs, schema=None, zstd=False)
+    rows = sorted((r for b in read_dbn([f], 1.0) for r in b.raw.to_pylist()), key=lambda r: r["received_ts"])
+    depth = [(r["symbol"], sum(r[f"bid_px_{k}"] is not None for k in range(1, 11))) for r in rows]
+    assert depth == [("AAPL", 10), ("MSFT", 1), ("AAPL", 10)]

@@ -25,6 +25,8 @@ event may show a book half way through the event.
 * Sampling: per symbol, the last ``F_LAST`` record of each ``cadence`` slot of ``ts_recv`` (DBN files are
   ordered by ``ts_recv``, and a historical request's range is on ``ts_recv``), like the Binance and Hyperliquid
   readers; the files are read in turn as one stream, so a slot cut by a file boundary still gives one snapshot.
+  A file of both schemas (metadata schema none) samples a symbol's MBP-10 records once it has shown one, never
+  its MBP-1 copies of the same book.
 
 Bounds: the file is streamed through ``streams.BoundedStream`` (decompressed size counted: a zstd bomb stops at
 its bound), the metadata header is at most MAX_METADATA_BYTES, and at most MAX_INSTRUMENTS instruments are
@@ -222,6 +224,7 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
         loaded = file_time(path)
         names: _Symbols | None = None
         unmapped: set[int] = set()
+        deep: set[str] = set()  # symbols with MBP-10 records in this file (no more than the mappings name)
         stop: list[FileFormatError] = []
         for n, rec in _stop_after(_records(path), stop):
             if n == 0:
@@ -270,6 +273,13 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
                 continue
             sym = named[0]
             if symbols is not None and sym not in symbols:
+                continue
+            # A file of several schemas (metadata schema None: a live capture of mbp-10 and mbp-1) holds both
+            # records of an event, each F_LAST: once a symbol has shown its 10 levels, its MBP-1 records are the
+            # same book cut to one level, and sampling them would flip its series between 10 levels and 1.
+            if isinstance(rec, dbn.MBP10Msg):
+                deep.add(sym)
+            elif sym in deep:
                 continue
             if not (plausible_ns(rec.ts_event) and plausible_ns(recv)):
                 rejected.append({"symbol": sym, "received_ts": loaded, "source": SOURCE_NAME,
