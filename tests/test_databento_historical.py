@@ -256,3 +256,15 @@ def test_a_warning_header_echoing_the_key_is_scrubbed_one_line(stand_in, tmp_pat
     assert KEY not in r.stderr + r.stdout and "\x1b" not in r.stderr
     told = [ln for ln in r.stderr.splitlines() if "Databento:" in ln]
     assert told == ["Databento: your key *** is \\x1b[31mold second line"], r.stderr
+
+
+def test_all_symbols_which_asks_for_the_whole_dataset_is_refused_before_anything_is_sent(stand_in, tmp_path):
+    """``ALL_SYMBOLS`` is Databento's word for every symbol of the dataset: one "symbol" under MAX_SYMBOLS that
+    requested (and billed) all of them."""
+    server, crt = stand_in
+    for word in ("ALL_SYMBOLS", "AAPL,all_symbols"):
+        r = cli("backfill", "--from", "databento", "--dataset", "XNAS.ITCH", "--symbols", word, "--start",
+                "2025-11-24T16:00", "--end", "2025-11-24T17:00", "--data-dir", tmp_path / "d",
+                env=_env(server.url_for("").rstrip("/"), crt))
+        assert "asks for every symbol of the dataset" in one_error_line(r)
+    assert server.log == [] and not (tmp_path / "d").exists()

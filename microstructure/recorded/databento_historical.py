@@ -61,6 +61,10 @@ def check_request(dataset: str, symbols: list[str], start: dt.datetime, end: dt.
                               "split it into several runs")
     if any(not s or len(s) > MAX_FIELD_BYTES for s in symbols):
         raise HistoricalError("--symbols holds an empty or overlong symbol")
+    if any(s.upper() == "ALL_SYMBOLS" for s in symbols):
+        # Databento's word for every symbol of the dataset: one "symbol" past MAX_SYMBOLS, and the cost of all.
+        raise HistoricalError("--symbols ALL_SYMBOLS asks for every symbol of the dataset: name the symbols (at most "
+                              f"{MAX_SYMBOLS}, MAX_SYMBOLS)")
     if end <= start:
         raise HistoricalError(f"--end {end.isoformat()} is not after --start {start.isoformat()}")
     if end - start > MAX_SPAN:
