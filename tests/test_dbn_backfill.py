@@ -318,3 +318,23 @@ def test_a_capture_of_mbp_10_and_mbp_1_together_samples_the_deep_book_not_a_flip
     rows = sorted((r for b in read_dbn([f], 1.0) for r in b.raw.to_pylist()), key=lambda r: r["received_ts"])
     depth = [(r["symbol"], sum(r[f"bid_px_{k}"] is not None for k in range(1, 11))) for r in rows]
     assert depth == [("AAPL", 10), ("MSFT", 1), ("AAPL", 10)]
+
+
+@pytest.mark.integration  # the real CLI in a subprocess
+def test_a_record_shorter_than_its_type_or_a_symbol_not_utf8_is_one_error_line_exit_2(tmp_path):
+    """A record whose length byte is shorter than its type made databento_dbn's Rust code panic (a
+    PanicException, a BaseException: a traceback, exit 1, and Rust's panic lines on stderr); a SymbolMappingMsg
+    whose symbol is not UTF-8 raised DBNError on reading the symbol (exit 1). Both are a broken file: one
+    `error:` line, exit 2, the books before the break kept."""
+    good = mbp(1, T0, _book(0)) + mbp(1, T0 + NS, _book(1))
+    short = bytes([9]) + mbp(1, T0 + 2 * NS, _book(2))[1:36]  # length 9 words = 36 bytes, an MBP-10 needs 368
+    bad_utf8 = mapping_msg(3, "TSLA", T0).replace(b"TSLA", b"\xff\xfeLA")
+    for name, tail, says in (("short.dbn", short, "short.dbn after record 2: a record of 36 bytes"),
+                             ("utf8.dbn", bad_utf8, "utf8.dbn record 3: ")):
+        f = tmp_path / name
+        f.write_bytes(metadata({"AAPL": 1}) + good + tail + mbp(1, T0 + 3 * NS, _book(3)))
+        d = tmp_path / f"d-{name}"
+        r = cli("backfill", f, "--format", "dbn", "--data-dir", d, check=False)
+        err = one_error_line(r)
+        assert says in err and "the lake kept the 2 rows before it" in err, err
+        assert len(lake_rows(d)) == 2

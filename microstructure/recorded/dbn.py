@@ -28,6 +28,9 @@ event may show a book half way through the event.
   A file of both schemas (metadata schema none) samples a symbol's MBP-10 records once it has shown one, never
   its MBP-1 copies of the same book.
 
+Records are framed by their length byte before the decoder sees them: only MBP-10, MBP-1 and SymbolMappingMsg
+records are decoded, each checked to be as long as its type (a shorter one panics in databento_dbn's Rust code).
+
 Bounds: the file is streamed through ``streams.BoundedStream`` (decompressed size counted: a zstd bomb stops at
 its bound), the metadata header is at most MAX_METADATA_BYTES, and at most MAX_INSTRUMENTS instruments are
 held at once (pending a sample, mapped by SymbolMappingMsg records, or remembered as unmapped). Memory is one
@@ -138,6 +141,12 @@ def _day_ns(d: dt.date) -> int:
     return (d - dt.date(1970, 1, 1)).days * 86_400 * 1_000_000_000
 
 
+# The record types read here (DBN ``RType``): their records reach the decoder, every other one is framed by its
+# length byte and skipped. A record shorter than its type makes databento_dbn's Rust code panic (PanicException, a
+# BaseException, with Rust's own lines on stderr): its length is checked against the type's size first.
+_MBP_1, _MBP_10, _SYMBOL_MAPPING = 0x01, 0x0A, 0x16
+
+
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(record number, metadata or record) of one DBN file, streamed and bounded; the metadata comes first.
     A file that is not DBN, or is cut short, is a FileFormatError naming where."""
@@ -145,36 +154,82 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
 
     name = path.name
     dec = dbn.DBNDecoder()
+    buf = bytearray()  # bytes read and not yet framed: less than one record, plus a read
     n = 0
+    sizes: dict[int, int] = {}
     seen_meta = False
     with BoundedStream(path) as fh:
         while True:
             chunk = fh.read()
             if not chunk:
                 break
-            try:
-                dec.write(chunk)
-                out = dec.decode()
-            except (dbn.DBNError, ValueError) as e:
-                where = f"{name} after record {n:,}" if seen_meta else f"{name}"
-                raise FileFormatError(f"{where}: not a DBN file this reader knows ({why(e)})") from None
-            if not seen_meta and not out:
-                if fh.count > MAX_METADATA_BYTES:
-                    raise FileFormatError(f"{name}: no DBN metadata in the first {MAX_METADATA_BYTES:,} bytes "
+            buf += chunk
+            if not seen_meta:
+                # b"DBN", the version, the metadata's length (u32 LE), then the metadata: refused past its bound
+                # before it is held, decoded once whole.
+                if len(buf) < 8:
+                    continue
+                if buf[:3] != b"DBN":
+                    raise FileFormatError(f"{name}: not a DBN file this reader knows (no DBN signature)")
+                end = 8 + int.from_bytes(buf[4:8], "little")
+                if end > MAX_METADATA_BYTES:
+                    raise FileFormatError(f"{name}: DBN metadata of {end:,} bytes, more than {MAX_METADATA_BYTES:,} "
                                           "(MAX_METADATA_BYTES): not a DBN file this reader knows")
-                continue
-            for r in out:
-                if isinstance(r, dbn.Metadata):
-                    seen_meta = True
-                    yield 0, r
+                if len(buf) < end:
+                    continue
+                try:
+                    dec.write(bytes(buf[:end]))
+                    meta = dec.decode()[0]
+                    if not isinstance(meta, dbn.Metadata):
+                        raise ValueError("no metadata")
+                    tail = 8 if meta.ts_out else 0  # records then carry the gateway's send time too
+                    sym_size = (dbn.SymbolMappingMsgV1 if meta.version == 1 else dbn.SymbolMappingMsg).size_hint
+                except (dbn.DBNError, ValueError, IndexError) as e:
+                    raise FileFormatError(f"{name}: not a DBN file this reader knows ({why(e)})") from None
+                sizes = {_MBP_1: dbn.MBP1Msg.size_hint + tail, _MBP_10: dbn.MBP10Msg.size_hint + tail,
+                         _SYMBOL_MAPPING: sym_size + tail}
+                del buf[:end]
+                seen_meta = True
+                yield 0, meta
+            pos, runs, nos, run = 0, [], [], -1  # runs: (start, end) of consecutive records to decode
+            broken: FileFormatError | None = None  # raised once the records before it are handed over
+            while pos < len(buf):
+                length = buf[pos] * 4
+                want = sizes.get(buf[pos + 1]) if len(buf) - pos > 1 else None
+                if length == 0 or (want is not None and length < want):
+                    broken = FileFormatError(f"{name} after record {n:,}: a record of {length} bytes, shorter than "
+                                             f"its type's {want or 4}: not a DBN file this reader knows")
+                    break
+                if len(buf) - pos < length:
+                    break
+                n += 1
+                if want is None:
+                    run = -1
                 else:
-                    n += 1
-                    yield n, r
-    left = len(dec.buffer())
+                    if run < 0:
+                        runs.append([pos, pos])
+                        run = len(runs) - 1
+                    runs[run][1] = pos + length
+                    nos.append(n)
+                pos += length
+            if runs:
+                try:
+                    dec.write(b"".join(bytes(buf[a:b]) for a, b in runs))
+                    out = dec.decode()
+                except (dbn.DBNError, ValueError) as e:
+                    raise FileFormatError(f"{name} after record {nos[0] - 1:,}: not a DBN file this reader knows "
+                                          f"({why(e)})") from None
+                if len(out) != len(nos):  # one record decoded per record framed: anything else is not DBN
+                    raise FileFormatError(f"{name} after record {nos[0] - 1:,}: not a DBN file this reader knows "
+                                          f"({len(out)} records decoded of {len(nos)})")
+                yield from zip(nos, out, strict=True)
+            if broken is not None:
+                raise broken
+            del buf[:pos]
     if not seen_meta:
         raise FileFormatError(f"{name}: empty or cut short before its DBN metadata ended")
-    if left:
-        raise FileFormatError(f"{name} after record {n:,}: the file is cut short ({left} bytes of a record)")
+    if buf:
+        raise FileFormatError(f"{name} after record {n:,}: the file is cut short ({len(buf)} bytes of a record)")
 
 
 def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None = None) -> Iterator[Batch]:
@@ -233,7 +288,12 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
                     stop.append(FileFormatError(f"{path.name}: DBN schema {snippet(schema, 20)}; backfill --format "
                                                 f"dbn reads {' and '.join(SCHEMAS)}"))
                     break
-                names = _Symbols(rec.mappings)
+                try:
+                    names = _Symbols(rec.mappings)
+                except (dbn.DBNError, ValueError, TypeError) as e:
+                    stop.append(FileFormatError(f"{path.name}: DBN metadata mappings this reader cannot read "
+                                                f"({why(e)})"))
+                    break
                 continue
             assert names is not None
             if isinstance(rec, dbn.SymbolMappingMsg):
@@ -241,12 +301,17 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
                 # contract's own (ESZ5) for a parent or continuous subscription (ES.FUT), unless it is an instrument
                 # id (a raw-symbol subscription), then the input symbol. The input one would file every contract
                 # of ES.FUT under one symbol.
-                out = rec.stype_out_symbol
+                try:  # the symbols are read (and checked as UTF-8) only now
+                    out, inp = rec.stype_out_symbol, rec.stype_in_symbol
+                except dbn.DBNError as e:
+                    stop.append(FileFormatError(f"{path.name} record {n}: a symbol mapping whose symbol is not text "
+                                                f"({why(e)}): not a DBN file this reader knows"))
+                    break
                 if rec.instrument_id not in names.live and len(names.live) >= MAX_INSTRUMENTS:
                     stop.append(FileFormatError(f"{path.name} record {n}: more than {MAX_INSTRUMENTS:,} instruments "
                                                 "mapped (MAX_INSTRUMENTS): not a capture this reader holds"))
                     break
-                names.live[rec.instrument_id] = rec.stype_in_symbol if out.isdigit() else out
+                names.live[rec.instrument_id] = inp if out.isdigit() else out
                 continue
             if not isinstance(rec, dbn.MBP10Msg | dbn.MBP1Msg) or not rec.flags & dbn.F_LAST:
                 continue  # other records (system, error, status) carry no book; non-last ones a partial event
