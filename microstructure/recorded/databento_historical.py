@@ -9,10 +9,10 @@ as for every vendor, and on loopback too, since the SDK only speaks https; a loc
 ``REQUESTS_CA_BUNDLE`` names its certificate).
 
 A request is bounded before it is sent (it costs money and disk): at most MAX_SPAN of time and MAX_SYMBOLS
-symbols. The answer is bounded on disk while it downloads: the SDK writes it with no limit of its own, so the
-process's file-size limit (``RLIMIT_FSIZE``) is lowered to MAX_DOWNLOAD_BYTES for the download (a larger answer, or a
-stand-in that streams forever, fails the write: one error, the temporary file removed); its decompressed size is
-bounded by the DBN reader.
+symbols, never ``ALL_SYMBOLS``. The answer is bounded on disk while it downloads: the SDK writes it with no
+limit of its own, so the process's file-size limit (``RLIMIT_FSIZE``) is lowered to MAX_DOWNLOAD_BYTES for the
+download (a larger answer, or a stand-in that streams forever, fails the write: one error, the temporary file
+removed); its decompressed size is bounded by the DBN reader.
 """
 
 from __future__ import annotations
