@@ -338,3 +338,26 @@ def test_a_record_shorter_than_its_type_or_a_symbol_not_utf8_is_one_error_line_e
         err = one_error_line(r)
         assert says in err and "the lake kept the 2 rows before it" in err, err
         assert len(lake_rows(d)) == 2
+
+
+def test_more_symbols_pending_than_max_instruments_keeps_the_books_before_the_refusal(tmp_path):
+    """Past MAX_INSTRUMENTS symbols pending a sample the read stops: it raised at once, and every book still
+    pending (most of the file's last slot) was lost with it. Good rows are never lost with a bad one."""
+    import databento_dbn as dbn
+
+    from microstructure.recorded.dbn import MAX_INSTRUMENTS
+
+    rec = mbp(9, T0 + 1, [level(1, 1, 2, 1)], depth10=False)
+    maps = b"".join(bytes(dbn.SymbolMappingMsg(
+        publisher_id=1, instrument_id=1000 + i, ts_event=T0, stype_in=dbn.SType.RAW_SYMBOL, stype_in_symbol=f"S{i}",
+        stype_out=dbn.SType.INSTRUMENT_ID, stype_out_symbol=str(1000 + i), start_ts=T0, end_ts=T0 + 86_400 * NS))
+        for i in range(MAX_INSTRUMENTS))
+    books = b"".join(_with_iid(rec, 1000 + i) for i in range(MAX_INSTRUMENTS))
+    f = tmp_path / "wide.dbn.zst"
+    f.write_bytes(zstandard.ZstdCompressor().compress(metadata({"AAPL": 1}, schema="mbp-1")
+                                                      + mbp(1, T0, _book(0), depth10=False) + maps + books))
+    got = []
+    with pytest.raises(FileFormatError, match=f"more than {MAX_INSTRUMENTS:,} instruments at once"):
+        for b in read_dbn([f], 1.0):
+            got += b.raw.to_pylist()
+    assert "AAPL" in {r["symbol"] for r in got} and len(got) == MAX_INSTRUMENTS

@@ -355,9 +355,10 @@ def read_dbn(files: list[Path], cadence_s: float = 1.0, symbols: set[str] | None
                 prev = pending.get(sym)
                 if prev is not None and prev[0] != slot:
                     emit(prev[1], sym, prev[2])
-                elif prev is None and len(pending) >= MAX_INSTRUMENTS:
-                    raise FileFormatError(f"{where}: more than {MAX_INSTRUMENTS:,} instruments at once "
-                                          "(MAX_INSTRUMENTS): read it a few symbols at a time (--symbol)")
+                elif prev is None and len(pending) >= MAX_INSTRUMENTS:  # the pending books go in first
+                    stop.append(FileFormatError(f"{where}: more than {MAX_INSTRUMENTS:,} instruments at once "
+                                                "(MAX_INSTRUMENTS): read it a few symbols at a time (--symbol)"))
+                    break
                 pending[sym] = (slot, rec, where)
             if len(quotes) + len(rejected) >= BATCH:
                 yield flush()
