@@ -36,23 +36,30 @@ def mbp(iid: int, ts_recv: int, levels: list[dbn.BidAskPair], *, ts_event: int |
     return bytes(dbn.MBP1Msg(**kw, levels=levels[0]))
 
 
-def mapping_msg(iid: int, symbol: str, ts: int) -> bytes:
-    return bytes(dbn.SymbolMappingMsg(publisher_id=1, instrument_id=iid, ts_event=ts, stype_in=dbn.SType.RAW_SYMBOL,
-                                      stype_in_symbol=symbol, stype_out=dbn.SType.INSTRUMENT_ID,
-                                      stype_out_symbol=str(iid), start_ts=ts, end_ts=ts + 86_400 * NS))
+def mapping_msg(iid: int, symbol: str, ts: int, raw: str | None = None) -> bytes:
+    """Without ``raw``: a raw-symbol subscription (out: the instrument id). With it: a parent or continuous
+    subscription, ``symbol`` (ES.FUT) in, ``raw`` (ESZ5) out, as Databento's live gateway sends them."""
+    stype_in = dbn.SType.RAW_SYMBOL if raw is None else dbn.SType.PARENT
+    stype_out = dbn.SType.INSTRUMENT_ID if raw is None else dbn.SType.RAW_SYMBOL
+    return bytes(dbn.SymbolMappingMsg(publisher_id=1, instrument_id=iid, ts_event=ts, stype_in=stype_in,
+                                      stype_in_symbol=symbol, stype_out=stype_out,
+                                      stype_out_symbol=str(iid) if raw is None else raw, start_ts=ts,
+                                      end_ts=ts + 86_400 * NS))
 
 
-def metadata(mappings: dict[str, int], schema: str = "mbp-10", day: dt.date = DAY) -> bytes:
+def metadata(mappings: dict[str, int], schema: str | None = "mbp-10", day: dt.date = DAY) -> bytes:
+    """``schema`` None: a file of several schemas (a live capture subscribed to more than one)."""
     maps = [SimpleNamespace(raw_symbol=raw, intervals=[SimpleNamespace(start_date=day, end_date=day + dt.timedelta(1),
                                                                        symbol=str(iid))])
             for raw, iid in mappings.items()]
     md = dbn.Metadata(dataset="XNAS.ITCH", start=T0, end=T0 + 3600 * NS, stype_in=dbn.SType.RAW_SYMBOL,
-                      stype_out=dbn.SType.INSTRUMENT_ID, schema=dbn.Schema(schema), symbols=list(mappings),
+                      stype_out=dbn.SType.INSTRUMENT_ID, schema=None if schema is None else dbn.Schema(schema),
+                      symbols=list(mappings),
                       mappings=maps)
     return md.encode()
 
 
-def write_dbn(path: Path, mappings: dict[str, int], records: list[bytes], schema: str = "mbp-10",
+def write_dbn(path: Path, mappings: dict[str, int], records: list[bytes], schema: str | None = "mbp-10",
               zstd: bool = True) -> Path:
     data = metadata(mappings, schema) + b"".join(records)
     path.write_bytes(zstandard.ZstdCompressor().compress(data) if zstd else data)

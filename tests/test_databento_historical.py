@@ -171,3 +171,100 @@ def test_requests_past_the_bounds_are_refused_before_anything_is_sent(stand_in, 
             "--end", "2025-01-02", env=env)
     assert "101 symbols: at most 100 in one request (MAX_SYMBOLS)" in one_error_line(r)
     assert server.log == [] and not (tmp_path / "d").exists()
+
+
+def test_a_stand_in_that_streams_forever_is_stopped_at_the_download_bound(stand_in, tmp_path, monkeypatch):
+    """The SDK writes the answer to disk with no limit: a hostile (or mistaken) server streaming forever must stop
+    at MAX_DOWNLOAD_BYTES with one error, the temporary file removed, and the process's file-size limit put back."""
+    import resource
+    import tempfile
+
+    from microstructure.recorded.databento_historical import HistoricalError, fetch_mbp10
+
+    server, crt = stand_in
+    head = write_dbn(tmp_path / "head.dbn.zst", {"AAPL": 1}, []).read_bytes()
+
+    def forever():
+        yield head
+        block = os.urandom(1 << 16)  # incompressible: the bytes on disk are the bytes sent
+        while True:
+            yield block
+
+    server.expect_request("/v0/timeseries.get_range", method="POST").respond_with_handler(
+        lambda req: Response(forever(), 200, content_type="application/octet-stream"))
+    for k, v in _env(server.url_for("").rstrip("/"), crt).items():
+        monkeypatch.setenv(k, v)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    batches = fetch_mbp10("XNAS.ITCH", ["AAPL"], dt.datetime(2025, 11, 24, 16, tzinfo=dt.UTC),
+                          dt.datetime(2025, 11, 24, 17, tzinfo=dt.UTC), 1.0, max_bytes=4 << 20)
+    with pytest.raises(HistoricalError, match=r"passed 4,194,304 bytes on disk \(MAX_DOWNLOAD_BYTES\)"):
+        next(iter(batches))
+    assert list(tmp.iterdir()) == []  # the partial answer is gone
+    assert resource.getrlimit(resource.RLIMIT_FSIZE) == limit
+
+
+def test_a_missing_key_or_refused_url_creates_no_data_dir(stand_in, tmp_path):
+    server, crt = stand_in
+    env = _env(server.url_for("").rstrip("/"), crt)
+    no_key = {k: v for k, v in env.items() if k != "DATABENTO_API_KEY"}
+    base = ["backfill", "--from", "databento", "--dataset", "XNAS.ITCH", "--symbols", "AAPL",
+            "--start", "2025-11-24T16:00", "--end", "2025-11-24T17:00", "--data-dir", tmp_path / "d"]
+    assert "DATABENTO_API_KEY is not set" in one_error_line(cli(*base, env=no_key))
+    assert "speaks https only" in one_error_line(cli(*base, env={**env, "MICROSTRUCTURE_DATABENTO_HIST_URL":
+                                                                 "http://127.0.0.1:9"}))
+    assert not (tmp_path / "d").exists() and server.log == []
+
+
+def test_a_dataset_holding_a_path_is_refused_and_writes_nothing_outside_the_temp_dir(stand_in, tmp_path, monkeypatch):
+    """The answer's temporary file was named after --dataset: "../x" put the download beside the temporary
+    directory, where it stayed after the run."""
+    import tempfile
+
+    from microstructure.recorded.databento_historical import HistoricalError, fetch_mbp10
+
+    server, crt = stand_in
+    answer = write_dbn(tmp_path / "a.dbn.zst", {"AAPL": 1}, [mbp(1, T0, [level(189 * NS, 1, 190 * NS, 1)])])
+    server.expect_request("/v0/timeseries.get_range", method="POST").respond_with_data(
+        answer.read_bytes(), content_type="application/octet-stream")
+    for k, v in _env(server.url_for("").rstrip("/"), crt).items():
+        monkeypatch.setenv(k, v)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with pytest.raises(HistoricalError, match="is not a Databento dataset code"):
+        for _ in fetch_mbp10("../escape", ["AAPL"], dt.datetime(2025, 11, 24, 16, tzinfo=dt.UTC),
+                             dt.datetime(2025, 11, 24, 17, tzinfo=dt.UTC)):
+            pass
+    assert list(tmp.iterdir()) == [] and server.log == []
+
+
+def test_a_warning_header_echoing_the_key_is_scrubbed_one_line(stand_in, tmp_path):
+    """The SDK prints the server's X-Warning header through warnings.warn, as sent: a server echoing the key (or
+    sending terminal escapes) reached stderr."""
+    server, crt = stand_in
+    answer = write_dbn(tmp_path / "a.dbn.zst", {"AAPL": 1}, [mbp(1, T0, [level(189 * NS, 1, 190 * NS, 1)])])
+    warning = json.dumps([f"Warning: your key {KEY} is \x1b[31mold\nsecond line"])
+    server.expect_request("/v0/timeseries.get_range", method="POST").respond_with_data(
+        answer.read_bytes(), content_type="application/octet-stream", headers={"X-Warning": warning})
+    r = cli("backfill", "--from", "databento", "--dataset", "XNAS.ITCH", "--symbols", "AAPL",
+            "--start", "2025-11-24T16:00", "--end", "2025-11-24T17:00", "--data-dir", tmp_path / "d", "--json",
+            env=_env(server.url_for("").rstrip("/"), crt))
+    assert r.returncode == 0, r.stderr
+    assert KEY not in r.stderr + r.stdout and "\x1b" not in r.stderr
+    told = [ln for ln in r.stderr.splitlines() if "Databento:" in ln]
+    assert told == ["Databento: your key *** is \\x1b[31mold second line"], r.stderr
+
+
+def test_all_symbols_which_asks_for_the_whole_dataset_is_refused_before_anything_is_sent(stand_in, tmp_path):
+    """``ALL_SYMBOLS`` is Databento's word for every symbol of the dataset: one "symbol" under MAX_SYMBOLS that
+    requested (and billed) all of them."""
+    server, crt = stand_in
+    for word in ("ALL_SYMBOLS", "AAPL,all_symbols"):
+        r = cli("backfill", "--from", "databento", "--dataset", "XNAS.ITCH", "--symbols", word, "--start",
+                "2025-11-24T16:00", "--end", "2025-11-24T17:00", "--data-dir", tmp_path / "d",
+                env=_env(server.url_for("").rstrip("/"), crt))
+        assert "asks for every symbol of the dataset" in one_error_line(r)
+    assert server.log == [] and not (tmp_path / "d").exists()

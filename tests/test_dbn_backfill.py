@@ -210,3 +210,154 @@ def test_an_instrument_id_reused_on_another_day_takes_that_days_symbol(tmp_path)
     f.write_bytes(md.encode() + mbp(7, T0, _book(0)) + mbp(7, T0 + 86_400 * NS, _book(1)))
     rows = [r for b in read_dbn([f], 1.0) for r in b.raw.to_pylist()]
     assert [(r["symbol"], r["received_ts"].date()) for r in rows] == [("AAPL", DAY), ("MSFT", nxt)]
+
+
+def test_a_parent_subscriptions_mapping_records_label_each_contract_by_its_raw_symbol(tmp_path):
+    """A live capture of ES.FUT (parent) sends one SymbolMappingMsg per contract: in ES.FUT, out ESZ5 / ESH6. The
+    reader used the input symbol, so every contract's book went into the lake as one symbol, ES.FUT. Databento's
+    SDK takes the output symbol (unless it is an instrument id)."""
+    recs = [mapping_msg(3, "ES.FUT", T0, raw="ESZ5"), mapping_msg(4, "ES.FUT", T0, raw="ESH6"),
+            mbp(3, T0 + 1, _book(0)), mbp(4, T0 + 2, _book(1))]
+    f = write_dbn(tmp_path / "live.dbn", {}, recs, zstd=False)
+    rows = [r for b in read_dbn([f], 1.0) for r in b.raw.to_pylist()]
+    assert sorted(r["symbol"] for r in rows) == ["ESH6", "ESZ5"]
+
+
+def test_a_parent_symbol_naming_two_contracts_on_one_date_is_quarantined_not_mixed(tmp_path):
+    """A historical file requested with stype_in=parent maps ES.FUT to every contract's instrument id: read as a
+    symbol, ESZ5's and ESH6's books became one interleaved ES.FUT series. A contract that is ES.FUT's only
+    instrument on another date (a continuous symbol's roll) is still named."""
+    import datetime as dt
+    from types import SimpleNamespace as NS_
+
+    import databento_dbn as dbn
+
+    from tests.dbn_files import DAY
+
+    AMBIGUOUS = "ambiguous_symbol"
+    nxt = DAY + dt.timedelta(1)
+    md = dbn.Metadata(dataset="GLBX.MDP3", start=T0, end=T0 + 2 * 86_400 * NS, stype_in=dbn.SType.PARENT,
+                      stype_out=dbn.SType.INSTRUMENT_ID, schema=dbn.Schema.MBP_10, symbols=["ES.FUT", "NQZ5"],
+                      mappings=[NS_(raw_symbol="ES.FUT", intervals=[NS_(start_date=DAY, end_date=nxt, symbol="3"),
+                                                                    NS_(start_date=DAY, end_date=nxt, symbol="4")]),
+                                NS_(raw_symbol="ES.C.0", intervals=[NS_(start_date=DAY, end_date=nxt, symbol="5"),
+                                                                    NS_(start_date=nxt, end_date=nxt + dt.timedelta(1),
+                                                                        symbol="6")]),
+                                NS_(raw_symbol="NQZ5", intervals=[NS_(start_date=DAY, end_date=nxt, symbol="1")])])
+    f = tmp_path / "parent.dbn"
+    f.write_bytes(md.encode() + b"".join(mbp(i, T0 + i, _book(i)) for i in (1, 3, 4, 5))
+                  + mbp(3, T0 + NS, _book(0)) + mbp(6, T0 + 86_400 * NS, _book(6)))
+    batches = list(read_dbn([f], 1.0))
+    assert sorted(r["symbol"] for b in batches for r in b.raw.to_pylist()) == ["ES.C.0", "ES.C.0", "NQZ5"]
+    rej = sorted((r["symbol"], r["reason"], r["origin"]) for b in batches for r in b.rejected.to_pylist())
+    assert rej == [("ES.FUT", AMBIGUOUS, "parent.dbn record 2"), ("ES.FUT", AMBIGUOUS, "parent.dbn record 3")]
+
+
+def test_two_files_of_one_capture_give_one_snapshot_per_slot_across_the_boundary(tmp_path):
+    """A capture split into files (hourly, say) cuts a cadence slot in two: each file's pending sample was emitted
+    at its end, so the slot at the boundary held two snapshots of one symbol instead of its last one."""
+    a = write_dbn(tmp_path / "a.dbn", {"AAPL": 1}, [mbp(1, T0 + 100, _book(0)), mbp(1, T0 + 200, _book(1))],
+                  zstd=False)
+    b = write_dbn(tmp_path / "b.dbn", {"AAPL": 1}, [mbp(1, T0 + 300, _book(2)), mbp(1, T0 + NS, _book(3))],
+                  zstd=False)
+    rows = [r for bt in read_dbn([a, b], 1.0) for r in bt.raw.to_pylist()]
+    assert [r["bid_px_1"] for r in rows] == [exact(_book(2)[0].bid_px), exact(_book(3)[0].bid_px)]
+
+
+def test_records_flagged_maybe_bad_book_or_bad_ts_recv_are_quarantined_not_books(tmp_path):
+    """Databento flags a record whose book may be wrong after an unrecoverable gap (F_MAYBE_BAD_BOOK) or whose
+    ts_recv is inaccurate (F_BAD_TS_RECV): stored as books, they were a wrong book and an untrue received_ts."""
+    import databento_dbn as dbn
+
+    recs = [mbp(1, T0, _book(0)),
+            mbp(1, T0 + NS, _book(1), flags=dbn.F_LAST | dbn.F_MAYBE_BAD_BOOK),
+            mbp(1, T0 + 2 * NS, _book(2), flags=dbn.F_LAST | dbn.F_BAD_TS_RECV),
+            mbp(1, T0 + 3 * NS, _book(3))]
+    f = write_dbn(tmp_path / "flags.dbn", {"AAPL": 1}, recs, zstd=False)
+    batches = list(read_dbn([f], 1.0))
+    assert [r["bid_px_1"] for b in batches for r in b.raw.to_pylist()] == [exact(_book(0)[0].bid_px),
+                                                                        exact(_book(3)[0].bid_px)]
+    assert sorted((r["reason"], r["origin"]) for b in batches for r in b.rejected.to_pylist()) == [
+        ("bad_ts_recv", "flags.dbn record 3"), ("maybe_bad_book", "flags.dbn record 2")]
+
+
+def _with_iid(rec: bytes, iid: int) -> bytes:
+    """``rec`` with another instrument id (the record header's u32 at offset 4)."""
+    import struct
+
+    return rec[:4] + struct.pack("<I", iid) + rec[8:]
+
+
+@pytest.mark.parametrize("kind", ["symbol_mapping_records", "unmapped_instruments"])
+def test_endless_distinct_instruments_are_bounded_good_books_before_kept(tmp_path, kind):
+    """Every SymbolMappingMsg and every unmapped instrument id was remembered without a bound: a file of a few
+    hundred MB of distinct ids (the decompressed bound allows 64 GiB) grew the reader's memory to many GB."""
+    from microstructure.recorded.dbn import MAX_INSTRUMENTS
+
+    one = mapping_msg(1, "X", T0) if kind == "symbol_mapping_records" else mbp(9, T0 + NS, [level(1, 1, 2, 1)],
+                                                                               depth10=False)
+    many = b"".join(_with_iid(one, 1000 + i) for i in range(MAX_INSTRUMENTS + 1))
+    f = tmp_path / "many.dbn.zst"
+    f.write_bytes(zstandard.ZstdCompressor().compress(metadata({"AAPL": 1}, schema="mbp-1")
+                                                      + mbp(1, T0, _book(0), depth10=False) + many))
+    got = []
+    with pytest.raises(FileFormatError, match=f"more than {MAX_INSTRUMENTS:,} instruments"):
+        for b in read_dbn([f], 1.0):
+            got += b.raw.to_pylist()
+    assert [r["symbol"] for r in got] == ["AAPL"]
+
+
+def test_a_capture_of_mbp_10_and_mbp_1_together_samples_the_deep_book_not_a_flip_to_one_level(tmp_path):
+    """A live capture subscribed to mbp-10 and mbp-1 (metadata schema: none) has both records of each event, each
+    F_LAST: the slot's snapshot was whichever came last, so a symbol's series flipped between 10 levels and 1. A
+    symbol with only MBP-1 keeps its one level."""
+    recs = [mbp(1, T0 + 100, _book(0)), mbp(1, T0 + 100, _book(0), depth10=False),
+            mbp(2, T0 + 150, _book(5), depth10=False),
+            mbp(1, T0 + NS, _book(1), depth10=False), mbp(1, T0 + NS, _book(1))]
+    f = write_dbn(tmp_path / "mixed.dbn", {"AAPL": 1, "MSFT": 2}, recs, schema=None, zstd=False)
+    rows = sorted((r for b in read_dbn([f], 1.0) for r in b.raw.to_pylist()), key=lambda r: r["received_ts"])
+    depth = [(r["symbol"], sum(r[f"bid_px_{k}"] is not None for k in range(1, 11))) for r in rows]
+    assert depth == [("AAPL", 10), ("MSFT", 1), ("AAPL", 10)]
+
+
+@pytest.mark.integration  # the real CLI in a subprocess
+def test_a_record_shorter_than_its_type_or_a_symbol_not_utf8_is_one_error_line_exit_2(tmp_path):
+    """A record whose length byte is shorter than its type made databento_dbn's Rust code panic (a
+    PanicException, a BaseException: a traceback, exit 1, and Rust's panic lines on stderr); a SymbolMappingMsg
+    whose symbol is not UTF-8 raised DBNError on reading the symbol (exit 1). Both are a broken file: one
+    `error:` line, exit 2, the books before the break kept."""
+    good = mbp(1, T0, _book(0)) + mbp(1, T0 + NS, _book(1))
+    short = bytes([9]) + mbp(1, T0 + 2 * NS, _book(2))[1:36]  # length 9 words = 36 bytes, an MBP-10 needs 368
+    bad_utf8 = mapping_msg(3, "TSLA", T0).replace(b"TSLA", b"\xff\xfeLA")
+    for name, tail, says in (("short.dbn", short, "short.dbn after record 2: a record of 36 bytes"),
+                             ("utf8.dbn", bad_utf8, "utf8.dbn record 3: ")):
+        f = tmp_path / name
+        f.write_bytes(metadata({"AAPL": 1}) + good + tail + mbp(1, T0 + 3 * NS, _book(3)))
+        d = tmp_path / f"d-{name}"
+        r = cli("backfill", f, "--format", "dbn", "--data-dir", d, check=False)
+        err = one_error_line(r)
+        assert says in err and "the lake kept the 2 rows before it" in err, err
+        assert len(lake_rows(d)) == 2
+
+
+def test_more_symbols_pending_than_max_instruments_keeps_the_books_before_the_refusal(tmp_path):
+    """Past MAX_INSTRUMENTS symbols pending a sample the read stops: it raised at once, and every book still
+    pending (most of the file's last slot) was lost with it. Good rows are never lost with a bad one."""
+    import databento_dbn as dbn
+
+    from microstructure.recorded.dbn import MAX_INSTRUMENTS
+
+    rec = mbp(9, T0 + 1, [level(1, 1, 2, 1)], depth10=False)
+    maps = b"".join(bytes(dbn.SymbolMappingMsg(
+        publisher_id=1, instrument_id=1000 + i, ts_event=T0, stype_in=dbn.SType.RAW_SYMBOL, stype_in_symbol=f"S{i}",
+        stype_out=dbn.SType.INSTRUMENT_ID, stype_out_symbol=str(1000 + i), start_ts=T0, end_ts=T0 + 86_400 * NS))
+        for i in range(MAX_INSTRUMENTS))
+    books = b"".join(_with_iid(rec, 1000 + i) for i in range(MAX_INSTRUMENTS))
+    f = tmp_path / "wide.dbn.zst"
+    f.write_bytes(zstandard.ZstdCompressor().compress(metadata({"AAPL": 1}, schema="mbp-1")
+                                                      + mbp(1, T0, _book(0), depth10=False) + maps + books))
+    got = []
+    with pytest.raises(FileFormatError, match=f"more than {MAX_INSTRUMENTS:,} instruments at once"):
+        for b in read_dbn([f], 1.0):
+            got += b.raw.to_pylist()
+    assert "AAPL" in {r["symbol"] for r in got} and len(got) == MAX_INSTRUMENTS

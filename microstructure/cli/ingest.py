@@ -315,10 +315,11 @@ def _backfill_usage(files: list[Path] | None, fmt: Any, source: str | None, data
                             "are --symbols A,B)")
         if not (start and end):
             raise UserError("--from databento needs --start and --end")
-        from microstructure.recorded.databento_historical import check_request
+        from microstructure.recorded.databento_historical import check_config, check_request
 
         check_request(dataset or "", [s.strip() for s in (symbols or "").split(",") if s.strip()], _parse_ts(start),
                       _parse_ts(end))
+        check_config()  # no key, or a refused URL: refused before the data dir is created
         return
     if fmt is None:
         raise UserError(f"Missing option '--format' (one of: {', '.join(FORMATS)}): a guess could load a file as "
