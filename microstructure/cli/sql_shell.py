@@ -20,7 +20,9 @@ path at all, so there is nothing a statement could write, however it is wrapped:
 
 The up-front statement-type check is only a friendlier message ("COPY is not allowed"); the connection
 above is the defence, and tests attack it with the check bypassed. There is no write mode: to write, load
-``transforms/views.sql`` in the stock DuckDB CLI. The prompt (``repl``) runs on the same kind of session.
+``transforms/views.sql`` in the stock DuckDB CLI. The prompt (``repl``) runs on the same kind of session, and
+each of its statements lists the lake's files again (``Session.query``): a prompt left open sees the rows written
+since, and never reads the files a compaction replaced.
 """
 
 from __future__ import annotations
