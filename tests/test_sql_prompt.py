@@ -9,6 +9,9 @@ Failing before (the prompt bound the lake's file list once, when it opened):
   empty through new rows and their compaction (nothing it held vanished, so nothing made it list again).
 - test_help_lists_the_views_the_commands_and_how_to_quit, test_an_unknown_dot_command_is_one_error_line: there
   was no `.help`; `.help` and `.schema` went to DuckDB as SQL ("syntax error at or near '.'").
+Not failing before, kept as guards of the new listing per statement: a statement running while the compactor swaps
+files (the old prompt already listed again when a file vanished mid-read), and a link out of the lake planted while
+the prompt is open (the old prompt never listed again, so never saw it; now every listing is checked).
 """
 
 from __future__ import annotations
@@ -88,18 +91,19 @@ class Piped:
         self.lines.put(None)
 
     def ask(self, statement: str) -> str:
-        """Everything the prompt printed for ``statement``: a marker statement after it says where it ends."""
+        """Everything the prompt printed for ``statement``. A made-up command after it marks where the answer
+        ends: the prompt answers it with an error line of its own, without reading the lake."""
         assert self.p.stdin is not None
         self.n += 1
-        marker = f"end-of-answer-{self.n}"
-        self.p.stdin.write(f"{statement}\nSELECT '{marker}' AS m;\n")
+        marker = f"error: unknown command .end-of-answer-{self.n} "
+        self.p.stdin.write(f"{statement}\n.end-of-answer-{self.n}\n")
         self.p.stdin.flush()
         out = []
         while True:
             line = self.lines.get(timeout=WAIT)
             assert line is not None, f"the prompt ended: {out}"
-            if line.strip() == marker:
-                return "\n".join(out[:-1])  # the marker's column header is the last line before it
+            if line.startswith(marker):
+                return "\n".join(out)
             out.append(line)
 
     def close(self) -> int:
@@ -209,6 +213,26 @@ def test_an_unknown_dot_command_is_one_error_line(lake_dir):
         assert counted(prompt.ask(COUNT)) == truth(d)  # the prompt goes on
         tables = prompt.ask(".tables")
         assert all(name in tables for name in DATASETS), tables
+    finally:
+        assert prompt.close() == 0
+
+
+def test_a_symlink_planted_after_the_prompt_opened_is_never_read(lake_dir, tmp_path):
+    """The prompt lists the lake for each statement, so each listing is checked again: a link out of the lake
+    planted while it is open is refused like one there at the start, and what it points to never shows."""
+    d, _ = lake_dir
+    part = LakePaths(d).partition(SNAPSHOTS, T0.date())
+    outside = tmp_path / "outside.parquet"
+    outside.write_bytes(partition_files(part)[0].read_bytes())  # real rows, outside the lake
+    prompt = Piped(d)
+    try:
+        n = counted(prompt.ask(COUNT))
+        (part / "part-zz-planted.parquet").symlink_to(outside)
+        answer = prompt.ask(COUNT)
+        assert answer.startswith("error: ") and "resolves outside the lake" in answer, answer
+        assert "rows=" not in answer
+        (part / "part-zz-planted.parquet").unlink()
+        assert counted(prompt.ask(COUNT)) == n  # the prompt goes on, the lake as it was
     finally:
         assert prompt.close() == 0
 
