@@ -44,7 +44,9 @@ def test_sql_views_and_formats(ran):
 
 def test_online_json(ran):
     d, _ = ran
-    rows = json.loads(cli("online", "MEGA01", "NOPE", "--data-dir", d, "--json").stdout)
+    p = cli("online", "MEGA01", "NOPE", "--data-dir", d, "--json", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("not found: NOPE"), p.stderr  # docs/cli.md "Exit codes"
+    rows = json.loads(p.stdout)
     assert rows[0]["symbol"] == "MEGA01" and rows[0]["found"] and rows[0]["spread_bps"] > 0
     assert rows[1]["found"] is False and rows[1]["stale"] is True
 

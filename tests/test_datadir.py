@@ -95,7 +95,7 @@ def test_readers_never_need_the_lock(small: Path) -> None:
         assert json.loads(r.stdout)[0]["n"] > 0
         r = cli("coverage", "--json", "--data-dir", str(small), timeout=120)
         assert r.returncode == 0, r.stderr
-        r = cli("online", "SIM000", "--json", "--data-dir", str(small), timeout=120)
+        r = cli("online", "MEGA01", "--json", "--data-dir", str(small), timeout=120)
         assert r.returncode == 0, r.stderr
     finally:
         holder.kill()

@@ -90,7 +90,9 @@ def test_picks_score_uses_the_evaluate_model(evaluated, tmp_path):
     picks = tmp_path / "p.csv"
     pd.DataFrame({"symbol": ["MEGA01", "MEGA01", "NOPE"], "side": ["buy", "sell", "buy"], "score": [1, 1, 1],
                   "mode": ["SAFE"] * 3}).to_csv(picks, index=False)
-    rows = json.loads(cli("picks", "--in", picks, "--data-dir", d, "--score", "--json").stdout)["picks"]
+    p = cli("picks", "--in", picks, "--data-dir", d, "--score", "--json", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("not found: NOPE"), p.stderr  # NOPE has no data: exit 1
+    rows = json.loads(p.stdout)["picks"]
     a, b, c = rows
     assert 0 < a["model_p_up"] < 1 and a["model_p_up"] == b["model_p_up"]
     assert a["model_score"] == pytest.approx(1 - b["model_score"])

@@ -61,7 +61,7 @@ def binance_dir(tmp_path_factory) -> Path:
     r = cli("build-features", "--data-dir", d, "--json")
     assert r.returncode == 0, r.stderr
     r = cli("online", "BTCUSDT", "--data-dir", d, "--json")  # opens (applies) the Feast store of the data dir
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1 and json.loads(r.stdout)[0]["found"] is False, r.stderr  # a backfill is offline only
     assert (registry_dir(d) / "registry.db").exists() and (d / "feast" / "feature_store.yaml").exists()
     assert not (d / "feast" / "registry.db").exists()  # derived state lives in the user's cache, not in data
     return d
@@ -278,7 +278,7 @@ def test_planted_feature_store_yaml_type_path_is_never_imported(binance_dir, tmp
     marker.unlink()
     r = subprocess.run([sys.executable, "-m", "microstructure", "online", "BTCUSDT", "--data-dir", str(d), "--json"],
                        cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1 and json.loads(r.stdout)[0]["found"] is False, r.stderr  # answered: no online row
     assert not marker.exists() and "evil_feast_store" not in yml.read_text()
 
 

@@ -81,8 +81,10 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pq.write_table(pa.Table.from_pylist(crafted, schema=schema), f)
     cli("backfill", f, "--format", "snapshots", "--data-dir", d, "--json")
     cli("build-features", "--data-dir", d, "--json")
-    cli("poll", "--data-dir", d, "--cycles", 1, "--interval", 0, *[a for s in UNSERVED for a in ("--symbol", s)],
-        "--no-online", "--json")
+    p = cli("poll", "--data-dir", d, "--cycles", 1, "--interval", 0, *[a for s in UNSERVED for a in ("--symbol", s)],
+            "--no-online", "--json", check=False)
+    assert p.returncode == 1 and p.stderr.startswith("not found: "), p.stderr  # none served: exit 1
+    assert "\x1b" not in p.stderr and "\x07" not in p.stderr  # the symbols named escaped
     return d
 
 
@@ -120,7 +122,8 @@ def test_hostile_sources_and_symbols_neither_crash_evaluate_nor_leak_into_the_re
 
 
 def test_hostile_symbols_print_as_text_in_online(lake):
-    p = cli("online", *HOSTILE, "--data-dir", lake)
+    p = cli("online", *HOSTILE, "--data-dir", lake, check=False)
+    assert p.returncode == 1 and "\x1b" not in p.stderr and "\u202e" not in p.stderr, p.stderr  # offline only
     for s in HOSTILE:
         shown_as_data(p.stdout, s)
 
@@ -131,10 +134,11 @@ def test_hostile_symbols_print_as_text_in_picks(lake, tmp_path):
         w = csv.writer(fh)
         w.writerow(["symbol", "side", "score", "mode"])
         w.writerows([[s, "buy", 0.5, "SAFE"] for s in HOSTILE] + [["MEGA01", "buy", 0.5, "SAFE"]])
-    p = cli("picks", "--in", f, "--data-dir", lake)
+    p = cli("picks", "--in", f, "--data-dir", lake, check=False)
+    assert p.returncode == 1 and "\x1b" not in p.stderr, p.stderr  # no online book for them: exit 1
     for s in HOSTILE:
         shown_as_data(p.stdout, s)
-    rows = json.loads(cli("picks", "--in", f, "--data-dir", lake, "--json").stdout)["picks"]
+    rows = json.loads(cli("picks", "--in", f, "--data-dir", lake, "--json", check=False).stdout)["picks"]
     assert [r["symbol"] for r in rows] == [*HOSTILE, "MEGA01"]  # strict JSON carries the raw text
 
 
@@ -282,14 +286,16 @@ def bad_sqlite(lake, tmp_path_factory) -> Path:
 
 
 def test_a_bad_row_in_the_sqlite_online_store_is_reported_for_its_symbol_only(bad_sqlite):
-    rows = json.loads(cli("online", "MEGA01", "LRG01", "MID01", "ILQ01", "SML01", "--data-dir", bad_sqlite,
-                          "--freshness", 86400, "--json").stdout)
+    p = cli("online", "MEGA01", "LRG01", "MID01", "ILQ01", "SML01", "--data-dir", bad_sqlite, "--freshness", 86400,
+            "--json", check=False)
+    assert p.returncode == 1, p.stderr  # a row that cannot be served is no row: exit 1 (docs/cli.md "Exit codes")
+    rows = json.loads(p.stdout)
     by = {r["symbol"]: r for r in rows}
     for sym in _bad_value_rows():
         assert by[sym]["found"] is False and by[sym]["stale"] is True, by[sym]
         assert by[sym]["error"].startswith("bad online row: ") and by[sym]["spread_bps"] is None
     assert by["SML01"]["found"] is True and by["SML01"]["spread_bps"] > 0 and "error" not in by["SML01"]
-    p = cli("online", "MEGA01", "SML01", "MID01", "--data-dir", bad_sqlite)
+    p = cli("online", "MEGA01", "SML01", "MID01", "--data-dir", bad_sqlite, check=False)
     assert "bad online row" in p.stdout and "\x1b" not in p.stdout
 
 
@@ -297,7 +303,9 @@ def test_a_bad_online_row_never_crashes_picks_for_the_other_symbols(bad_sqlite, 
     f = tmp_path / "p.csv"
     f.write_text("symbol,side,score,mode\nMEGA01,buy,0.5,SAFE\nLRG01,sell,0.5,AGGRESSIVE\nMID01,buy,0.5,SAFE\n"
                  "ILQ01,buy,0.5,AGGRESSIVE\nSML01,buy,0.5,AGGRESSIVE\n")
-    out = json.loads(cli("picks", "--in", f, "--data-dir", bad_sqlite, "--json").stdout)
+    p = cli("picks", "--in", f, "--data-dir", bad_sqlite, "--json", check=False)
+    assert p.returncode == 1, p.stderr  # the bad rows leave their picks without data: exit 1
+    out = json.loads(p.stdout)
     assert [r["symbol"] for r in out["picks"]] == ["MEGA01", "LRG01", "MID01", "ILQ01", "SML01"]
     assert all(r["status"] in ("kept", "dropped") for r in out["picks"])  # a verdict for each: none is an error
 
@@ -322,7 +330,7 @@ def test_an_impossible_event_time_pushed_through_feast_is_reported_bad(bad_sqlit
     finally:
         forget_store(bad_sqlite)
     rows = {r["symbol"]: r for r in json.loads(cli("online", "SML01", "NOPE", "--data-dir", bad_sqlite,
-                                                   "--json").stdout)}
+                                                   "--json", check=False).stdout)}
     assert rows["SML01"]["found"] is False and "9999-12-31" in rows["SML01"]["error"]
     assert rows["NOPE"]["found"] is False and "error" not in rows["NOPE"]
 
@@ -357,7 +365,7 @@ def test_a_bad_row_in_redis_is_reported_for_its_symbol_only(redis_run):
 
     client.hset(lrg, _mmh3("order_book:event_ts"), Value(unix_timestamp_val=2**62).SerializeToString())
     rows = {r["symbol"]: r for r in json.loads(cli("online", "MEGA01", "LRG01", "MID01", "--data-dir", d,
-                                                   "--freshness", 86400, "--json",
+                                                   "--freshness", 86400, "--json", check=False,
                                                    MICROSTRUCTURE_ONLINE_STORE=REDIS_URL).stdout)}
     assert rows["MEGA01"]["found"] is False and "spread_bps" in rows["MEGA01"]["error"]
     assert rows["LRG01"]["found"] is False and "event_ts" in rows["LRG01"]["error"]

@@ -31,10 +31,10 @@ SHAPES = {
 }
 
 
-def cli(*args, columns: int = 120) -> subprocess.CompletedProcess[str]:
+def cli(*args, columns: int = 120, code: int = 0) -> subprocess.CompletedProcess[str]:
     p = subprocess.run([sys.executable, "-m", "microstructure", *map(str, args)], capture_output=True, text=True,
                        timeout=600, env={**os.environ, "COLUMNS": str(columns)})
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == code, p.stderr[-2000:]
     return p
 
 
@@ -127,5 +127,7 @@ def test_markup_and_control_characters_in_a_symbol_are_shown_as_data(ran):
     d, _ = ran
     hostile = "[red]X[/red]\x1b[2J"
     for columns in (120, 60):  # side by side, and folded into blocks
-        out = cli("online", "MEGA01", hostile, "--data-dir", d, columns=columns).stdout
+        p = cli("online", "MEGA01", hostile, "--data-dir", d, columns=columns, code=1)  # 1: nobody has it
+        out = p.stdout
+        assert "\x1b" not in p.stderr and "[red]X[/red]\\x1b[2J" in p.stderr, p.stderr  # named as data too
         assert "\x1b" not in out and "[red]X[/red]\\x1b[2J" in out, out

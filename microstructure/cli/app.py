@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,6 +63,21 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
+
+
+NOT_FOUND_EXIT = 1  # docs/cli.md "Exit codes": the command ran and printed its answer, but a symbol had no data
+
+
+def _not_found(symbols: list[str], what: str) -> None:
+    """End a command that looked up symbols: if any had no data, one ``not found:`` line on stderr (the answer,
+    found false for them, is already printed in full) and exit 1, so a script can tell without parsing it."""
+    names = list(dict.fromkeys(symbols))
+    if names:
+        from microstructure.contract.text import visible
+
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        print(visible(f"not found: {', '.join(names[:10])}{more} ({what})"), file=sys.stderr)
+        raise typer.Exit(NOT_FOUND_EXIT)
 
 
 def _in_range(lo: float, hi: float, lo_open: bool = False) -> Any:

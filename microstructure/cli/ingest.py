@@ -18,6 +18,7 @@ from microstructure.cli.app import (
     Source,
     UserError,
     _in_range,
+    _not_found,
     _parse_ts,
     _paths,
     _quiet_libraries,
@@ -196,6 +197,8 @@ def poll_cmd(
         print(dumps(d))
     else:
         out.print(_table("poll", ["", "value"], [[k, v] for k, v in d.items()]))
+    # A symbol the user named that no source served in any cycle (unknown to every source, or never answered).
+    _not_found([s for s in syms if stats.levels.get(s) == 0], "no source served it in any cycle")
 
 
 def _poll_log(value: str | None) -> str | None:

@@ -14,6 +14,7 @@ from microstructure.cli.app import (
     JsonOut,
     UserError,
     _in_range,
+    _not_found,
     _paths,
     _quiet_libraries,
     app,
@@ -83,7 +84,8 @@ def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON o
                                                                  "book is missing or stale (writes to the lake); "
                                                                  "without it picks only reads.")] = False,
           as_json: JsonOut = False) -> None:
-    """Attach order-book features to picks; keep or drop each with the filter and reason; mark risky ones."""
+    """Attach order-book features to picks; keep or drop each with the filter and reason; mark risky ones. Exit 1
+    if a pick's symbol has no order-book data, after printing every pick."""
     _quiet_libraries()
     from microstructure.trading import picks as pk
     from microstructure.trading.service import MicrostructureService
@@ -104,8 +106,10 @@ def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON o
         except ModelMissing as e:
             raise UserError(str(e)) from None
     summ = pk.summary(res)
+    no_data = [str(r["symbol"]) for r in res if r["filter"] == "no_data"]
     if as_json:
         print(dumps({"summary": summ, "picks": res}))
+        _not_found(no_data, "no order-book data; dropped")
         return
     cols = ["symbol", "side", "mode", "status", "filter", "reason", "microstructure_risky", "spread_bps",
             "depth_dollars", "order_imbalance", *(["model_p_up", "model_score"] if score else [])]
@@ -114,3 +118,4 @@ def picks(in_path: Annotated[Path, typer.Option("--in", help="Picks: CSV, JSON o
     if risky:
         out.print(_table("kept but microstructure risky", ["symbol", "why"], risky))
     out.print(_table("summary", ["", "value"], [[k, v] for k, v in summ.items()]))
+    _not_found(no_data, "no order-book data; dropped")

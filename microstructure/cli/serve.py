@@ -14,6 +14,7 @@ from microstructure.cli.app import (
     JsonOut,
     UserError,
     _in_range,
+    _not_found,
     _paths,
     _quiet_libraries,
     app,
@@ -32,7 +33,8 @@ def online(symbols: Annotated[list[str], typer.Argument(help="Symbols to look up
            freshness: Annotated[float, typer.Option(help="Seconds after which a row is stale.",
                                                     callback=_in_range(*BOUNDS["freshness_s"]))] = FRESHNESS_S,
            as_json: JsonOut = False) -> None:
-    """Online features from Feast, with event time, age and a stale flag."""
+    """Online features from Feast, with event time, age and a stale flag. Exit 1 if a symbol has no online row
+    (found false), after printing every row."""
     _quiet_libraries()
     from microstructure.sources.symbol_lists import check_symbols
     from microstructure.sources.vendor import ConfigError
@@ -46,8 +48,10 @@ def online(symbols: Annotated[list[str], typer.Argument(help="Symbols to look up
     _paths(data_dir, must_exist=True)
     read = read_online(open_store(data_dir), symbols, freshness)
     rows = [r.as_dict() for r in read]
+    missing = [r.symbol for r in read if not r.found]
     if as_json:
         print(dumps(rows))
+        _not_found(missing, "no online row that can be served")
         return
     for r, o in zip(rows, read, strict=True):  # the book's time as a time (as_dict has its ISO text): read as UTC
         r["event_ts"] = o.event_ts
@@ -55,6 +59,7 @@ def online(symbols: Annotated[list[str], typer.Argument(help="Symbols to look up
             "spread_bps", "order_imbalance", "depth_imbalance", "bid_depth", "ask_depth", "depth_dollars",
             "gap_pct", "has_recent_halt", *(["error"] if any(r.get("error") for r in rows) else [])]
     out.print(_table("online features", cols, [[r.get(c) for c in cols] for r in rows], transpose=True))
+    _not_found(missing, "no online row that can be served")
 
 
 @app.command("training-set")

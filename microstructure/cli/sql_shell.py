@@ -20,7 +20,9 @@ path at all, so there is nothing a statement could write, however it is wrapped:
 
 The up-front statement-type check is only a friendlier message ("COPY is not allowed"); the connection
 above is the defence, and tests attack it with the check bypassed. There is no write mode: to write, load
-``transforms/views.sql`` in the stock DuckDB CLI. The prompt (``repl``) runs on the same kind of session.
+``transforms/views.sql`` in the stock DuckDB CLI. The prompt (``repl``) runs on the same kind of session, and
+each of its statements lists the lake's files again (``Session.query``): a prompt left open sees the rows written
+since, and never reads the files a compaction replaced.
 """
 
 from __future__ import annotations
@@ -129,31 +131,48 @@ def lake_dataset(paths: lake.LakePaths, name: str) -> Any:
     it to ``views.sql`` (whose computed ``date`` then reads as ``date_1``): the same columns as every other
     DuckDB client, and a filter on ``date`` skips the other days' files instead of reading them.
     """
+    return _dataset(name, _listing(paths, name))
+
+
+@dataclass(frozen=True)
+class _File:
+    real: str  # the resolved path: pyarrow opens what was checked, not a link
+    day: Any  # dt.date of its partition
+    stamp: tuple[int, int, int, int]  # (device, inode, size, mtime ns): a file replaced under the name differs
+
+
+def _listing(paths: lake.LakePaths, name: str) -> tuple[_File, ...]:
+    """The dataset's consistent file list (``LakePaths.files``), each file checked: inside the lake, regular."""
     import datetime as dt
 
-    import pyarrow.dataset as ds
-    import pyarrow.fs as pafs
-
-    from microstructure.contract.schemas import EMPTY
-
     root = paths.root.resolve()
-    real: list[str] = []
-    days: list[Any] = []
+    out = []
     for f in paths.files(name):
         p = Path(f).resolve(strict=True)  # gone after a compaction: lake.paths.with_retry lists again
         if not p.is_relative_to(root):
             raise NotAllowed(f"{f} resolves outside the lake ({root}): `sql` reads only the lake; "
                              "remove the link or copy the file in")
-        if not stat.S_ISREG(p.stat().st_mode):
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
             raise NotAllowed(f"{f} is not a regular file: `sql` reads only the lake's Parquet files")
         try:
             day = dt.date.fromisoformat(Path(f).parent.name.removeprefix("date="))
         except ValueError:
             raise InputError(f"{Path(f).parent} is not a date partition (date=YYYY-MM-DD)") from None
-        real.append(str(p))  # the resolved path: pyarrow opens what was checked, not a link
-        days.append(ds.field("date") == pa.scalar(day, pa.date32()))
-    if not real:
+        out.append(_File(str(p), day, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)))
+    return tuple(out)
+
+
+def _dataset(name: str, files: tuple[_File, ...]) -> Any:
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    from microstructure.contract.schemas import EMPTY
+
+    if not files:
         return EMPTY[name].empty_table()
+    real = [f.real for f in files]
+    days = [ds.field("date") == pa.scalar(f.day, pa.date32()) for f in files]
     fs, fmt = pafs.LocalFileSystem(), ds.ParquetFileFormat()
     try:
         schema = ds.FileSystemDatasetFactory(fs, real, fmt).inspect(promote_options="permissive")
@@ -191,6 +210,7 @@ class Session:
         self.paths = paths
         self.limits = limits or Limits()
         self.con = _open_duckdb(self.limits)
+        self._bound: dict[str, tuple[_File, ...]] = {}  # the file list each dataset is registered on
         try:
             self.refresh()
             for body in _views().values():
@@ -211,9 +231,15 @@ class Session:
         self.close()
 
     def refresh(self) -> None:
-        """Register each dataset on a fresh listing (the views read them by name, so they follow)."""
+        """Register each dataset on a fresh listing (the views read them by name, so they follow). A dataset
+        whose files are the very same as last time keeps its registration: lake files are never rewritten in
+        place (new rows come as new files, a compaction swaps in a new name), so an idle prompt on a big lake
+        does not read every file's footer again for each statement."""
         for name in DATASETS:
-            self.con.register(_registered(name), lake_dataset(self.paths, name))
+            files = _listing(self.paths, name)
+            if self._bound.get(name) != files:
+                self.con.register(_registered(name), _dataset(name, files))
+                self._bound[name] = files
 
     def check(self, query: str) -> None:
         """A plain message for statements that are not queries. Not the defence: the connection is."""
@@ -229,15 +255,14 @@ class Session:
 
     def query(self, query: str) -> pa.Table | None:
         """Run ``query`` (checked, under the timeout, result bounded) as an Arrow table, or None for a statement
-        without rows. A file removed under it by a compaction makes it run again on a fresh listing."""
+        without rows. It reads the lake as it is now: each statement lists the files again (a prompt open for
+        hours sees the rows written since, and never the files a compaction replaced). A file removed under a
+        running statement by a compaction makes it run again, whole, on a fresh listing: the partial result is
+        dropped, so no row is counted twice or missed."""
         self.check(query)
-        attempt = 0
 
         def go() -> pa.Table | None:
-            nonlocal attempt
-            if attempt:
-                self.refresh()
-            attempt += 1
+            self.refresh()
             return self._fetch(query)
 
         return lake.with_retry(go)
@@ -320,8 +345,42 @@ def _printable(df: Any) -> Any:
     return df.map(lambda v: visible(v) if isinstance(v, str) else v)
 
 
+# The prompt's own commands (typed alone on a line, outside a statement): what each does, for ``.help``.
+DOT_COMMANDS = {
+    ".help": "this text",
+    ".tables": "the views",
+    ".quit": "leave (also .exit, or Ctrl-D)",
+}
+_TABLES = "SELECT view_name AS name FROM duckdb_views() WHERE NOT internal AND NOT temporary ORDER BY 1;"
+
+
+def view_notes() -> dict[str, str]:
+    """Each view's one-line description, from the comments at the top of ``views.sql`` (one source for the
+    file, its readers and ``.help``)."""
+    from microstructure.contract.schemas import sql
+
+    notes = {}
+    for line in sql("views").splitlines():
+        m = re.match(r"--\s*(\w+):\s+(.+)", line)
+        if m and m.group(1) in DATASETS:
+            notes[m.group(1)] = m.group(2).strip()
+    return notes
+
+
+def help_text() -> str:
+    notes = view_notes()
+    width = max(map(len, (*DATASETS, *DOT_COMMANDS)))
+    lines = ["Views (read-only; every statement reads the lake as it is now, new rows and compactions included):"]
+    lines += [f"  {name:<{width}}  {notes.get(name, '')}" for name in DATASETS]
+    lines += ["Statements end with ';' and may span lines. Commands, alone on a line:"]
+    lines += [f"  {cmd:<{width}}  {what}" for cmd, what in DOT_COMMANDS.items()]
+    lines += ["Ctrl-C drops the statement being typed, or stops the one running. To quit: .quit, .exit or Ctrl-D."]
+    return "\n".join(lines)
+
+
 def repl(paths: lake.LakePaths, limits: Limits | None = None, stdin: Any = None, out: Any = None) -> None:
-    """A minimal DuckDB prompt: statements end with ``;``; ``.tables``, ``.quit``."""
+    """A minimal DuckDB prompt: statements end with ``;``; ``.help``, ``.tables``, ``.quit``. Each statement
+    reads the lake as it is when it runs (:meth:`Session.query`)."""
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     interactive = stdin.isatty()
@@ -330,13 +389,19 @@ def repl(paths: lake.LakePaths, limits: Limits | None = None, stdin: Any = None,
     with lake.with_retry(lambda: Session(paths, limits)) as session:
         if interactive:
             print(f"DuckDB {duckdb.__version__} over {visible(str(paths.root))} (read-only); views: snapshots, "
-                  "features, quarantine, outcomes. End statements with ';', .quit to leave.", file=out)
+                  "features, quarantine, outcomes. End statements with ';'; .help for help, .quit to leave.",
+                  file=out)
         for query in _statements(stdin, out, interactive):
-            _answer(session, query, out, interactive)
+            if query == ".help":
+                print(help_text(), file=out)
+            else:
+                _answer(session, query, out, interactive)
+            out.flush()  # a program driving the prompt through a pipe gets each answer when it is ready
 
 
 def _statements(stdin: Any, out: Any, interactive: bool) -> Iterator[str]:
-    """The statements typed or piped in, each whole (up to its ``;``) and at most MAX_STATEMENT_CHARS long."""
+    """The statements typed or piped in, each whole (up to its ``;``) and at most MAX_STATEMENT_CHARS long;
+    ``.help`` as itself."""
     buf = ""
     while True:
         try:
@@ -350,10 +415,17 @@ def _statements(stdin: Any, out: Any, interactive: bool) -> Iterator[str]:
         if not interactive and line == "":
             return
         cmd = line.strip()
-        if not buf and cmd in (".quit", ".exit"):
-            return
-        if not buf and cmd == ".tables":
-            cmd = "SELECT view_name AS name FROM duckdb_views() WHERE NOT internal AND NOT temporary ORDER BY 1;"
+        if not buf and cmd.startswith("."):
+            word = cmd.split()[0]
+            if word in (".quit", ".exit"):
+                return
+            if word in (".help", ".tables") and cmd == word:
+                yield ".help" if word == ".help" else _TABLES
+            else:  # never sent to DuckDB as SQL: it would only say "syntax error at or near '.'"
+                print(visible(f"error: unknown command {cmd[:80]} (.help lists the commands)"), file=out)
+            while not interactive and line and not line.endswith("\n"):  # skip the rest of a long line
+                line = stdin.readline(MAX_STATEMENT_CHARS + 1)
+            continue
         buf += cmd + "\n"
         if len(buf) > MAX_STATEMENT_CHARS:
             print(f"error: a statement longer than {MAX_STATEMENT_CHARS:,} characters is refused", file=out)
