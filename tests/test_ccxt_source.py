@@ -372,3 +372,136 @@ def test_a_venue_that_refuses_connections_is_a_connection_error(monkeypatch):
         finally:
             src.close()
     assert got.errors["BTC/USDT"].error_class == "connection", got.errors
+
+
+# ---- review: attacks and bugs ----------------------------------------------------------------------------
+def test_a_venue_answering_a_huge_book_is_bounded(venues):
+    """A 2M-level (~40 MB) depth answer: read no further than the cap, that pair malformed with the reason, the
+    other pairs of the cycle served."""
+    from microstructure.sources.ccxt_source import BOOK_BODY_BYTES
+
+    vb, _ = venues
+    vb.huge.add("ETHUSDT")
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5, timeout_s=5.0))
+    try:
+        got = src.fetch(["BTC/USDT", "ETH/USDT", "C003/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 20)
+    finally:
+        src.close()
+    err = got.errors["ETH/USDT"]
+    assert (err.error_class, "bytes" in err.detail) == ("malformed", True), err
+    assert sorted(q.symbol for q in got.quotes) == ["BTC/USDT", "C003/USDT"]
+    # The stand-in stopped writing soon after the cap (what the sockets' buffers held), not at the 40 MB end.
+    assert vb.huge_sent < BOOK_BODY_BYTES + 16 * 2**20, vb.huge_sent
+
+
+_CLOSE_SCRIPT = """
+import datetime as dt, gc, threading, time
+from microstructure.sources.ccxt_source import CcxtSource
+from microstructure.sources.guard import Limits
+a = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
+got = a.fetch(["BTC/USDT", "ETH/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)
+assert len(got.quotes) == 2, got
+b = CcxtSource("binance2", exchange="binance")  # closed with its market list still loading
+a.close()
+b.close()
+del a, b
+gc.collect()
+print(sorted(t.name for t in threading.enumerate()))
+"""
+
+
+@pytest.mark.integration  # a python subprocess
+def test_closing_a_ccxt_source_leaves_no_thread_session_or_loop_noise(venues):
+    r = subprocess.run([sys.executable, "-W", "default", "-c", _CLOSE_SCRIPT], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['MainThread']", r.stdout
+    assert r.stderr == "", r.stderr  # no "Unclosed client session", "Task was destroyed", "Event loop is closed"
+
+
+def test_a_429_with_retry_after_stops_the_calls_still_queued_for_that_venue(venues):
+    """binance answers the cycle's first depth call 429 Retry-After 60: the 29 calls queued behind it in ccxt's
+    limiter are not sent (they would hit a venue that asked us to stop), each pair says rate_limited."""
+    vb, _ = venues
+    vb.faults["BTCUSDT"] = 429
+    vb.retry_after = "60"
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
+    try:
+        got = src.fetch(vb.symbols, dt.datetime.now(dt.UTC), time.monotonic() + 10)
+    finally:
+        src.close()
+    assert vb.symbols[0] == "BTC/USDT"
+    # The first call, and at most the ones ccxt's limiter had already let go before the 429 arrived.
+    assert len(vb.book_hits) <= 3, len(vb.book_hits)
+    assert {e.error_class for e in got.errors.values()} == {"rate_limited"}
+    assert len(got.errors) + len(got.quotes) == len(vb.symbols)
+
+
+def test_ccxt_never_logs_a_venues_answer(venues, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
+    try:
+        got = src.fetch(["BTC/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)
+    finally:
+        src.close()
+    assert [q.symbol for q in got.quotes] == ["BTC/USDT"]
+    leaked = [r.getMessage()[:200] for r in caplog.records if "lastUpdateId" in r.getMessage()
+              or "baseAssetPrecision" in r.getMessage()]
+    assert not leaked, leaked
+
+
+def test_rate_per_s_left_unset_is_the_venues_own_book_call_rate(venues, tmp_path):
+    vb, vh = venues
+    p = sources_toml(tmp_path, vb, vh)
+    p.write_text(p.read_text().replace(f"rate_per_s = {BINANCE_RPS}\n", ""))
+    chain = build_chain(p)
+    try:
+        assert chain.sources["binance"].limits.rate_per_s == pytest.approx(book_calls_per_s("binance"))
+        assert chain.sources["hitbtc"].limits.rate_per_s == HITBTC_RPS  # set in the file: kept
+    finally:
+        chain.close()
+    src = CcxtSource("h", exchange="hitbtc")
+    try:
+        assert src.limits.rate_per_s == pytest.approx(book_calls_per_s("hitbtc"))
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1.evil.example.com", "http://127.0.0.1@evil.example.com",
+                                 "http://localhost.evil.example.com", "http://evil.example.com#@127.0.0.1",
+                                 "http://evil.example.com\\@127.0.0.1", "http://0x7f000001", "ftp://127.0.0.1"])
+def test_ccxt_url_override_refuses_loopback_lookalikes(monkeypatch, url):
+    monkeypatch.setenv(url_env("binance"), url)
+    with pytest.raises(ConfigError):
+        CcxtSource("b", exchange="binance")
+
+
+def test_ccxt_url_override_takes_ipv6_loopback(monkeypatch):
+    monkeypatch.setenv(url_env("binance"), "http://[::1]:8080")
+    src = CcxtSource("b", exchange="binance")
+    try:
+        assert src.client.urls["api"]["public"] == "http://[::1]:8080/api/v3"
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("line", ['options = {defaultType = "future"}', 'proxies = "http://evil.example.com"',
+                                  'httpsProxy = "http://evil.example.com"', 'aiohttp_proxy = "http://e.example"',
+                                  'apiKey = "k"', 'secret = "s"', "verbose = true", "aiohttp_trust_env = true",
+                                  'session = "x"'])
+def test_a_sources_file_cannot_hand_ccxt_options_proxies_or_keys(tmp_path, line):
+    p = tmp_path / "sources.toml"
+    p.write_text(f"""
+[sources.binance]
+kind = "ccxt"
+exchange = "binance"
+asset = "crypto"
+{line}
+[groups.crypto]
+chain = ["binance"]
+symbols = ["BTC/USDT"]
+""")
+    with pytest.raises(ConfigError):
+        build_chain(p)
