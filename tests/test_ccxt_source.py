@@ -505,3 +505,18 @@ symbols = ["BTC/USDT"]
 """)
     with pytest.raises(ConfigError):
         build_chain(p)
+
+
+def test_a_bad_pair_in_one_of_several_bulk_calls_does_not_sink_the_pairs_sharing_its_call(venues):
+    """200 hitbtc pairs are two bulk calls (the URL cap); a pair that makes its call answer 500 is found by
+    splitting that call, and the other pairs of the same call are served in the same cycle."""
+    _, vh = venues
+    vh.symbols += pairs(80, "USDT", offset=300)  # 200 listed pairs: two calls of ids
+    vh.faults["C350USDT"] = 500
+    src = CcxtSource("hitbtc", exchange="hitbtc", limits=Limits(rate_per_s=HITBTC_RPS, burst=2))
+    try:
+        got = src.fetch(vh.symbols, dt.datetime.now(dt.UTC), time.monotonic() + 10)
+    finally:
+        src.close()
+    assert {s: e.error_class for s, e in got.errors.items()} == {"C350/USDT": "server_error"}
+    assert len(got.quotes) == len(vh.symbols) - 1

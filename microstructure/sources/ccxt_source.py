@@ -21,6 +21,7 @@ Public endpoints need no keys, so none is ever sent; the stand-in for tests come
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import datetime as dt
@@ -45,6 +46,7 @@ from microstructure.sources.guard import (
     MALFORMED,
     RATE_LIMITED,
     SERVER_ERROR,
+    SPLITTABLE,
     THROTTLED,
     TIMEOUT,
     UNAVAILABLE,
@@ -395,9 +397,12 @@ class CcxtSource:
         else:
             calls = [([u], self._submit(self._one(u, deadline))) for u in wanted]
         first_err: SourceError | None = None
-        for chunk, fut in calls:
+        n_calls = len(calls)
+        todo = collections.deque(calls)
+        while todo:
+            chunk, fut = todo.popleft()
             # Without a deadline: a call's timeout after the limiter's spacing of every call before it.
-            wait = (self.limits.timeout_s + len(calls) / max(self.limits.rate_per_s, 1e-3) if deadline is None
+            wait = (self.limits.timeout_s + n_calls / max(self.limits.rate_per_s, 1e-3) if deadline is None
                     else deadline - time.monotonic())
             try:
                 got, t_done = fut.result(timeout=max(0.0, wait))
@@ -410,6 +415,12 @@ class CcxtSource:
                 continue
             except Exception as e:
                 err = self._classified(e)
+                if self.bulk and n_calls > 1 and len(chunk) > 1 and err.error_class in SPLITTABLE:
+                    # One of several bulk calls failed in a way one pair can cause: halved here, as the chain
+                    # only splits a fetch that fails as a whole and this one has served other calls' pairs.
+                    half = len(chunk) // 2
+                    todo.extend((h, self._submit(self._many(h, deadline))) for h in (chunk[:half], chunk[half:]))
+                    continue
                 out.errors.update((wanted[u], err) for u in chunk)
                 first_err = first_err or err
                 continue
@@ -427,7 +438,7 @@ class CcxtSource:
                 except (TypeError, ValueError, KeyError, IndexError) as e:
                     out.malformed.append((wanted[u], str(book)[:2000]))
                     out.errors[wanted[u]] = SourceError(MALFORMED, f"{type(e).__name__}: {str(e)[:200]}")
-        if self.bulk and len(calls) == 1 and first_err is not None:
+        if self.bulk and n_calls == 1 and first_err is not None:
             # The one batched call failed: raised, so the chain can split the batch to find a symbol that
             # breaks it (a 5xx, a hang) or back the whole venue off (a 429). A per-symbol call's failure is its own.
             raise first_err
