@@ -49,6 +49,7 @@ class Venue:
     market_fault: int | None = None  # the status the market list answers with while set
     retry_after: str | None = None  # the Retry-After a 429 carries while set (binance sends one with 418/429)
     huge: set[str] = field(default_factory=set)  # venue ids whose book is a 2M-level body, streamed
+    books: dict[str, dict] = field(default_factory=dict)  # venue id -> the depth answer sent as it is
     huge_sent: int = 0  # bytes of those bodies the stand-in got to write before the client stopped reading
     book_hits: list[float] = field(default_factory=list)  # time.time() of each order-book request
     requests: list[str] = field(default_factory=list)  # every path asked for, with its query
@@ -139,6 +140,8 @@ def binance(server: HTTPServer, symbols: list[str]) -> Venue:
             if v.retry_after is not None:
                 r.headers["Retry-After"] = v.retry_after
             return r
+        if sid in v.books:
+            return Response(json.dumps(v.books[sid]), content_type="application/json")
         if sid in v.huge:
             return Response(v.huge_book(), content_type="application/json")
         if status is not None:

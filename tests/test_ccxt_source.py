@@ -520,3 +520,42 @@ def test_a_bad_pair_in_one_of_several_bulk_calls_does_not_sink_the_pairs_sharing
         src.close()
     assert {s: e.error_class for s, e in got.errors.items()} == {"C350/USDT": "server_error"}
     assert len(got.quotes) == len(vh.symbols) - 1
+
+
+def test_levels_are_the_best_ten_in_price_order_with_the_venues_numbers_exactly(venues):
+    """A venue sending 15 levels a side, shuffled, in its own decimal strings: the best ten of each side are kept,
+    bids high to low and asks low to high, each price and size the float of the venue's string."""
+    import random
+
+    vb, _ = venues
+    bids = [[f"{100 - i * 0.01:.8f}", f"{0.00000001 * (i + 1):.8f}"] for i in range(15)]
+    asks = [[f"{100.01 + i * 0.01:.8f}", f"{123456.789 + i:.8f}"] for i in range(15)]
+    want_b = [(float(p), float(q)) for p, q in bids[:10]]
+    want_a = [(float(p), float(q)) for p, q in asks[:10]]
+    random.Random(7).shuffle(bids)
+    random.Random(8).shuffle(asks)
+    vb.books["BTCUSDT"] = {"lastUpdateId": 1, "bids": bids, "asks": asks}
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
+    try:
+        got = src.fetch(["BTC/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)
+    finally:
+        src.close()
+    (q,) = got.quotes
+    assert q.bids == want_b and q.asks == want_a
+
+
+def test_an_empty_or_one_sided_book_is_quarantined_and_the_good_pairs_kept(venues, tmp_path):
+    vb, vh = venues
+    lv = [["100.0", "1.0"]]
+    vb.books.update({"ETHUSDT": {"lastUpdateId": 1, "bids": [], "asks": []},
+                     "C000USDT": {"lastUpdateId": 1, "bids": lv, "asks": []},
+                     "C001USDT": {"lastUpdateId": 1, "bids": [], "asks": lv}})
+    chain = build_chain(sources_toml(tmp_path, vb, vh, deadline=10.0))
+    try:
+        out = _by_symbol(_poll(chain, vb.symbols[:5]))
+    finally:
+        chain.close()
+    assert {s: out[s]["error_class"] for s in vb.symbols[:5]} == {
+        "BTC/USDT": None, "ETH/USDT": "invalid_book", "C000/USDT": "invalid_book", "C001/USDT": "invalid_book",
+        "C002/USDT": None}
+    assert "empty_book" in out["ETH/USDT"]["detail"] and "one_sided_book" in out["C000/USDT"]["detail"]
