@@ -51,6 +51,7 @@ class Venue:
     huge: set[str] = field(default_factory=set)  # venue ids whose book is a 2M-level body, streamed
     books: dict[str, dict] = field(default_factory=dict)  # venue id -> the depth answer sent as it is
     huge_sent: int = 0  # bytes of those bodies the stand-in got to write before the client stopped reading
+    gzip_bodies: dict[str, bytes] = field(default_factory=dict)  # venue id -> a gzip body sent with its encoding
     book_hits: list[float] = field(default_factory=list)  # time.time() of each order-book request
     requests: list[str] = field(default_factory=list)  # every path asked for, with its query
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -140,6 +141,8 @@ def binance(server: HTTPServer, symbols: list[str]) -> Venue:
             if v.retry_after is not None:
                 r.headers["Retry-After"] = v.retry_after
             return r
+        if sid in v.gzip_bodies:
+            return Response(v.gzip_bodies[sid], content_type="application/json", headers={"Content-Encoding": "gzip"})
         if sid in v.books:
             return Response(json.dumps(v.books[sid]), content_type="application/json")
         if sid in v.huge:

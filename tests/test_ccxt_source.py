@@ -559,3 +559,22 @@ def test_an_empty_or_one_sided_book_is_quarantined_and_the_good_pairs_kept(venue
         "BTC/USDT": None, "ETH/USDT": "invalid_book", "C000/USDT": "invalid_book", "C001/USDT": "invalid_book",
         "C002/USDT": None}
     assert "empty_book" in out["ETH/USDT"]["detail"] and "one_sided_book" in out["C000/USDT"]["detail"]
+
+
+def test_a_venue_answering_a_gzip_bomb_is_bounded_after_decompression(venues):
+    """256 MiB of JSON whitespace in ~250 kB of gzip: aiohttp inflates it in steps and we stop counting at the
+    cap, so the answer is refused as malformed, never held whole."""
+    import zlib
+
+    vb, _ = venues
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
+    block = b" " * 2**20
+    vb.gzip_bodies["ETHUSDT"] = b"".join([*(z.compress(block) for _ in range(256)), z.flush()])
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5, timeout_s=5.0))
+    try:
+        got = src.fetch(["BTC/USDT", "ETH/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 20)
+    finally:
+        src.close()
+    err = got.errors["ETH/USDT"]
+    assert (err.error_class, "bytes" in err.detail) == ("malformed", True), err
+    assert [q.symbol for q in got.quotes] == ["BTC/USDT"]
