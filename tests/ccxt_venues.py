@@ -51,6 +51,7 @@ class Venue:
     huge: set[str] = field(default_factory=set)  # venue ids whose book is a 2M-level body, streamed
     books: dict[str, dict] = field(default_factory=dict)  # venue id -> the depth answer sent as it is
     huge_sent: int = 0  # bytes of those bodies the stand-in got to write before the client stopped reading
+    slow_s: float = 0.0  # how long each order-book answer takes
     gzip_bodies: dict[str, bytes] = field(default_factory=dict)  # venue id -> a gzip body sent with its encoding
     book_hits: list[float] = field(default_factory=list)  # time.time() of each order-book request
     requests: list[str] = field(default_factory=list)  # every path asked for, with its query
@@ -192,6 +193,7 @@ def hitbtc(server: HTTPServer, symbols: list[str]) -> Venue:
 
     def books(request: Request) -> Response:
         v.log(request, True)
+        time.sleep(v.slow_s)
         asked = [s for s in request.args.get("symbols", "").split(",") if s]
         depth_n = int(request.args.get("depth", "100"))
         for sid in asked:

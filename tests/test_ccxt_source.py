@@ -22,7 +22,7 @@ from microstructure.lake.paths import LakePaths
 from microstructure.lake.views import connect
 from microstructure.sources.ccxt_source import BOOK_ENDPOINT, CcxtSource, book_calls_per_s, point_at, url_env
 from microstructure.sources.chain_config import build_chain
-from microstructure.sources.guard import Limits
+from microstructure.sources.guard import Limits, SourceError
 from microstructure.sources.vendor import ConfigError
 from tests.ccxt_venues import BINANCE_RPS, HITBTC_RPS, Venue, binance, hitbtc, hitbtc_market, pairs, start_server
 
@@ -397,7 +397,7 @@ def test_a_venue_answering_a_huge_book_is_bounded(venues):
 _CLOSE_SCRIPT = """
 import datetime as dt, gc, threading, time
 from microstructure.sources.ccxt_source import CcxtSource
-from microstructure.sources.guard import Limits
+from microstructure.sources.guard import Limits, SourceError
 a = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
 got = a.fetch(["BTC/USDT", "ETH/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)
 assert len(got.quotes) == 2, got
@@ -578,3 +578,18 @@ def test_a_venue_answering_a_gzip_bomb_is_bounded_after_decompression(venues):
     err = got.errors["ETH/USDT"]
     assert (err.error_class, "bytes" in err.detail) == ("malformed", True), err
     assert [q.symbol for q in got.quotes] == ["BTC/USDT"]
+
+
+def test_a_slow_venue_does_not_hold_the_cycle_past_its_deadline(venues):
+    """hitbtc answers after 3 s, its per-call timeout is 5 s, the cycle's deadline 1 s away: the fetch gives up
+    at the deadline (``deadline``, not the answer and not ccxt's timeout) and the source still closes cleanly."""
+    _, vh = venues
+    src = CcxtSource("hitbtc", exchange="hitbtc", limits=Limits(rate_per_s=HITBTC_RPS, burst=2, timeout_s=5.0))
+    try:
+        src.fetch(["C100/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)  # the market list, loaded
+        vh.slow_s = 3.0
+        with pytest.raises(SourceError) as e:  # the one bulk call failed: raised for the chain to split
+            src.fetch(vh.symbols[:5], dt.datetime.now(dt.UTC), time.monotonic() + 1.0)
+    finally:
+        src.close()
+    assert e.value.error_class == "deadline"
