@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pytest_httpserver import HTTPServer
@@ -47,6 +47,12 @@ class Venue:
     server: HTTPServer
     faults: dict[str, int] = field(default_factory=dict)
     market_fault: int | None = None  # the status the market list answers with while set
+    retry_after: str | None = None  # the Retry-After a 429 carries while set (binance sends one with 418/429)
+    huge: set[str] = field(default_factory=set)  # venue ids whose book is a 2M-level body, streamed
+    books: dict[str, dict] = field(default_factory=dict)  # venue id -> the depth answer sent as it is
+    huge_sent: int = 0  # bytes of those bodies the stand-in got to write before the client stopped reading
+    slow_s: float = 0.0  # how long each order-book answer takes
+    gzip_bodies: dict[str, bytes] = field(default_factory=dict)  # venue id -> a gzip body sent with its encoding
     book_hits: list[float] = field(default_factory=list)  # time.time() of each order-book request
     requests: list[str] = field(default_factory=list)  # every path asked for, with its query
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -60,6 +66,16 @@ class Venue:
             self.requests.append(request.full_path)
             if book:
                 self.book_hits.append(time.time())
+
+    def huge_book(self, levels: int = 2_000_000) -> Iterator[bytes]:
+        """A hostile depth answer: ``levels`` levels a side (~40 MB), written as the client reads it."""
+        lv = b'["100.00000000","1.00000000"]'
+        chunk = b",".join([lv] * 2000) + b","
+        parts = [b'{"lastUpdateId":1,"bids":[', *([chunk] * (levels // 2000)), lv + b'],"asks":[',
+                 *([chunk] * (levels // 2000)), lv + b"]}"]
+        for part in parts:
+            self.huge_sent += len(part)
+            yield part
 
     def max_in_window(self, seconds: float = 1.0) -> int:
         """The most order-book requests in any ``seconds``-long window."""
@@ -121,8 +137,17 @@ def binance(server: HTTPServer, symbols: list[str]) -> Venue:
         sid = request.args.get("symbol", "")
         status = v.faults.get(sid)
         if status == 429:
-            return _error(429, {"code": -1003, "msg": "Too many requests; current limit of IP is 6000 requests per "
-                                                      "minute."})
+            r = _error(429, {"code": -1003, "msg": "Too many requests; current limit of IP is 6000 requests per "
+                                                  "minute."})
+            if v.retry_after is not None:
+                r.headers["Retry-After"] = v.retry_after
+            return r
+        if sid in v.gzip_bodies:
+            return Response(v.gzip_bodies[sid], content_type="application/json", headers={"Content-Encoding": "gzip"})
+        if sid in v.books:
+            return Response(json.dumps(v.books[sid]), content_type="application/json")
+        if sid in v.huge:
+            return Response(v.huge_book(), content_type="application/json")
         if status is not None:
             return Response("<html><body><h1>502 Bad Gateway</h1></body></html>", status=status,
                             content_type="text/html")
@@ -168,6 +193,7 @@ def hitbtc(server: HTTPServer, symbols: list[str]) -> Venue:
 
     def books(request: Request) -> Response:
         v.log(request, True)
+        time.sleep(v.slow_s)
         asked = [s for s in request.args.get("symbols", "").split(",") if s]
         depth_n = int(request.args.get("depth", "100"))
         for sid in asked:

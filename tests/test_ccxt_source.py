@@ -22,7 +22,7 @@ from microstructure.lake.paths import LakePaths
 from microstructure.lake.views import connect
 from microstructure.sources.ccxt_source import BOOK_ENDPOINT, CcxtSource, book_calls_per_s, point_at, url_env
 from microstructure.sources.chain_config import build_chain
-from microstructure.sources.guard import Limits
+from microstructure.sources.guard import Limits, SourceError
 from microstructure.sources.vendor import ConfigError
 from tests.ccxt_venues import BINANCE_RPS, HITBTC_RPS, Venue, binance, hitbtc, hitbtc_market, pairs, start_server
 
@@ -372,3 +372,224 @@ def test_a_venue_that_refuses_connections_is_a_connection_error(monkeypatch):
         finally:
             src.close()
     assert got.errors["BTC/USDT"].error_class == "connection", got.errors
+
+
+# ---- review: attacks and bugs ----------------------------------------------------------------------------
+def test_a_venue_answering_a_huge_book_is_bounded(venues):
+    """A 2M-level (~40 MB) depth answer: read no further than the cap, that pair malformed with the reason, the
+    other pairs of the cycle served."""
+    from microstructure.sources.ccxt_source import BOOK_BODY_BYTES
+
+    vb, _ = venues
+    vb.huge.add("ETHUSDT")
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5, timeout_s=5.0))
+    try:
+        got = src.fetch(["BTC/USDT", "ETH/USDT", "C003/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 20)
+    finally:
+        src.close()
+    err = got.errors["ETH/USDT"]
+    assert (err.error_class, "bytes" in err.detail) == ("malformed", True), err
+    assert sorted(q.symbol for q in got.quotes) == ["BTC/USDT", "C003/USDT"]
+    # The stand-in stopped writing soon after the cap (what the sockets' buffers held), not at the 40 MB end.
+    assert vb.huge_sent < BOOK_BODY_BYTES + 16 * 2**20, vb.huge_sent
+
+
+_CLOSE_SCRIPT = """
+import datetime as dt, gc, threading, time
+from microstructure.sources.ccxt_source import CcxtSource
+from microstructure.sources.guard import Limits, SourceError
+a = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
+got = a.fetch(["BTC/USDT", "ETH/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)
+assert len(got.quotes) == 2, got
+b = CcxtSource("binance2", exchange="binance")  # closed with its market list still loading
+a.close()
+b.close()
+del a, b
+gc.collect()
+print(sorted(t.name for t in threading.enumerate()))
+"""
+
+
+@pytest.mark.integration  # a python subprocess
+def test_closing_a_ccxt_source_leaves_no_thread_session_or_loop_noise(venues):
+    r = subprocess.run([sys.executable, "-W", "default", "-c", _CLOSE_SCRIPT], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['MainThread']", r.stdout
+    assert r.stderr == "", r.stderr  # no "Unclosed client session", "Task was destroyed", "Event loop is closed"
+
+
+def test_a_429_with_retry_after_stops_the_calls_still_queued_for_that_venue(venues):
+    """binance answers the cycle's first depth call 429 Retry-After 60: the 29 calls queued behind it in ccxt's
+    limiter are not sent (they would hit a venue that asked us to stop), each pair says rate_limited."""
+    vb, _ = venues
+    vb.faults["BTCUSDT"] = 429
+    vb.retry_after = "60"
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
+    try:
+        got = src.fetch(vb.symbols, dt.datetime.now(dt.UTC), time.monotonic() + 10)
+    finally:
+        src.close()
+    assert vb.symbols[0] == "BTC/USDT"
+    # The first call, and at most the ones ccxt's limiter had already let go before the 429 arrived.
+    assert len(vb.book_hits) <= 3, len(vb.book_hits)
+    assert {e.error_class for e in got.errors.values()} == {"rate_limited"}
+    assert len(got.errors) + len(got.quotes) == len(vb.symbols)
+
+
+def test_ccxt_never_logs_a_venues_answer(venues, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
+    try:
+        got = src.fetch(["BTC/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)
+    finally:
+        src.close()
+    assert [q.symbol for q in got.quotes] == ["BTC/USDT"]
+    leaked = [r.getMessage()[:200] for r in caplog.records if "lastUpdateId" in r.getMessage()
+              or "baseAssetPrecision" in r.getMessage()]
+    assert not leaked, leaked
+
+
+def test_rate_per_s_left_unset_is_the_venues_own_book_call_rate(venues, tmp_path):
+    vb, vh = venues
+    p = sources_toml(tmp_path, vb, vh)
+    p.write_text(p.read_text().replace(f"rate_per_s = {BINANCE_RPS}\n", ""))
+    chain = build_chain(p)
+    try:
+        assert chain.sources["binance"].limits.rate_per_s == pytest.approx(book_calls_per_s("binance"))
+        assert chain.sources["hitbtc"].limits.rate_per_s == HITBTC_RPS  # set in the file: kept
+    finally:
+        chain.close()
+    src = CcxtSource("h", exchange="hitbtc")
+    try:
+        assert src.limits.rate_per_s == pytest.approx(book_calls_per_s("hitbtc"))
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1.evil.example.com", "http://127.0.0.1@evil.example.com",
+                                 "http://localhost.evil.example.com", "http://evil.example.com#@127.0.0.1",
+                                 "http://evil.example.com\\@127.0.0.1", "http://0x7f000001", "ftp://127.0.0.1"])
+def test_ccxt_url_override_refuses_loopback_lookalikes(monkeypatch, url):
+    monkeypatch.setenv(url_env("binance"), url)
+    with pytest.raises(ConfigError):
+        CcxtSource("b", exchange="binance")
+
+
+def test_ccxt_url_override_takes_ipv6_loopback(monkeypatch):
+    monkeypatch.setenv(url_env("binance"), "http://[::1]:8080")
+    src = CcxtSource("b", exchange="binance")
+    try:
+        assert src.client.urls["api"]["public"] == "http://[::1]:8080/api/v3"
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("line", ['options = {defaultType = "future"}', 'proxies = "http://evil.example.com"',
+                                  'httpsProxy = "http://evil.example.com"', 'aiohttp_proxy = "http://e.example"',
+                                  'apiKey = "k"', 'secret = "s"', "verbose = true", "aiohttp_trust_env = true",
+                                  'session = "x"'])
+def test_a_sources_file_cannot_hand_ccxt_options_proxies_or_keys(tmp_path, line):
+    p = tmp_path / "sources.toml"
+    p.write_text(f"""
+[sources.binance]
+kind = "ccxt"
+exchange = "binance"
+asset = "crypto"
+{line}
+[groups.crypto]
+chain = ["binance"]
+symbols = ["BTC/USDT"]
+""")
+    with pytest.raises(ConfigError):
+        build_chain(p)
+
+
+def test_a_bad_pair_in_one_of_several_bulk_calls_does_not_sink_the_pairs_sharing_its_call(venues):
+    """200 hitbtc pairs are two bulk calls (the URL cap); a pair that makes its call answer 500 is found by
+    splitting that call, and the other pairs of the same call are served in the same cycle."""
+    _, vh = venues
+    vh.symbols += pairs(80, "USDT", offset=300)  # 200 listed pairs: two calls of ids
+    vh.faults["C350USDT"] = 500
+    src = CcxtSource("hitbtc", exchange="hitbtc", limits=Limits(rate_per_s=HITBTC_RPS, burst=2))
+    try:
+        got = src.fetch(vh.symbols, dt.datetime.now(dt.UTC), time.monotonic() + 10)
+    finally:
+        src.close()
+    assert {s: e.error_class for s, e in got.errors.items()} == {"C350/USDT": "server_error"}
+    assert len(got.quotes) == len(vh.symbols) - 1
+
+
+def test_levels_are_the_best_ten_in_price_order_with_the_venues_numbers_exactly(venues):
+    """A venue sending 15 levels a side, shuffled, in its own decimal strings: the best ten of each side are kept,
+    bids high to low and asks low to high, each price and size the float of the venue's string."""
+    import random
+
+    vb, _ = venues
+    bids = [[f"{100 - i * 0.01:.8f}", f"{0.00000001 * (i + 1):.8f}"] for i in range(15)]
+    asks = [[f"{100.01 + i * 0.01:.8f}", f"{123456.789 + i:.8f}"] for i in range(15)]
+    want_b = [(float(p), float(q)) for p, q in bids[:10]]
+    want_a = [(float(p), float(q)) for p, q in asks[:10]]
+    random.Random(7).shuffle(bids)
+    random.Random(8).shuffle(asks)
+    vb.books["BTCUSDT"] = {"lastUpdateId": 1, "bids": bids, "asks": asks}
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5))
+    try:
+        got = src.fetch(["BTC/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)
+    finally:
+        src.close()
+    (q,) = got.quotes
+    assert q.bids == want_b and q.asks == want_a
+
+
+def test_an_empty_or_one_sided_book_is_quarantined_and_the_good_pairs_kept(venues, tmp_path):
+    vb, vh = venues
+    lv = [["100.0", "1.0"]]
+    vb.books.update({"ETHUSDT": {"lastUpdateId": 1, "bids": [], "asks": []},
+                     "C000USDT": {"lastUpdateId": 1, "bids": lv, "asks": []},
+                     "C001USDT": {"lastUpdateId": 1, "bids": [], "asks": lv}})
+    chain = build_chain(sources_toml(tmp_path, vb, vh, deadline=10.0))
+    try:
+        out = _by_symbol(_poll(chain, vb.symbols[:5]))
+    finally:
+        chain.close()
+    assert {s: out[s]["error_class"] for s in vb.symbols[:5]} == {
+        "BTC/USDT": None, "ETH/USDT": "invalid_book", "C000/USDT": "invalid_book", "C001/USDT": "invalid_book",
+        "C002/USDT": None}
+    assert "empty_book" in out["ETH/USDT"]["detail"] and "one_sided_book" in out["C000/USDT"]["detail"]
+
+
+def test_a_venue_answering_a_gzip_bomb_is_bounded_after_decompression(venues):
+    """256 MiB of JSON whitespace in ~250 kB of gzip: aiohttp inflates it in steps and we stop counting at the
+    cap, so the answer is refused as malformed, never held whole."""
+    import zlib
+
+    vb, _ = venues
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
+    block = b" " * 2**20
+    vb.gzip_bodies["ETHUSDT"] = b"".join([*(z.compress(block) for _ in range(256)), z.flush()])
+    src = CcxtSource("binance", exchange="binance", limits=Limits(rate_per_s=20, burst=5, timeout_s=5.0))
+    try:
+        got = src.fetch(["BTC/USDT", "ETH/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 20)
+    finally:
+        src.close()
+    err = got.errors["ETH/USDT"]
+    assert (err.error_class, "bytes" in err.detail) == ("malformed", True), err
+    assert [q.symbol for q in got.quotes] == ["BTC/USDT"]
+
+
+def test_a_slow_venue_does_not_hold_the_cycle_past_its_deadline(venues):
+    """hitbtc answers after 3 s, its per-call timeout is 5 s, the cycle's deadline 1 s away: the fetch gives up
+    at the deadline (``deadline``, not the answer and not ccxt's timeout) and the source still closes cleanly."""
+    _, vh = venues
+    src = CcxtSource("hitbtc", exchange="hitbtc", limits=Limits(rate_per_s=HITBTC_RPS, burst=2, timeout_s=5.0))
+    try:
+        src.fetch(["C100/USDT"], dt.datetime.now(dt.UTC), time.monotonic() + 10)  # the market list, loaded
+        vh.slow_s = 3.0
+        with pytest.raises(SourceError) as e:  # the one bulk call failed: raised for the chain to split
+            src.fetch(vh.symbols[:5], dt.datetime.now(dt.UTC), time.monotonic() + 1.0)
+    finally:
+        src.close()
+    assert e.value.error_class == "deadline"

@@ -21,8 +21,11 @@ Public endpoints need no keys, so none is ever sent; the stand-in for tests come
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import datetime as dt
+import logging
 import re
 import threading
 import time
@@ -31,6 +34,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+import aiohttp
 
 from microstructure.contract.book import BookQuote
 from microstructure.sources.guard import (
@@ -41,6 +46,7 @@ from microstructure.sources.guard import (
     MALFORMED,
     RATE_LIMITED,
     SERVER_ERROR,
+    SPLITTABLE,
     THROTTLED,
     TIMEOUT,
     UNAVAILABLE,
@@ -60,6 +66,15 @@ LEVELS = 10  # the book depth asked for and kept, a side
 # A bulk call names its symbols in the query string; venues cap a URL near 2 kB (exmo says 2048 characters).
 BULK_URL_CHARS = 1500
 MARKETS_WAIT_S = 10.0  # a venue's market list can be several MB (binance's exchangeInfo): longer than one call
+# The most of one answer we read (decompressed). A 10-level book is ~1 kB, a bulk call of 160 pairs ~200 kB; a
+# market list is the venue's whole catalogue (binance spot's exchangeInfo is several MB).
+BOOK_BODY_BYTES = 4 * 2**20
+MARKETS_BODY_BYTES = 64 * 2**20
+_BODY_CAP: contextvars.ContextVar[int] = contextvars.ContextVar("ccxt_body_cap", default=BOOK_BODY_BYTES)
+# ccxt logs every request and answer body at DEBUG: its logger is ours, never below INFO, so an application's
+# DEBUG logging never records a venue's bodies (see docs/security.md).
+CCXT_LOG = logging.getLogger("microstructure.sources.ccxt_client")
+CCXT_LOG.setLevel(logging.INFO)
 # Venue options that keep load_markets to the public spot list: binance would also load its futures venues
 # (fapi, dapi) and, with keys, call a private currencies endpoint.
 VENUE_OPTIONS: dict[str, dict[str, Any]] = {
@@ -90,7 +105,16 @@ def book_calls_per_s(exchange: str, limit: int = LEVELS) -> float:
     cost of the endpoint in BOOK_ENDPOINT at ``limit`` levels (``byLimit`` where the venue weighs by depth)."""
     import ccxt
 
-    client = getattr(ccxt, exchange)()
+    return _book_rate(getattr(ccxt, exchange)(), exchange, limit)
+
+
+def default_rate(exchange: str) -> float:
+    """Our bucket's ``rate_per_s`` when the sources file sets none: the venue's own book-call rate where
+    BOOK_ENDPOINT knows its endpoint, else ``Limits``' default."""
+    return book_calls_per_s(exchange) if exchange in BOOK_ENDPOINT else Limits.rate_per_s
+
+
+def _book_rate(client: Any, exchange: str, limit: int = LEVELS) -> float:
     node: Any = client.api
     for k in BOOK_ENDPOINT[exchange]:
         node = node[k]
@@ -168,24 +192,64 @@ def classify(e: BaseException) -> SourceError:
     return SourceError(SERVER_ERROR, f"{type(e).__name__}: {msg}")
 
 
-def _answering(cls: type[Exchange]) -> type[Exchange]:
+class _BoundedResponse(aiohttp.ClientResponse):
+    """aiohttp's response, read no further than ``_BODY_CAP`` bytes (after decompression). ccxt reads every answer
+    whole with ``response.text()``; aiohttp has no body limit on the client side (``read_bufsize`` is a buffer
+    size, ``max_line_size``/``max_field_size`` bound the headers only), so this class, handed to the session we
+    give ccxt (``ClientSession(response_class=...)``, ccxt's ``session`` setting), stops reading a huge body,
+    closes its connection, and raises ``malformed``. Public aiohttp API only: ``content_length``, ``content``,
+    ``charset``, ``close``."""
+
+    async def text(self, encoding: str | None = None, errors: str = "strict") -> str:
+        cap = _BODY_CAP.get()
+        if self.content_length is not None and self.content_length > cap:
+            self.close()
+            raise SourceError(MALFORMED, f"an answer of {self.content_length} bytes, over the {cap} bytes read")
+        buf = bytearray()
+        while chunk := await self.content.read(2**16):
+            buf += chunk
+            if len(buf) > cap:
+                self.close()
+                raise SourceError(MALFORMED, f"an answer over the {cap} bytes read")
+        return bytes(buf).decode(encoding or self.charset or "utf-8", errors)
+
+
+def _answering(cls: type[Exchange], guard: Guard) -> type[Exchange]:
     """The venue's ccxt class with its ``on_rest_response`` hook (ccxt's per-response extension point, called with
     the status and headers before any parsing) turning a 429/418 into :class:`RateLimited` with the answer's own
     ``Retry-After`` and a 5xx into ``server_error``. Venues' ``handle_errors`` read such bodies in their own ways
-    (hitbtc files a 500 as ExchangeError and a 429 as NetworkError), so the HTTP status decides first."""
+    (hitbtc files a 500 as ExchangeError and a 429 as NetworkError), so the HTTP status decides first.
+
+    A ``Retry-After`` backs ``guard`` off at once, on the loop thread, and ``throttle`` (the coroutine ccxt awaits
+    before each request, its limiter) refuses every call it releases meanwhile: the calls of the same cycle queued
+    behind the 429 are never sent."""
     from microstructure.sources.guard import parse_retry_after
 
     def on_rest_response(self: Exchange, code: int, reason: str, url: str, method: str, headers: Any, body: Any,
                          *rest: Any) -> Any:
         if code in (418, 429):
             after = next((str(v) for k, v in dict(headers or {}).items() if str(k).lower() == "retry-after"), None)
-            raise RateLimited(parse_retry_after(after), f"{self.id} HTTP {code}")
+            wait = parse_retry_after(after)
+            if wait:
+                guard.backoff_until = max(guard.backoff_until,
+                                          time.monotonic() + min(wait, guard.limits.max_retry_after_s))
+            raise RateLimited(wait, f"{self.id} HTTP {code}")
         if code >= 500:
             raise SourceError(SERVER_ERROR, f"{self.id} HTTP {code} {str(reason)[:50]}")
         return super(sub, self).on_rest_response(code, reason, url, method, headers, body, *rest)
 
-    sub: type[Exchange] = type(cls.__name__, (cls,), {"on_rest_response": on_rest_response})
+    async def throttle(self: Exchange, cost: Any = None) -> Any:
+        await super(sub, self).throttle(cost)
+        _refuse_in_backoff(guard, self.id)
+
+    sub: type[Exchange] = type(cls.__name__, (cls,), {"on_rest_response": on_rest_response, "throttle": throttle})
     return sub
+
+
+def _refuse_in_backoff(guard: Guard, name: str) -> None:
+    left = guard.backoff_until - time.monotonic()
+    if left > 0:
+        raise SourceError(RATE_LIMITED, f"{name} asked us to wait (Retry-After): {left:.1f} s left")
 
 
 class CcxtSource:
@@ -201,21 +265,26 @@ class CcxtSource:
                               f"not {str(exchange)[:40]!r}")
         self.name, self.asset, self.exchange, self.lot_size = name, asset, exchange, lot_size
         self.max_levels = LEVELS
-        self.limits = limits or Limits()
+        # Unset (no rate_per_s in the sources file): the venue's own book-call rate, not a guess.
+        self.limits = limits or Limits(rate_per_s=default_rate(exchange))
         base = base_url_from_env(url_env(exchange))
+        self.guard = Guard(name, self.limits, classify)
         self._loop = asyncio.new_event_loop()
         # A daemon thread: a call stuck in a venue's socket never keeps the process alive (see guard.run_with_timeout).
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"ccxt-{name}", daemon=True)
         self._thread.start()
+        # Our own HTTP session (ccxt's ``session`` setting), made on the loop thread: it bounds each answer's size
+        # (_BoundedResponse), resolves names on the loop's executor (aiohttp's aiodns resolver would start a
+        # process-wide pycares thread that never ends), and never reads proxies from the environment.
+        self._session: aiohttp.ClientSession = self._submit(self._open_session()).result(timeout=10.0)
         # No keys: public books only. ccxt's limiter on (the venue's rateLimit and per-endpoint costs);
         # its timeout is our per-call socket timeout.
-        self.client: Exchange = _answering(getattr(ccxt_async, exchange))({
+        self.client: Exchange = _answering(getattr(ccxt_async, exchange), self.guard)({
             "enableRateLimit": True, "timeout": int(self.limits.timeout_s * 1000), "asyncio_loop": self._loop,
-            "options": dict(VENUE_OPTIONS.get(exchange, {}))})
+            "options": dict(VENUE_OPTIONS.get(exchange, {})), "session": self._session, "logger": CCXT_LOG})
         if base is not None:
             self.client.urls["api"] = point_at(self.client.urls["api"], base)
         self.bulk = self.client.has.get("fetchOrderBooks") is True
-        self.guard = Guard(name, self.limits, classify)
         self._lock = threading.Lock()
         # The market list starts loading now, in the background, so the first cycle need not spend its budget on
         # it (the binance one is several MB); the first fetch waits for it until that cycle's deadline at most.
@@ -227,6 +296,17 @@ class CcxtSource:
     # ---- the loop thread --------------------------------------------------------------------------------
     def _submit(self, coro: Any) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    @staticmethod
+    async def _open_session() -> aiohttp.ClientSession:
+        import ssl
+
+        import certifi
+
+        # ccxt's own TLS default (its CA bundle is certifi's).
+        connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=certifi.where()),
+                                         resolver=aiohttp.ThreadedResolver())
+        return aiohttp.ClientSession(connector=connector, trust_env=False, response_class=_BoundedResponse)
 
     def _markets_ready(self, deadline: float | None) -> None:
         """The venue's market list, loaded once (then cached by ccxt). Waited for until ``deadline`` at most: a
@@ -250,6 +330,7 @@ class CcxtSource:
         # ccxt reads its ``timeout`` at each request. The market list gets a longer one than a book call (binance's
         # is several MB); no book call runs meanwhile, as every fetch waits for the markets first.
         self.client.timeout = int(MARKETS_WAIT_S * 1000)
+        _BODY_CAP.set(MARKETS_BODY_BYTES)  # this task's (and the ones ccxt starts from it) cap only
         try:
             return await self.client.load_markets()
         finally:
@@ -266,6 +347,7 @@ class CcxtSource:
     async def _paced(self, deadline: float | None) -> None:
         """Wait for a token of our own bucket (the venue's limiter then spaces the call again); THROTTLED when
         none comes before the deadline."""
+        _refuse_in_backoff(self.guard, self.name)
         while not self.guard.bucket.take():
             if deadline is not None and time.monotonic() + 0.05 >= deadline:
                 raise SourceError(THROTTLED, f"{self.name} rate limit {self.limits.rate_per_s:g}/s: no token "
@@ -315,9 +397,12 @@ class CcxtSource:
         else:
             calls = [([u], self._submit(self._one(u, deadline))) for u in wanted]
         first_err: SourceError | None = None
-        for chunk, fut in calls:
+        n_calls = len(calls)
+        todo = collections.deque(calls)
+        while todo:
+            chunk, fut = todo.popleft()
             # Without a deadline: a call's timeout after the limiter's spacing of every call before it.
-            wait = (self.limits.timeout_s + len(calls) / max(self.limits.rate_per_s, 1e-3) if deadline is None
+            wait = (self.limits.timeout_s + n_calls / max(self.limits.rate_per_s, 1e-3) if deadline is None
                     else deadline - time.monotonic())
             try:
                 got, t_done = fut.result(timeout=max(0.0, wait))
@@ -330,6 +415,12 @@ class CcxtSource:
                 continue
             except Exception as e:
                 err = self._classified(e)
+                if self.bulk and n_calls > 1 and len(chunk) > 1 and err.error_class in SPLITTABLE:
+                    # One of several bulk calls failed in a way one pair can cause: halved here, as the chain
+                    # only splits a fetch that fails as a whole and this one has served other calls' pairs.
+                    half = len(chunk) // 2
+                    todo.extend((h, self._submit(self._many(h, deadline))) for h in (chunk[:half], chunk[half:]))
+                    continue
                 out.errors.update((wanted[u], err) for u in chunk)
                 first_err = first_err or err
                 continue
@@ -347,7 +438,7 @@ class CcxtSource:
                 except (TypeError, ValueError, KeyError, IndexError) as e:
                     out.malformed.append((wanted[u], str(book)[:2000]))
                     out.errors[wanted[u]] = SourceError(MALFORMED, f"{type(e).__name__}: {str(e)[:200]}")
-        if self.bulk and len(calls) == 1 and first_err is not None:
+        if self.bulk and n_calls == 1 and first_err is not None:
             # The one batched call failed: raised, so the chain can split the batch to find a symbol that
             # breaks it (a 5xx, a hang) or back the whole venue off (a 429). A per-symbol call's failure is its own.
             raise first_err
@@ -375,9 +466,27 @@ class CcxtSource:
         return BookQuote(symbol, event, received, self.name, bids, asks)
 
     def close(self) -> None:
-        if not self._loop.is_running():
+        """Cancels the calls still running, closes ccxt and our HTTP session, stops and closes the loop, ends its
+        thread: nothing left for the interpreter's exit to complain about."""
+        if self._loop.is_closed():
             return
-        # Closing the HTTP session is best effort: the process may be on its way out.
+        if self._loop.is_running():
+            # Best effort, bounded: the process may be on its way out.
+            with contextlib.suppress(Exception):
+                self._submit(self._shutdown()).result(timeout=5.0)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5.0)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
         with contextlib.suppress(Exception):
-            self._submit(self.client.close()).result(timeout=2.0)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+            await self.client.close()  # ccxt's own: its websocket clients, and a 250 ms grace for TLS to end
+        await self._session.close()
+        await asyncio.get_running_loop().shutdown_default_executor()

@@ -4,6 +4,7 @@ into a ``ChainSource``; a built-in default when no file is given.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,9 +88,13 @@ def build_source(name: str, spec: dict[str, Any], symbols: Sequence[str] = ()) -
 
         return AlpacaSource(feed=spec.get("feed", "iex"), **common)
     if kind == "ccxt":
-        from microstructure.sources.ccxt_source import CcxtSource
+        from microstructure.sources.ccxt_source import CcxtSource, default_rate
 
-        return CcxtSource(exchange=str(spec.get("exchange", "")), **common)
+        exchange = str(spec.get("exchange", ""))
+        if "rate_per_s" not in spec:
+            # Unset: the venue's own book-call rate from ccxt's metadata (docs/ccxt.md's table), not Limits' 5/s.
+            common["limits"] = dataclasses.replace(limits, rate_per_s=default_rate(exchange))
+        return CcxtSource(exchange=exchange, **common)
     if kind == "databento":
         from microstructure.sources.databento_live import DEFAULT_DATASET, DatabentoLiveSource
 
