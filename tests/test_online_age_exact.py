@@ -117,6 +117,20 @@ def test_a_pushed_row_claiming_a_younger_book_than_its_event_ts_is_bad(data_dir)
         assert r.error is not None and "event_ts_us" in r.error, r.error
 
 
+def test_the_online_age_metric_is_exact(data_dir):
+    from microstructure.jobs.metrics import PollMetrics
+    from microstructure.jobs.poll import PollStats
+
+    ev = T0 + dt.timedelta(microseconds=123_456)
+    _, pub = _pushed(data_dir, ev)
+    assert pub.last_pushed is not None and pub.last_pushed.column("event_ts_us").to_pylist() == [_us(ev)]
+    m = PollMetrics()
+    now = ev + dt.timedelta(seconds=2, microseconds=500_000)
+    m.observe(PollStats(), None, online=pub.last_pushed, now=_us(now) / 1e6)
+    assert m.registry.get_sample_value("microstructure_online_age_seconds", {"stat": "max"}) == pytest.approx(
+        2.5, abs=1e-6)
+
+
 @pytest.mark.integration  # a live poll in a subprocess, on the wall clock: about 20 s
 def test_live_online_never_shows_a_book_older_than_the_lake_held_1_5_s_before(tmp_path):
     d = tmp_path / "data"
