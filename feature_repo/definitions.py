@@ -97,11 +97,14 @@ def freshness(inputs):  # type: ignore[no-untyped-def]
     from microstructure.contract.catalogue import FRESHNESS_S
 
     # The book's time from event_ts_us (exact); Feast keeps event_ts online to the whole second, so it serves only
-    # for a row written before event_ts_us existed (that age errs old by up to 1 s).
+    # for a row written before event_ts_us existed (that age errs old by up to 1 s). Two times that disagree (a
+    # hand-pushed row) give no age: stale, as microstructure.store.lookup reports such a row bad.
     col = next(c for c in inputs.columns if c.endswith("event_ts"))
     us_col = next(c for c in inputs.columns if c.endswith("event_ts_us"))
+    floor = pd.to_datetime(inputs[col], utc=True, errors="coerce")
     exact = pd.to_datetime(pd.to_numeric(inputs[us_col], errors="coerce"), unit="us", utc=True, errors="coerce")
-    ts = exact.fillna(pd.to_datetime(inputs[col], utc=True, errors="coerce"))
+    off = exact - floor
+    ts = exact.fillna(floor).mask(off.notna() & ((off < pd.Timedelta(0)) | (off >= pd.Timedelta(seconds=1))))
     age = (pd.Timestamp.now(tz="UTC") - ts).dt.total_seconds()
     return pd.DataFrame({"age_s": age.astype("float64"), "stale": (age.isna() | (age > FRESHNESS_S)).astype(bool)})
 

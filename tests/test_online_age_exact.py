@@ -71,6 +71,17 @@ def test_online_times_are_the_lakes_to_the_microsecond(polled):
         assert us == latest[s]["event_ts_us"]
 
 
+def _feast_age(store, symbol: str) -> tuple[float | None, bool, dt.datetime, dt.datetime]:
+    """Feast's own answer for ``order_book_live`` (its freshness view, as `feast serve` runs it): age_s, stale,
+    and the wall-clock times around the call."""
+    asked = dt.datetime.now(dt.UTC)
+    got = store.get_online_features(features=store.get_feature_service("order_book_live"),
+                                    entity_rows=[{"symbol": symbol}]).to_dict()
+    answered = dt.datetime.now(dt.UTC)
+    age = got["age_s"][0]
+    return (None if age is None or age != age else age), got["stale"][0], asked, answered
+
+
 def _pushed(data_dir, event_ts: dt.datetime) -> tuple[object, OnlinePublisher]:
     store = open_store(data_dir)
     pub = OnlinePublisher(LakePaths(data_dir), store, SqlChecker())
@@ -86,6 +97,8 @@ def test_a_row_from_before_event_ts_us_falls_back_to_the_second_and_says_so(data
     now = ev + dt.timedelta(seconds=2)
     (r,) = read_online(store, ["AAA"], now=now)
     assert r.event_ts == ev and r.age_s == 2.0 and r.features["event_ts_us"] == _us(ev)
+    age, stale, asked, answered = _feast_age(store, "AAA")  # Feast's freshness view: from the exact time too
+    assert age is not None and (asked - ev).total_seconds() <= age <= (answered - ev).total_seconds() and stale
     # What a version before the feature wrote: every feature but event_ts_us.
     from feast.infra.online_stores.sqlite import _table_id
 
@@ -99,6 +112,9 @@ def test_a_row_from_before_event_ts_us_falls_back_to_the_second_and_says_so(data
         assert old.event_ts == ev.replace(microsecond=0)  # Feast's second: the age errs old, by 0.75 s here
         assert old.age_s == 2.75
         assert old.as_dict()["event_ts_us"] is None  # the answer says its age is to the second
+    age, _, asked, answered = _feast_age(store, "AAA")
+    floor = ev.replace(microsecond=0)
+    assert age is not None and (asked - floor).total_seconds() <= age <= (answered - floor).total_seconds()
 
 
 def test_a_pushed_row_claiming_a_younger_book_than_its_event_ts_is_bad(data_dir):
@@ -115,6 +131,8 @@ def test_a_pushed_row_claiming_a_younger_book_than_its_event_ts_is_bad(data_dir)
         (r,) = read_online(store, ["AAA"], now=ev + dt.timedelta(seconds=6), freshness_s=10, fast=fast)
         assert not r.found and r.stale and r.age_s is None
         assert r.error is not None and "event_ts_us" in r.error, r.error
+    age, stale, _, _ = _feast_age(store, "AAA")  # Feast's freshness view gives it no age: stale
+    assert age is None and stale is True
 
 
 def test_the_online_age_metric_is_exact(data_dir):
