@@ -80,12 +80,13 @@ order_book_all = FeatureService(name="order_book_all", features=[order_book],
 
 
 @on_demand_feature_view(
-    sources=[order_book[["event_ts"]]],
+    sources=[order_book[["event_ts", "event_ts_us"]]],
     # No field descriptions: Feast matches these against the fields it infers from a trial call.
     schema=[Field(name="age_s", dtype=Float64), Field(name="stale", dtype=Bool)],
     mode="pandas",
-    description="How old each online book is when it is read (age_s: seconds since its event_ts; stale: no book "
-                f"or older than {FRESHNESS_S:g} s). Feast ignores TTL online (feast#6821), so every `feast serve` "
+    description="How old each online book is when it is read (age_s: seconds since its event_ts, to the microsecond "
+                "from event_ts_us; stale: no book or older than "
+                f"{FRESHNESS_S:g} s). Feast ignores TTL online (feast#6821), so every `feast serve` "
                 "client gets the age and the stale flag from Feast itself.",
 )
 def freshness(inputs):  # type: ignore[no-untyped-def]
@@ -95,8 +96,15 @@ def freshness(inputs):  # type: ignore[no-untyped-def]
 
     from microstructure.contract.catalogue import FRESHNESS_S
 
+    # The book's time from event_ts_us (exact); Feast keeps event_ts online to the whole second, so it serves only
+    # for a row written before event_ts_us existed (that age errs old by up to 1 s). Two times that disagree (a
+    # hand-pushed row) give no age: stale, as microstructure.store.lookup reports such a row bad.
     col = next(c for c in inputs.columns if c.endswith("event_ts"))
-    ts = pd.to_datetime(inputs[col], utc=True, errors="coerce")
+    us_col = next(c for c in inputs.columns if c.endswith("event_ts_us"))
+    floor = pd.to_datetime(inputs[col], utc=True, errors="coerce")
+    exact = pd.to_datetime(pd.to_numeric(inputs[us_col], errors="coerce"), unit="us", utc=True, errors="coerce")
+    off = exact - floor
+    ts = exact.fillna(floor).mask(off.notna() & ((off < pd.Timedelta(0)) | (off >= pd.Timedelta(seconds=1))))
     age = (pd.Timestamp.now(tz="UTC") - ts).dt.total_seconds()
     return pd.DataFrame({"age_s": age.astype("float64"), "stale": (age.isna() | (age > FRESHNESS_S)).astype(bool)})
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 
 pytestmark = pytest.mark.integration  # the stock feast CLI, `feast serve` and `feast ui` in subprocesses
@@ -78,15 +79,24 @@ def test_feast_serve_answers_with_age_and_stale(checkout):
                             env=feast_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc)
+        asked = dt.datetime.now(dt.UTC)
         r = httpx.post(f"http://127.0.0.1:{port}/get-online-features", timeout=30, json={
             "feature_service": "order_book_live", "entities": {"symbol": ["MEGA01", "NOPE"]}})
+        answered = dt.datetime.now(dt.UTC)
         assert r.status_code == 200, r.text
         body = r.json()
         got = {n: res["values"] for n, res in zip(body["metadata"]["feature_names"], body["results"], strict=True)}
-        ev = dt.datetime.fromtimestamp(got["event_ts"][0], dt.UTC)
-        age = (dt.datetime.now(dt.UTC) - ev).total_seconds()
-        assert got["age_s"][0] == pytest.approx(age, abs=30)  # computed by Feast at request time
+        # The book's time to the microsecond (event_ts_us), the lake's own; event_ts is Feast's whole second.
+        us = got["event_ts_us"][0]
+        assert isinstance(us, int) and got["event_ts"][0] == us // 1_000_000 and us % 1_000_000
+        ev = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)
+        lake = pd.read_parquet(checkout / "data" / "lake" / "features", filters=[("symbol", "==", "MEGA01")])
+        assert ev in set(lake["event_ts"].dt.to_pydatetime())
+        # Computed by Feast at request time, from the exact time (from the floored second it would be older).
+        assert (asked - ev).total_seconds() <= got["age_s"][0] <= (answered - ev).total_seconds()
+        age = got["age_s"][0]
         assert got["stale"] == [age > 10, True]  # an unknown symbol is stale, never silently PRESENT-and-fresh
+        assert got["event_ts_us"][1] is None
     finally:
         proc.terminate()
         proc.wait(30)

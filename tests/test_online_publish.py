@@ -51,8 +51,8 @@ def test_feast_online_store_holds_the_last_cycle(polled):
         exp = latest.loc[r.symbol]
         assert r.found and r.features["spread_bps"] == exp["spread_bps"]
         assert r.features["order_imbalance"] == exp["order_imbalance"]
-        # Feast keeps UnixTimestamp to the second: the age errs on the old side, never younger.
-        assert 3 <= r.age_s < 4.01
+        # Exact: from event_ts_us (Feast keeps the UnixTimestamp event_ts to the second only).
+        assert r.event_ts == exp["event_ts"] and r.age_s == (now - exp["event_ts"]).total_seconds()
         assert r.stale is False
     assert rows[-1].found is False and rows[-1].stale is True
     later = read_online(open_store(paths.data_dir), ["MEGA01"], freshness_s=10, now=now + dt.timedelta(seconds=30))

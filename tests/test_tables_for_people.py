@@ -28,6 +28,7 @@ SHAPES = {
     "levels": r"[\d,]+",
     "fraction": r"[\d,]+\.\d{2}%",
     "s": r"-?[\d,]+\.\d{3}",
+    "µs": r"\d+",  # an epoch in microseconds: its digits, no separators
 }
 
 
@@ -68,6 +69,7 @@ def test_the_rules_by_unit():
     # Anything without a unit: at most 6 decimals, and a tiny non-zero number never reads 0.
     assert number(27491.699999999997) == "27,491.7" and number(0.1234567891) == "0.123457"
     assert number(1.5e-9) == "1.50e-09" and number(3) == "3"
+    assert formatted(1795444202123456, "µs") == "1795444202123456"
 
 
 @pytest.mark.integration

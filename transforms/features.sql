@@ -45,6 +45,10 @@ book AS (
 SELECT
     symbol,  -- entity: | The instrument's ticker as the source spells it (AAPL, BTC/USD, MEGA01)
     event_ts,  -- feature: | The source's time of the book (UTC)
+    -- Feast keeps a timestamp feature online to the whole second; this integer carries the book's time exactly, so
+    -- the age every online read reports is exact (microstructure.store.lookup).
+    epoch_us(event_ts)
+        AS event_ts_us,  -- feature: unit=µs range=[0,) not_null | event_ts in µs since 1970 UTC: the book's exact time online
     received_ts,  -- timestamp: | When the book reached us (UTC); Feast's event time
     source,  -- feature: | The source that served the book (two at the same instant: the first received)
     book_levels,  -- feature: unit=levels | Levels the source really gave, deeper side (1 = L1 only)

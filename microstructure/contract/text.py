@@ -117,6 +117,7 @@ UNIT_FORMATS: dict[str, Callable[[float], str]] = {
     "levels": number,
     "fraction": lambda v: _grouped(v * 100, 2) + "%",  # gap_pct 0.0123 reads 1.23%
     "s": lambda v: _grouped(v, 3),  # seconds to the millisecond
+    "µs": lambda v: str(int(v)),  # an epoch in microseconds (event_ts_us): the digits, as a program reads them
 }
 
 

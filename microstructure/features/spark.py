@@ -62,10 +62,18 @@ def session() -> Any:
 def features_sql() -> str:
     """``features.sql`` in Spark's dialect."""
     import sqlglot
+    from sqlglot import exp
 
     from microstructure.contract.schemas import sql
 
-    return sqlglot.transpile(sql("features"), read="duckdb", write="spark")[0]
+    def epoch_us(node: exp.Expression) -> exp.Expression:
+        # sqlglot reads DuckDB's epoch_us as an unknown function (it would reach Spark as EPOCH_US, which Spark
+        # lacks); it is Spark's unix_micros, the same integer.
+        if isinstance(node, exp.Anonymous) and node.name.upper() == "EPOCH_US" and len(node.expressions) == 1:
+            return exp.UnixMicros(this=node.expressions[0])
+        return node
+
+    return sqlglot.parse_one(sql("features"), read="duckdb").transform(epoch_us).sql("spark")
 
 
 def compute_features(files: list[str], start: dt.datetime, end: dt.datetime) -> pa.Table:

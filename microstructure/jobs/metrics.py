@@ -147,7 +147,9 @@ class PollMetrics:
                 self.source_errors.labels(src, cls).inc(n)
         if online is not None and online is not self._pushed and online.num_rows:
             self._pushed = online
-            us = pc.cast(online.column("event_ts").cast(pa.timestamp("us", tz="UTC")), pa.int64()).to_pylist()
+            # The book's exact time as served (event_ts_us; event_ts for a table from before it existed).
+            us = (online.column("event_ts_us").to_pylist() if "event_ts_us" in online.column_names else
+                  pc.cast(online.column("event_ts").cast(pa.timestamp("us", tz="UTC")), pa.int64()).to_pylist())
             self._online_us.update((s, t) for s, t in zip(online.column("symbol").to_pylist(), us, strict=True)
                                    if t is not None)
         if self._online_us:

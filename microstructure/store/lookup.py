@@ -1,4 +1,9 @@
 """The online read a scorer makes: each symbol's served features, its age, and whether it may be trusted.
+
+Age is ``now - `` the book's time, to the microsecond: Feast keeps a timestamp feature online to the whole second
+(``event_ts`` comes back floored), so the book's time is read from ``event_ts_us``, the same instant as an integer
+(``transforms/features.sql``). A row written before that feature existed has none: its age falls back to the
+floored ``event_ts`` and errs old by up to 1 s (its ``event_ts_us`` reads null, which says so).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ class OnlineRow:
     symbol: str
     found: bool
     features: dict[str, Any]
-    event_ts: dt.datetime | None
+    event_ts: dt.datetime | None  # exact (from event_ts_us), or floored to the second for a row without it
     age_s: float | None
     stale: bool
     error: str | None = None  # "bad online row: ...": a stored row that cannot be served (found False, stale)
@@ -32,7 +37,7 @@ class OnlineRow:
     def as_dict(self) -> dict[str, Any]:
         d = {"symbol": self.symbol, "found": self.found,
              "event_ts": self.event_ts.isoformat() if self.event_ts else None,
-             "age_s": None if self.age_s is None else round(self.age_s, 3), "stale": self.stale,
+             "age_s": None if self.age_s is None else round(self.age_s, 6), "stale": self.stale,
              **{k: v for k, v in self.features.items() if k != "event_ts"}}
         if self.error is not None:
             d["error"] = self.error
@@ -45,6 +50,8 @@ class OnlineRow:
 # symbol: found False, stale, and an ``error`` saying why. Its values are never served and the other symbols
 # are read as usual.
 NEEDED = ("spread_bps", "order_imbalance", "depth_dollars", "has_recent_halt")  # never null in a served book
+EXACT_TS = "event_ts_us"  # the book's time in epoch microseconds: what the age is computed from
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def _finite_number(v: Any) -> str | None:
@@ -107,8 +114,22 @@ def _bad(sym: str, names: Any, why: str) -> OnlineRow:
     return OnlineRow(sym, False, {n: None for n in names}, None, None, True, f"bad online row: {why}")
 
 
+def _exact(us: Any, ev: dt.datetime | None) -> dt.datetime | str:
+    """The book's time from ``event_ts_us``, or why the row is bad: not an integer, impossible, or not the
+    instant ``event_ts`` (which Feast floors to the second) says."""
+    if type(us) is not int and not isinstance(us, np.integer):
+        return f"{EXACT_TS} {repr(us)[:40]} is not an integer"
+    try:
+        exact = _EPOCH + dt.timedelta(microseconds=int(us))
+    except OverflowError:
+        return f"impossible {EXACT_TS} {us!r}"
+    if ev is not None and not dt.timedelta(0) <= exact - ev < dt.timedelta(seconds=1):
+        return f"{EXACT_TS} {us} is not event_ts {ev.isoformat()}"
+    return exact
+
+
 def _row(sym: str, feats: dict[str, Any], ev: Any, now: dt.datetime, freshness_s: float,
-         types: Any = None, with_ts: bool = False, latest: dt.datetime | None = None
+         types: Any = None, with_ts: bool = False, latest: dt.datetime | None = None, us: Any = None
          ) -> OnlineRow:
     if isinstance(ev, int | float) and not isinstance(ev, bool):
         try:
@@ -121,6 +142,11 @@ def _row(sym: str, feats: dict[str, Any], ev: Any, now: dt.datetime, freshness_s
         return _bad(sym, feats, f"event_ts {repr(ev)[:40]} is not a time")
     if ev is not None and ev.tzinfo is None:
         ev = ev.replace(tzinfo=dt.UTC)
+    if us is not None:  # the exact time; None: a row written before event_ts_us existed (ev, to the second)
+        exact = _exact(us, ev)
+        if isinstance(exact, str):
+            return _bad(sym, feats, exact)
+        ev = exact
     found = ev is not None or any(v is not None for k, v in feats.items() if k != "event_ts")
     if found:
         why = _problem(feats, ev, types or ((), ()), with_ts, latest or dt.datetime.now(dt.UTC) + _AHEAD)
@@ -158,7 +184,10 @@ def _read_plan(store: FeatureStore, service: str) -> tuple[Any, list[str], list[
     plan = None
     if fv is not None:
         names = [f.name for f in projections[0].features]
-        plan = (fv, names, names if "event_ts" in names else [*names, "event_ts"], _types(fv.features, names))
+        # The book's time is always read, whatever the service holds: event_ts and (if the view has it, as
+        # every view built from features.sql does) its exact twin.
+        times = ["event_ts", *([EXACT_TS] if any(f.name == EXACT_TS for f in fv.features) else [])]
+        plan = (fv, names, [*names, *(t for t in times if t not in names)], _types(fv.features, names))
     _plans[key] = (time.monotonic(), plan)
     return plan
 
@@ -167,7 +196,8 @@ def read_online(store: FeatureStore, symbols: list[str], freshness_s: float = FR
                 now: dt.datetime | None = None, service: str = "order_book_all",
                 fast: bool = True) -> list[OnlineRow]:
     """Online features per symbol with their age and stale flag (Feast ignores TTL online, so staleness is
-    judged here, on every row, whatever the service: the book's ``event_ts`` is always read).
+    judged here, on every row, whatever the service: the book's ``event_ts`` and ``event_ts_us`` are always
+    read; the age is exact to the microsecond, see the module's docstring).
 
     ``fast`` reads Feast's stored rows directly (``microstructure.store.online_read``; same values as
     ``get_online_features``, ~10x less time); services with on-demand views go through Feast."""
@@ -188,7 +218,7 @@ def read_online(store: FeatureStore, symbols: list[str], freshness_s: float = FR
                 continue
             got = got or {}
             rows.append(_row(sym, {n: got.get(n) for n in names}, got.get("event_ts"), now, freshness_s, types,
-                             with_ts=True, latest=latest))
+                             with_ts=True, latest=latest, us=got.get(EXACT_TS)))
         return rows
     svc = store.get_feature_service(service)
     fields = [f for p in svc.feature_view_projections for f in p.features]
@@ -216,5 +246,6 @@ def _read_through_feast(store: FeatureStore, svc: Any, symbols: list[str], now: 
         return [r for s in symbols for r in _read_through_feast(store, svc, [s], now, freshness_s, types, latest)]
     names = [k for k in resp if k != "symbol"]
     with_ts = "event_ts" in resp
-    return [_row(sym, {k: resp[k][i] for k in names}, resp.get("event_ts", [None] * len(symbols))[i], now,
-                 freshness_s, types, with_ts=with_ts, latest=latest) for i, sym in enumerate(symbols)]
+    none = [None] * len(symbols)
+    return [_row(sym, {k: resp[k][i] for k in names}, resp.get("event_ts", none)[i], now, freshness_s, types,
+                 with_ts=with_ts, latest=latest, us=resp.get(EXACT_TS, none)[i]) for i, sym in enumerate(symbols)]
