@@ -55,6 +55,8 @@ class GatewayState:
     # symbol -> "one_sided" (every ask undefined), "hole" (bid level 3 undefined, 4.. defined) or "no_time"
     # (ts_event undefined)
     shapes: dict[str, str] = field(default_factory=dict)
+    greet_delay_s: float = 0.0  # accept, then wait this long before the greeting (a gateway that hangs)
+    silent: bool = False  # authenticate and accept start_session, then send nothing at all (no Metadata, no heartbeat)
     sequence: int = 1000
     last_ts: int = 0
     conns: list[socket.socket] = field(default_factory=list)
@@ -78,6 +80,8 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         st = self.server.state
         cram = secrets.token_hex(16)
+        if self.server.stopping.wait(st.greet_delay_s):
+            return
         self.wfile.write(b"lsg_version=0.0.0-standin\n")
         self.wfile.write(f"cram={cram}\n".encode())
         try:
@@ -121,6 +125,9 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def _stream(self, dataset: str, symbols: list[str]) -> None:
         st = self.server.state
+        if st.silent:
+            self.server.stopping.wait()
+            return
         now = time.time_ns()
         ids = {s: i + 1 for i, s in enumerate(symbols) if s in st.symbols}
         meta = dbn.Metadata(dataset, now, dbn.SType.RAW_SYMBOL, dbn.SType.INSTRUMENT_ID, dbn.Schema.MBP_10,

@@ -248,3 +248,49 @@ def test_a_sequence_that_goes_back_is_a_gap_until_the_next_record(monkeypatch):
             _poll_until(chain, syms, lambda e: set(e.values()) == {None})  # the next record serves them again
         finally:
             chain.close()
+
+
+def _source(monkeypatch, gw: DatabentoGateway, syms: list[str], **kw):  # type: ignore[no-untyped-def]
+    from microstructure.sources.databento_live import DatabentoLiveSource
+
+    monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+    monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", gw.address)
+    return DatabentoLiveSource(symbols=syms, **kw)
+
+
+def _until(cond, limit_s: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 3 s)
+def test_a_gateway_that_authenticates_then_sends_nothing_is_dropped_and_retried(monkeypatch):
+    """The SDK's heartbeat monitor counts only from the first record: a gateway that authenticates, takes
+    ``start_session`` and then sends nothing (not even the Metadata) must not hold the source forever."""
+    with DatabentoGateway(KEY, ["AAA"]) as gw:
+        gw.state.silent = True
+        src = _source(monkeypatch, gw, ["AAA"], silence_s=1.0)
+        try:
+            assert _until(lambda: gw.state.sessions >= 2), "the silent session was never ended and retried"
+            err = src.fetch(["AAA"], dt.datetime.now(dt.UTC)).errors["AAA"]
+            assert err.error_class in ("connection", "unknown_symbol")
+        finally:
+            src.close()
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 2 s)
+def test_close_during_a_slow_handshake_never_starts_a_stream(monkeypatch):
+    """``close()`` while the gateway has accepted but not yet greeted: when the handshake completes later, the
+    session must not start streaming behind the closed source (a socket and a thread left running)."""
+    with DatabentoGateway(KEY, ["AAA"]) as gw:
+        gw.state.greet_delay_s = 1.0
+        src = _source(monkeypatch, gw, ["AAA"], first_connect_wait_s=0.1)
+        src.close()
+        assert _until(lambda: gw.state.sessions >= 1)  # the handshake did complete after close()
+        assert _until(lambda: not src._thread.is_alive(), 10.0), "the connection thread outlived close()"
+        time.sleep(0.3)
+        assert gw.state.subscribed == [] and gw.state.conns == []  # no stream was ever started

@@ -49,6 +49,12 @@ BACKOFF_MAX_S = 60.0
 # once with one error line; a gateway that is slow or down only makes the source unavailable (the chain falls
 # back) while the thread keeps trying.
 FIRST_CONNECT_WAIT_S = 15.0
+# The gateway sends a heartbeat after 30 s without data (the SDK asks for 30 s); a session silent for that plus the
+# SDK's own 10 s margin is dead. The SDK's heartbeat monitor only counts from the first record, so a gateway that
+# authenticates and then sends nothing would hold the session forever: our own watch ends it.
+SILENCE_S = 40.0
+CLOSE_WAIT_S = 2.0  # close() waits this long for the connection thread to end
+WATCH_S = 0.2  # how often the connection thread checks the session (silence, close())
 MAX_ERROR_CHARS = 300
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -128,14 +134,14 @@ class DatabentoLiveSource:
 
     def __init__(self, name: str = "databento", asset: str = "stocks", limits: Limits | None = None,
                  lot_size: float = 1.0, dataset: str = DEFAULT_DATASET, symbols: Sequence[str] = (),
-                 first_connect_wait_s: float = FIRST_CONNECT_WAIT_S) -> None:
+                 first_connect_wait_s: float = FIRST_CONNECT_WAIT_S, silence_s: float = SILENCE_S) -> None:
         if asset != "stocks":
             raise ConfigError(f"{name}: the databento source serves US stocks only (asset = \"stocks\")")
         if not isinstance(dataset, str) or not dataset or len(dataset) > 32:
             raise ConfigError(f"{name}: dataset must be a Databento dataset code such as {DEFAULT_DATASET!r}")
         self.name, self.asset, self.max_levels = name, asset, MAX_LEVELS
         self.limits = limits or Limits()
-        self.lot_size, self.dataset = lot_size, dataset
+        self.lot_size, self.dataset, self.silence_s = lot_size, dataset, silence_s
         self.symbols = list(dict.fromkeys(symbols))
         key = env_key("DATABENTO_API_KEY", True, f"source {name!r} needs a Databento API key in the environment")
         if key is None or not key.strip() or any(c in key for c in "|\r\n"):
@@ -152,6 +158,7 @@ class DatabentoLiveSource:
         self._stop = threading.Event()
         self._first = threading.Event()
         self._client: Any = None
+        self._heard_ns = 0  # monotonic ns of the last record of any kind (heartbeats too) of the current session
         self.sessions = 0  # connections that authenticated and started streaming
         if not self.symbols:
             return  # nothing to subscribe: every fetch answers "not subscribed"
@@ -207,16 +214,16 @@ class DatabentoLiveSource:
                 if self._state.error_class == AUTH:
                     self._fatal = self._state
                 return False
-            client.start()
+            with self._lock:
+                if self._stop.is_set():  # close() came while we were connecting: never start streaming
+                    return False
+                self._heard_ns = time.monotonic_ns()
+                client.start()
             started = True
             self.sessions += 1
             self._state = None
             self._first.set()
-            try:
-                client.block_for_close()
-                why = "the gateway closed the connection"
-            except Exception as e:
-                why = f"connection lost: {_text(e)}"
+            why = self._watch(client)
             self._state = SourceError(CONNECTION, f"{self.name}: {why}; reconnecting")
             return True
         finally:
@@ -226,6 +233,22 @@ class DatabentoLiveSource:
                 client.terminate()
             with self._lock:
                 self._client = None
+
+    def _watch(self, client: Any) -> str:
+        """Until the session ends, ``close()`` asks, or the gateway has sent nothing (not even a heartbeat) for
+        ``silence_s``: then the session is ended here. Why it ended."""
+        while client.is_connected():
+            if self._stop.wait(WATCH_S):
+                return "closed"
+            silent_s = (time.monotonic_ns() - self._heard_ns) / 1e9
+            if silent_s > self.silence_s:
+                client.terminate()
+                return f"the gateway sent nothing for {silent_s:.0f} s"
+        try:
+            client.block_for_close()
+            return "the gateway closed the connection"
+        except Exception as e:
+            return f"connection lost: {_text(e)}"
 
     def _mark_all_gap(self, why: str | None) -> None:
         if why is None:
@@ -243,6 +266,7 @@ class DatabentoLiveSource:
         import databento_dbn as dbn
 
         now = time.time_ns()
+        self._heard_ns = time.monotonic_ns()
         if isinstance(rec, dbn.MBP10Msg):
             sym = self._by_id.get(rec.instrument_id)
             if sym is None:
@@ -323,12 +347,18 @@ class DatabentoLiveSource:
             out.rejected.append((s, reason, detail))
 
     def close(self) -> None:
+        """End the connection. A streaming session ends at once; a connection still in its handshake cannot be
+        interrupted (the SDK waits up to 10 s to connect and 30 s to authenticate), but it never starts streaming:
+        the thread ends it when the handshake returns."""
         self._stop.set()
         with self._lock:
             client = self._client
         if client is not None:
             with contextlib.suppress(Exception):  # already closed
                 client.terminate()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(CLOSE_WAIT_S)
 
 
 def _text(e: object) -> str:
