@@ -57,6 +57,8 @@ class GatewayState:
     shapes: dict[str, str] = field(default_factory=dict)
     greet_delay_s: float = 0.0  # accept, then wait this long before the greeting (a gateway that hangs)
     silent: bool = False  # authenticate and accept start_session, then send nothing at all (no Metadata, no heartbeat)
+    mapping_flood: int = 0  # before any record, this many extra mappings of the first symbol, each to a new id
+    reuse: tuple[str, str] | None = None  # (ours, other): give ours's instrument id to other, ours a new id
     sequence: int = 1000
     last_ts: int = 0
     conns: list[socket.socket] = field(default_factory=list)
@@ -136,11 +138,27 @@ class _Handler(socketserver.StreamRequestHandler):
         for s, iid in ids.items():
             out += bytes(dbn.SymbolMappingMsg(XNAS_ITCH, iid, now, dbn.SType.RAW_SYMBOL, s, dbn.SType.RAW_SYMBOL, s,
                                               now, now + 86_400 * 10**9))
+        for k in range(st.mapping_flood):
+            out += bytes(dbn.SymbolMappingMsg(XNAS_ITCH, 1_000_000 + k, now, dbn.SType.RAW_SYMBOL, symbols[0],
+                                              dbn.SType.RAW_SYMBOL, symbols[0], now, now + 86_400 * 10**9))
         self.wfile.write(out)
         rnd = 0
         while not self.server.stopping.is_set():
             rnd += 1
             out = bytearray()
+            with st.lock:
+                reuse, st.reuse = st.reuse, None
+            if reuse is not None:
+                # The venue hands ours's instrument id to another symbol (mapping first, as a gateway would) and
+                # gives ours a new id; the other symbol's records now come under the old id, after ours's.
+                ours, other = reuse
+                old_id = ids.pop(ours)
+                new_id = 10_000 + old_id
+                for sym, iid in ((other, old_id), (ours, new_id)):
+                    out += bytes(dbn.SymbolMappingMsg(XNAS_ITCH, iid, now, dbn.SType.RAW_SYMBOL, sym,
+                                                      dbn.SType.RAW_SYMBOL, sym, now, now + 86_400 * 10**9))
+                ids[ours] = new_id
+                ids[other] = old_id
             for s, iid in ids.items():
                 out += self._record(s, iid, rnd)
             if out:

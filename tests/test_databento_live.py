@@ -294,3 +294,46 @@ def test_close_during_a_slow_handshake_never_starts_a_stream(monkeypatch):
         assert _until(lambda: not src._thread.is_alive(), 10.0), "the connection thread outlived close()"
         time.sleep(0.3)
         assert gw.state.subscribed == [] and gw.state.conns == []  # no stream was ever started
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 2 s)
+def test_an_instrument_id_reused_for_another_symbol_never_files_its_book_under_ours(monkeypatch):
+    """The gateway gives AAA's instrument id to a symbol we did not subscribe to (and AAA a new id): the other
+    instrument's records under the old id must never be served as AAA's book."""
+    with DatabentoGateway(KEY, ["AAA", "BBB"], period_s=0.05) as gw:
+        src = _source(monkeypatch, gw, ["AAA", "BBB"])
+        try:
+            assert _until(lambda: not src.fetch(["AAA", "BBB"], dt.datetime.now(dt.UTC)).errors)
+            gw.state.reuse = ("AAA", "ZZZ")
+            assert _until(lambda: any(s == "ZZZ" for s, _ in gw.state.sent))
+            served = []
+            for _ in range(10):
+                time.sleep(0.06)
+                served += src.fetch(["AAA"], dt.datetime.now(dt.UTC)).quotes
+        finally:
+            src.close()
+    assert served
+    for q in served:
+        ns = int((q.event_ts - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)).total_seconds() * 1e6) * 1000
+        assert ("AAA", ns) in gw.state.sent, "another instrument's book served as AAA's"
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 3 s)
+def test_a_flood_of_symbol_mappings_is_bounded_and_ends_the_session(monkeypatch):
+    """A gateway sending endless symbol mappings (each a new instrument id for a symbol of ours) must not grow our
+    id table (nor the SDK's symbology map) without end: past a bound the session is ended as hostile."""
+    with DatabentoGateway(KEY, ["AAA", "BBB"], period_s=0.05) as gw:
+        gw.state.mapping_flood = 20_000
+        src = _source(monkeypatch, gw, ["AAA", "BBB"])
+        try:
+            sizes: list[int] = []
+
+            def ended() -> bool:
+                sizes.append(len(src._by_id))
+                err = src.fetch(["AAA"], dt.datetime.now(dt.UTC)).errors.get("AAA")
+                return err is not None and "symbol mappings" in err.detail  # between sessions, while backing off
+
+            assert _until(ended), "the flooding session was not ended"
+        finally:
+            src.close()
+    assert max(sizes) <= 2, max(sizes)

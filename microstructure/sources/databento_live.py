@@ -53,6 +53,11 @@ FIRST_CONNECT_WAIT_S = 15.0
 # SDK's own 10 s margin is dead. The SDK's heartbeat monitor only counts from the first record, so a gateway that
 # authenticates and then sends nothing would hold the session forever: our own watch ends it.
 SILENCE_S = 40.0
+# Symbol mappings, gateway errors and system messages a session may send: one mapping a symbol at the start, a
+# few more when the venue reassigns ids. Past this the gateway is hostile or broken (each mapping also grows the
+# SDK's own symbology map, each error message its error list): the session is ended and retried after back-off.
+MAX_CONTROL_RECORDS_PER_SYMBOL = 4
+MAX_CONTROL_RECORDS_EXTRA = 1000
 CLOSE_WAIT_S = 2.0  # close() waits this long for the connection thread to end
 WATCH_S = 0.2  # how often the connection thread checks the session (silence, close())
 MAX_ERROR_CHARS = 300
@@ -152,6 +157,10 @@ class DatabentoLiveSource:
         self._lock = threading.Lock()
         self._latest: dict[str, _Latest] = {}
         self._by_id: dict[int, str] = {}  # instrument_id -> our symbol, only for subscribed symbols
+        self._id_of: dict[str, int] = {}  # the reverse: one id a symbol, so both stay as small as the symbol list
+        self._controls = 0  # control records (mappings, errors, system messages) of the current session
+        self._max_controls = MAX_CONTROL_RECORDS_PER_SYMBOL * len(self.symbols) + MAX_CONTROL_RECORDS_EXTRA
+        self._ended: str | None = None  # why we ended the current session ourselves (silent, hostile)
         self._state: SourceError | None = SourceError(CONNECTION, f"{name}: not connected yet")
         self._fatal: SourceError | None = None
         self._notice = ""  # the gateway's last error or system message (say, a symbol it could not resolve)
@@ -199,12 +208,15 @@ class DatabentoLiveSource:
 
         host, port = self._gateway or (None, DEFAULT_PORT)
         client = db.Live(key=self._key, gateway=host, port=port)
-        client.add_callback(self._on_record, self._on_callback_error)
+        # Bound to this client: a record of an ended session that the SDK still dispatches is dropped.
+        client.add_callback(lambda rec: self._on_record(rec, client), self._on_callback_error)
         started = False
         try:
             with self._lock:
                 self._client = client
                 self._by_id.clear()  # instrument ids are the session's: mappings come again
+                self._id_of.clear()
+                self._controls, self._ended = 0, None
             if self._stop.is_set():
                 return False
             try:
@@ -224,15 +236,15 @@ class DatabentoLiveSource:
             self._state = None
             self._first.set()
             why = self._watch(client)
-            self._state = SourceError(CONNECTION, f"{self.name}: {why}; reconnecting")
-            return True
+            self._state = SourceError(CONNECTION, f"{self.name}: {self._ended or why}; reconnecting")
+            return self._ended is None  # a session we ended (silent, hostile) backs off like a failed connection
         finally:
             self._first.set()
+            with self._lock:  # from here on this client's records are dropped, before any book is marked
+                self._client = None
             self._mark_all_gap("reconnect" if started else None)
             with contextlib.suppress(Exception):  # never connected, or already closed: nothing to end
                 client.terminate()
-            with self._lock:
-                self._client = None
 
     def _watch(self, client: Any) -> str:
         """Until the session ends, ``close()`` asks, or the gateway has sent nothing (not even a heartbeat) for
@@ -242,8 +254,9 @@ class DatabentoLiveSource:
                 return "closed"
             silent_s = (time.monotonic_ns() - self._heard_ns) / 1e9
             if silent_s > self.silence_s:
+                self._ended = f"the gateway sent nothing for {silent_s:.0f} s"
                 client.terminate()
-                return f"the gateway sent nothing for {silent_s:.0f} s"
+                return self._ended
         try:
             client.block_for_close()
             return "the gateway closed the connection"
@@ -261,33 +274,58 @@ class DatabentoLiveSource:
     def _on_callback_error(self, e: Exception) -> None:
         self._notice = f"record handling failed: {_text(e)}"
 
-    def _on_record(self, rec: Any) -> None:
-        """On the SDK's event-loop thread, for every record: as little work as possible."""
+    def _on_record(self, rec: Any, client: Any) -> None:
+        """On the SDK's event-loop thread, for every record of ``client``'s session: as little work as possible."""
         import databento_dbn as dbn
 
         now = time.time_ns()
         self._heard_ns = time.monotonic_ns()
         if isinstance(rec, dbn.MBP10Msg):
-            sym = self._by_id.get(rec.instrument_id)
-            if sym is None:
-                return  # a record for an instrument we have no mapping for: not ours
-            prev = self._latest.get(sym)
             gap = None
             if rec.flags & dbn.F_MAYBE_BAD_BOOK:
                 gap = f"the gateway flagged an unrecoverable gap in its channel (sequence {rec.sequence})"
-            elif prev is not None and rec.sequence < prev.sequence:
-                gap = f"sequence went back from {prev.sequence} to {rec.sequence}"
             with self._lock:
+                if client is not self._client:
+                    return  # a record of an ended session, dispatched late: its books are already gaps
+                sym = self._by_id.get(rec.instrument_id)
+                if sym is None:
+                    return  # a record for an instrument we have no mapping for: not ours
+                prev = self._latest.get(sym)
+                if gap is None and prev is not None and rec.sequence < prev.sequence:
+                    gap = f"sequence went back from {prev.sequence} to {rec.sequence}"
                 self._latest[sym] = _Latest(rec, now, rec.sequence, gap, gap is not None)
-        elif isinstance(rec, dbn.SymbolMappingMsg):
-            # With stype_in raw_symbol the input symbol is ours; keep only what we subscribed to.
+            return
+        if isinstance(rec, dbn.SystemMsg) and rec.is_heartbeat():
+            return
+        if isinstance(rec, dbn.SymbolMappingMsg | dbn.ErrorMsg | dbn.SystemMsg):
+            with self._lock:
+                if client is not self._client or self._ended is not None:
+                    return
+                self._controls += 1
+                if self._controls > self._max_controls:
+                    self._ended = (f"the gateway sent more than {self._max_controls} symbol mappings, errors and "
+                                   "system messages in one session")
+            if self._ended is not None:
+                with contextlib.suppress(Exception):  # already closing
+                    client.terminate()
+                return
+        if isinstance(rec, dbn.SymbolMappingMsg):
+            # With stype_in raw_symbol the input symbol is ours. An id mapped to a symbol we did not subscribe to
+            # is no longer ours (instrument ids are reused); a symbol of ours has one id, its latest.
             sym = rec.stype_in_symbol if rec.stype_in_symbol in self._wanted else rec.stype_out_symbol
-            if sym in self._wanted:
-                with self._lock:
-                    self._by_id[rec.instrument_id] = sym
+            iid = rec.instrument_id
+            with self._lock:
+                gone = self._by_id.pop(iid, None)
+                if gone is not None and self._id_of.get(gone) == iid:
+                    del self._id_of[gone]
+                if sym in self._wanted:
+                    old = self._id_of.get(sym)
+                    if old is not None:
+                        self._by_id.pop(old, None)
+                    self._by_id[iid], self._id_of[sym] = sym, iid
         elif isinstance(rec, dbn.ErrorMsg):
             self._notice = f"gateway error: {_text(rec.err)}"
-        elif isinstance(rec, dbn.SystemMsg) and not rec.is_heartbeat():
+        elif isinstance(rec, dbn.SystemMsg):
             self._notice = f"gateway: {_text(rec.msg)}"
 
     # ---- the poll ----------------------------------------------------------------------------------------
@@ -296,7 +334,7 @@ class DatabentoLiveSource:
             raise self._fatal
         with self._lock:
             snap = {s: self._latest.get(s) for s in symbols}
-            mapped = set(self._by_id.values())
+            mapped = set(self._id_of)
         state = self._state
         out = Fetched()
         for s in symbols:
