@@ -337,3 +337,31 @@ def test_a_flood_of_symbol_mappings_is_bounded_and_ends_the_session(monkeypatch)
         finally:
             src.close()
     assert max(sizes) <= 2, max(sizes)
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 1 s)
+def test_a_lowercase_symbol_is_served_though_the_sdk_upper_cases_it(monkeypatch):
+    """The SDK sends raw symbols upper-cased, so the gateway maps "AAPL" for our "aapl": the book must still be
+    served, under the symbol we asked for."""
+    with DatabentoGateway(KEY, ["AAPL"], period_s=0.05) as gw:
+        src = _source(monkeypatch, gw, ["aapl"])
+        try:
+            assert _until(lambda: bool(src.fetch(["aapl"], dt.datetime.now(dt.UTC)).quotes), 10.0), \
+                src.fetch(["aapl"], dt.datetime.now(dt.UTC)).errors
+            assert src.fetch(["aapl"], dt.datetime.now(dt.UTC)).quotes[0].symbol == "aapl"
+        finally:
+            src.close()
+
+
+def test_a_symbol_cannot_inject_a_control_line(monkeypatch):
+    """A symbol is sent inside a ``|``-separated control line: a library caller passing "AAPL|start=0" or one with a
+    newline must be refused before any connection."""
+    from microstructure.sources.databento_live import DatabentoLiveSource
+
+    monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+    monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", "127.0.0.1:1")  # nothing listens: never reached
+    for bad in ("AAPL|start=0", "AAPL\nstart_session=0", "AAPL,MSFT"):
+        with pytest.raises(ConfigError, match="character"):
+            DatabentoLiveSource(symbols=[bad], first_connect_wait_s=0.1)
+    with pytest.raises(ConfigError, match="one symbol to Databento"):
+        DatabentoLiveSource(symbols=["aapl", "AAPL"], first_connect_wait_s=0.1)

@@ -35,6 +35,7 @@ from typing import Any
 from microstructure.contract.book import BookQuote, plausible_ns
 from microstructure.sources.guard import AUTH, CONNECTION, UNAVAILABLE, UNKNOWN_SYMBOL, Limits, SourceError
 from microstructure.sources.secrets import scrub
+from microstructure.sources.symbol_lists import check_symbols
 from microstructure.sources.vendor import ConfigError, Fetched, env_key, is_loopback
 
 GATEWAY_ENV = "MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY"
@@ -147,7 +148,16 @@ class DatabentoLiveSource:
         self.name, self.asset, self.max_levels = name, asset, MAX_LEVELS
         self.limits = limits or Limits()
         self.lot_size, self.dataset, self.silence_s = lot_size, dataset, silence_s
-        self.symbols = list(dict.fromkeys(symbols))
+        # Checked here too (a library caller skips the CLI's check): a symbol is sent inside a control line, so a
+        # "|", "," or newline in one would add fields or lines to the subscription.
+        self.symbols = check_symbols(symbols, f"source {name!r}")
+        # The SDK upper-cases raw symbols before it sends them, so the gateway maps "BRK.B" for our "brk.b".
+        self._ours: dict[str, str] = {}
+        for s in self.symbols:
+            if s.upper() in self._ours:
+                raise ConfigError(f"source {name!r}: {self._ours[s.upper()]!r} and {s!r} are one symbol to "
+                                  "Databento (it upper-cases symbols)")
+            self._ours[s.upper()] = s
         key = env_key("DATABENTO_API_KEY", True, f"source {name!r} needs a Databento API key in the environment")
         if key is None or not key.strip() or any(c in key for c in "|\r\n"):
             raise ConfigError("DATABENTO_API_KEY is blank or holds characters no Databento key has")
@@ -312,13 +322,13 @@ class DatabentoLiveSource:
         if isinstance(rec, dbn.SymbolMappingMsg):
             # With stype_in raw_symbol the input symbol is ours. An id mapped to a symbol we did not subscribe to
             # is no longer ours (instrument ids are reused); a symbol of ours has one id, its latest.
-            sym = rec.stype_in_symbol if rec.stype_in_symbol in self._wanted else rec.stype_out_symbol
+            sym = self._ours.get(rec.stype_in_symbol) or self._ours.get(rec.stype_out_symbol)
             iid = rec.instrument_id
             with self._lock:
                 gone = self._by_id.pop(iid, None)
                 if gone is not None and self._id_of.get(gone) == iid:
                     del self._id_of[gone]
-                if sym in self._wanted:
+                if sym is not None:
                     old = self._id_of.get(sym)
                     if old is not None:
                         self._by_id.pop(old, None)
