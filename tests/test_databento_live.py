@@ -9,6 +9,7 @@ and the symbol served again once a clean record came.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -23,6 +24,7 @@ from microstructure.contract.book import LEVEL_COLUMNS
 from microstructure.lake.paths import LakePaths
 from microstructure.lake.views import connect
 from microstructure.sources.chain_config import build_chain
+from microstructure.sources.guard import SourceError
 from microstructure.sources.vendor import ConfigError
 from tests.databento_gateway import DatabentoGateway
 
@@ -365,3 +367,27 @@ def test_a_symbol_cannot_inject_a_control_line(monkeypatch):
             DatabentoLiveSource(symbols=[bad], first_connect_wait_s=0.1)
     with pytest.raises(ConfigError, match="one symbol to Databento"):
         DatabentoLiveSource(symbols=["aapl", "AAPL"], first_connect_wait_s=0.1)
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 4 s)
+def test_a_refusal_after_a_good_session_is_retried_not_fatal(monkeypatch):
+    """The gateway accepted our key, hangs up, refuses the reconnect once (sessions at their limit, a restart),
+    then accepts again: one refusal mid-run must not end the source for the rest of the poll."""
+    with DatabentoGateway(KEY, ["AAA"], period_s=0.05) as gw:
+        src = _source(monkeypatch, gw, ["AAA"])
+        try:
+            assert _until(lambda: bool(src.fetch(["AAA"], dt.datetime.now(dt.UTC)).quotes))
+            gw.state.key = "db-SOMEotherKEYxxxxxxxxxxxx"
+            gw.drop()
+            assert _until(lambda: len(gw.state.auth_lines) >= 2)  # the reconnect was refused
+            gw.state.key = KEY
+
+            def served() -> bool:
+                with contextlib.suppress(SourceError):  # before the fix: the refusal is raised every cycle
+                    return bool(src.fetch(["AAA"], dt.datetime.now(dt.UTC)).quotes)
+                return False
+
+            assert _until(served), "one refusal mid-run ended the source"
+            assert src.refused() is None
+        finally:
+            src.close()

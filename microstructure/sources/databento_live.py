@@ -233,7 +233,10 @@ class DatabentoLiveSource:
                 client.subscribe(dataset=self.dataset, schema="mbp-10", stype_in="raw_symbol", symbols=self.symbols)
             except Exception as e:
                 self._state = _classify_connect(self.name, e)
-                if self._state.error_class == AUTH:
+                # A refusal before any session is the key's: the same key fails again, so the poll stops. After a
+                # good session the same key was accepted; the refusal (sessions at their limit, a gateway
+                # restarting, a dataset entitlement lapsing) is retried with back-off like a lost connection.
+                if self._state.error_class == AUTH and self.sessions == 0:
                     self._fatal = self._state
                 return False
             with self._lock:
