@@ -391,3 +391,16 @@ def test_a_refusal_after_a_good_session_is_retried_not_fatal(monkeypatch):
             assert src.refused() is None
         finally:
             src.close()
+
+
+def test_a_dataset_from_a_sources_file_cannot_inject_auth_fields(tmp_path, monkeypatch):
+    """The dataset travels in the CRAM auth line (``...|dataset=X|encoding=dbn|...``) and names the gateway host: a
+    sources file (which may come from anyone) must not add fields or lines to it."""
+    monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+    monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", "127.0.0.1:1")  # nothing listens: never reached
+    for bad in ("XNAS.ITCH|ts_out=1", "XNAS.ITCH\\nstart_session=0", "XNAS.ITCH.lsg.evil", "XNAS ITCH"):
+        cfg = tmp_path / "sources.toml"
+        cfg.write_text(f'[sources.db]\nkind = "databento"\ndataset = "{bad}"\n'
+                       '[groups.stocks]\nchain = ["db"]\nsymbols = ["AAPL"]\n')
+        with pytest.raises(ConfigError, match="dataset must be"):
+            build_chain(cfg)

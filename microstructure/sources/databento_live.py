@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -63,6 +64,7 @@ CLOSE_WAIT_S = 2.0  # close() waits this long for the connection thread to end
 WATCH_S = 0.2  # how often the connection thread checks the session (silence, close())
 MAX_ERROR_CHARS = 300
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_DATASET = re.compile(r"[A-Za-z0-9]{1,15}\.[A-Za-z0-9]{1,15}")  # XNAS.ITCH, GLBX.MDP3, DBEQ.BASIC
 
 # The SDK logs a refused key or a lost connection at ERROR; with no logging set up Python's last-resort
 # handler would print those next to our own one-line error. A NullHandler keeps them out of a bare CLI while
@@ -143,7 +145,9 @@ class DatabentoLiveSource:
                  first_connect_wait_s: float = FIRST_CONNECT_WAIT_S, silence_s: float = SILENCE_S) -> None:
         if asset != "stocks":
             raise ConfigError(f"{name}: the databento source serves US stocks only (asset = \"stocks\")")
-        if not isinstance(dataset, str) or not dataset or len(dataset) > 32:
+        # A dataset code is VENUE.FEED; it travels in the auth line and names the gateway host, so nothing else
+        # (a "|" or newline would add fields or lines; the sources file may come from anyone).
+        if not isinstance(dataset, str) or len(dataset) > 32 or not _DATASET.fullmatch(dataset):
             raise ConfigError(f"{name}: dataset must be a Databento dataset code such as {DEFAULT_DATASET!r}")
         self.name, self.asset, self.max_levels = name, asset, MAX_LEVELS
         self.limits = limits or Limits()
