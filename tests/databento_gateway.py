@@ -56,6 +56,7 @@ class GatewayState:
     # (ts_event undefined)
     shapes: dict[str, str] = field(default_factory=dict)
     greet_delay_s: float = 0.0  # accept, then wait this long before the greeting (a gateway that hangs)
+    hang_up_after_s: float | None = None  # end every stream this long after it started (a flapping gateway)
     silent: bool = False  # authenticate and accept start_session, then send nothing at all (no Metadata, no heartbeat)
     mapping_flood: int = 0  # before any record, this many extra mappings of the first symbol, each to a new id
     reuse: tuple[str, str] | None = None  # (ours, other): give ours's instrument id to other, ours a new id
@@ -143,7 +144,10 @@ class _Handler(socketserver.StreamRequestHandler):
                                               dbn.SType.RAW_SYMBOL, symbols[0], now, now + 86_400 * 10**9))
         self.wfile.write(out)
         rnd = 0
+        began = time.monotonic()
         while not self.server.stopping.is_set():
+            if st.hang_up_after_s is not None and time.monotonic() - began > st.hang_up_after_s:
+                return
             rnd += 1
             out = bytearray()
             with st.lock:

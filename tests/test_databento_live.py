@@ -404,3 +404,24 @@ def test_a_dataset_from_a_sources_file_cannot_inject_auth_fields(tmp_path, monke
                        '[groups.stocks]\nchain = ["db"]\nsymbols = ["AAPL"]\n')
         with pytest.raises(ConfigError, match="dataset must be"):
             build_chain(cfg)
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 4 s)
+def test_a_gateway_that_hangs_up_after_every_record_is_retried_with_growing_back_off(monkeypatch):
+    """Each session streams a moment and is hung up: a source that resets its back-off whenever a session started
+    would reconnect every second for ever. The wait must grow (1, 2, 4 s ...) until a session is stable."""
+    with DatabentoGateway(KEY, ["AAA"], period_s=0.05) as gw:
+        gw.state.hang_up_after_s = 0.1
+        src = _source(monkeypatch, gw, ["AAA"])
+        waits: set[str] = set()
+        try:
+            def grown() -> bool:
+                detail = src.fetch(["AAA"], dt.datetime.now(dt.UTC)).errors.get("AAA")
+                if detail is not None:
+                    waits.update(w for w in ("1 s", "2 s", "4 s") if f"next try in {w}" in detail.detail)
+                return "4 s" in waits
+
+            assert _until(grown), f"the back-off did not grow: {waits}"
+        finally:
+            src.close()
+    assert gw.state.sessions <= 4

@@ -47,6 +47,7 @@ MAX_LEVELS = 10
 # Back-off between connection attempts. A rejected key is not retried at all: the same key fails again.
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
+STABLE_S = 30.0  # a session that streamed this long resets the back-off
 # How long building the source waits for its first connection's verdict: a rejected key stops the poll at
 # once with one error line; a gateway that is slow or down only makes the source unavailable (the chain falls
 # back) while the thread keeps trying.
@@ -206,18 +207,25 @@ class DatabentoLiveSource:
         try:
             while not self._stop.is_set():
                 try:
-                    started = self._session()
+                    stable = self._session()
                 except Exception as e:  # the SDK refused our arguments: tried again after the back-off
-                    self._state, started = SourceError(CONNECTION, f"{self.name}: {_text(e)}"), False
+                    self._state, stable = SourceError(CONNECTION, f"{self.name}: {_text(e)}"), False
                 if self._fatal is not None or self._stop.is_set():
                     break
-                backoff = BACKOFF_FIRST_S if started else min(backoff * 2, BACKOFF_MAX_S)
-                self._stop.wait(backoff)
+                # Only a session that streamed for a while resets the back-off: a gateway that accepts and hangs
+                # up at once (or that we end as silent or hostile) is retried 1, 2, 4 ... 60 s apart, not every second.
+                wait = BACKOFF_FIRST_S if stable else backoff
+                backoff = min(wait * 2, BACKOFF_MAX_S)
+                state = self._state
+                if state is not None:
+                    self._state = SourceError(state.error_class, f"{state.detail}; next try in {wait:.0f} s")
+                self._stop.wait(wait)
         finally:
             self._first.set()
 
     def _session(self) -> bool:
-        """One connection: subscribe, stream until it ends. True if it got as far as streaming."""
+        """One connection: subscribe, stream until it ends. True if it streamed for ``STABLE_S`` and ended by the
+        gateway's doing (then the back-off starts again from its first step)."""
         import databento as db
 
         host, port = self._gateway or (None, DEFAULT_PORT)
@@ -252,9 +260,10 @@ class DatabentoLiveSource:
             self.sessions += 1
             self._state = None
             self._first.set()
+            began = time.monotonic()
             why = self._watch(client)
             self._state = SourceError(CONNECTION, f"{self.name}: {self._ended or why}; reconnecting")
-            return self._ended is None  # a session we ended (silent, hostile) backs off like a failed connection
+            return self._ended is None and time.monotonic() - began >= STABLE_S
         finally:
             self._first.set()
             with self._lock:  # from here on this client's records are dropped, before any book is marked
@@ -367,8 +376,9 @@ class DatabentoLiveSource:
                 else:
                     out.errors[s] = SourceError(UNAVAILABLE, f"{self.name}: no MBP-10 record for {s} yet")
             elif latest.gap is not None:
+                now = f" (now: {state.detail})" if state is not None else ""  # disconnected: when the next try is
                 out.errors[s] = SourceError(GAP, f"{self.name} {s}: {latest.gap}; served again on its next "
-                                                 "record")
+                                                 f"record{now}")
                 if latest.quarantine and not latest.reported:
                     latest.reported = True
                     out.rejected.append((s, GAP, f"{latest.gap}: {_describe(latest.record)}"))
