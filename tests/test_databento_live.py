@@ -373,13 +373,24 @@ def test_a_symbol_cannot_inject_a_control_line(monkeypatch):
 def test_a_refusal_after_a_good_session_is_retried_not_fatal(monkeypatch):
     """The gateway accepted our key, hangs up, refuses the reconnect once (sessions at their limit, a restart),
     then accepts again: one refusal mid-run must not end the source for the rest of the poll."""
-    with DatabentoGateway(KEY, ["AAA"], period_s=0.05) as gw:
-        src = _source(monkeypatch, gw, ["AAA"])
+    with DatabentoGateway(KEY, ["AAA"], period_s=0.05) as gw:  # QQQ: subscribed, never mapped, no book
+        src = _source(monkeypatch, gw, ["AAA", "QQQ"])
         try:
             assert _until(lambda: bool(src.fetch(["AAA"], dt.datetime.now(dt.UTC)).quotes))
             gw.state.key = "db-SOMEotherKEYxxxxxxxxxxxx"
             gw.drop()
-            assert _until(lambda: len(gw.state.auth_lines) >= 2)  # the reconnect was refused
+            refusals: list[SourceError] = []
+
+            def refused() -> bool:
+                with contextlib.suppress(SourceError):
+                    err = src.fetch(["QQQ"], dt.datetime.now(dt.UTC)).errors["QQQ"]
+                    if "Authentication failed" in err.detail:
+                        refusals.append(err)
+                return bool(refusals)
+
+            assert _until(refused)
+            # Meanwhile never "auth": a cycle whose every outcome is "auth" stops the poll.
+            assert refusals[0].error_class == "connection", refusals[0]
             gw.state.key = KEY
 
             def served() -> bool:

@@ -248,8 +248,12 @@ class DatabentoLiveSource:
                 # A refusal before any session is the key's: the same key fails again, so the poll stops. After a
                 # good session the same key was accepted; the refusal (sessions at their limit, a gateway
                 # restarting, a dataset entitlement lapsing) is retried with back-off like a lost connection.
-                if self._state.error_class == AUTH and self.sessions == 0:
-                    self._fatal = self._state
+                if self._state.error_class == AUTH:
+                    if self.sessions == 0:
+                        self._fatal = self._state
+                    else:  # not "auth": the chain stops the poll when every outcome of a cycle is "auth"
+                        self._state = SourceError(CONNECTION, f"{self.name}: the gateway refused the reconnect "
+                                                              f"({self._state.detail})")
                 return False
             with self._lock:
                 if self._stop.is_set():  # close() came while we were connecting: never start streaming
