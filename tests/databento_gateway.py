@@ -57,6 +57,8 @@ class GatewayState:
     shapes: dict[str, str] = field(default_factory=dict)
     greet_delay_s: float = 0.0  # accept, then wait this long before the greeting (a gateway that hangs)
     hang_up_after_s: float | None = None  # end every stream this long after it started (a flapping gateway)
+    # symbols whose records all come without F_LAST: mid-event books, the event's last record still to come
+    no_last: set[str] = field(default_factory=set)
     silent: bool = False  # authenticate and accept start_session, then send nothing at all (no Metadata, no heartbeat)
     mapping_flood: int = 0  # before any record, this many extra mappings of the first symbol, each to a new id
     reuse: tuple[str, str] | None = None  # (ours, other): give ours's instrument id to other, ours a new id
@@ -174,7 +176,7 @@ class _Handler(socketserver.StreamRequestHandler):
         with st.lock:
             if s in st.held:
                 return b""
-            flags = dbn.F_LAST | dbn.F_MBP
+            flags = dbn.F_MBP | (0 if s in st.no_last else dbn.F_LAST)
             if s in st.pending_gap:
                 st.pending_gap.discard(s)
                 st.held.add(s)

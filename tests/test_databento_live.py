@@ -436,3 +436,24 @@ def test_a_gateway_that_hangs_up_after_every_record_is_retried_with_growing_back
         finally:
             src.close()
     assert gw.state.sessions <= 4
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 1 s)
+def test_a_book_in_the_middle_of_an_event_is_never_served(monkeypatch):
+    """A record without ``F_LAST`` is the book part-way through one venue event (a sweep is several records): not a
+    state the venue ever showed. Only the event's last record may be served."""
+    with DatabentoGateway(KEY, ["AAA", "MID"], period_s=0.05) as gw:
+        gw.state.no_last = {"MID"}
+        src = _source(monkeypatch, gw, ["AAA", "MID"])
+        served: set[str] = set()
+        try:
+            def enough() -> bool:
+                got = src.fetch(["AAA", "MID"], dt.datetime.now(dt.UTC))
+                served.update(q.symbol for q in got.quotes)
+                return sum(1 for s, _ in gw.state.sent if s == "MID") >= 5 and "AAA" in served
+
+            assert _until(enough)
+            err = src.fetch(["MID"], dt.datetime.now(dt.UTC)).errors.get("MID")
+        finally:
+            src.close()
+    assert served == {"AAA"} and err is not None and err.error_class == "unavailable", (served, err)

@@ -2,9 +2,9 @@
 
 One subscription for every configured symbol, made once (``schema="mbp-10"``, ``stype_in="raw_symbol"``, the
 dataset configurable, ``XNAS.ITCH`` by default: Nasdaq's own book, not the consolidated NBBO). A background
-thread keeps the connection; the SDK's callback keeps the *latest* record per symbol (bounded: one record a
-symbol, only subscribed symbols), and each ``fetch()`` samples those records as the cycle's books:
-``event_ts`` is the record's ``ts_event``, ``received_ts`` our clock when the record arrived.
+thread keeps the connection; the SDK's callback keeps the *latest* record per symbol that ends a venue event
+(``F_LAST``; bounded: one record a symbol, only subscribed symbols), and each ``fetch()`` samples those records
+as the cycle's books: ``event_ts`` is the record's ``ts_event``, ``received_ts`` our clock when the record arrived.
 
 A book we cannot vouch for is never served:
 - the gateway sets ``F_MAYBE_BAD_BOOK`` on a record after an unrecoverable gap in its channel, and a record whose
@@ -314,6 +314,10 @@ class DatabentoLiveSource:
             gap = None
             if rec.flags & dbn.F_MAYBE_BAD_BOOK:
                 gap = f"the gateway flagged an unrecoverable gap in its channel (sequence {rec.sequence})"
+            elif not rec.flags & dbn.F_LAST:
+                # Mid-event (a sweep through several levels is several records): not a book the venue ever showed.
+                # The event's last record, F_LAST, comes in the same packet and carries the whole top ten after it.
+                return
             with self._lock:
                 if client is not self._client:
                     return  # a record of an ended session, dispatched late: its books are already gaps
