@@ -36,9 +36,9 @@ def main() -> None:
     class Counting(DatabentoLiveSource):
         n = 0
 
-        def _on_record(self, rec: object) -> None:
+        def _on_record(self, rec: object, client: object) -> None:
             Counting.n += 1
-            super()._on_record(rec)
+            super()._on_record(rec, client)
 
     with DatabentoGateway(KEY, syms, period_s=0.0) as gw:
         os.environ["DATABENTO_API_KEY"] = KEY

@@ -55,6 +55,13 @@ class GatewayState:
     # symbol -> "one_sided" (every ask undefined), "hole" (bid level 3 undefined, 4.. defined) or "no_time"
     # (ts_event undefined)
     shapes: dict[str, str] = field(default_factory=dict)
+    greet_delay_s: float = 0.0  # accept, then wait this long before the greeting (a gateway that hangs)
+    hang_up_after_s: float | None = None  # end every stream this long after it started (a flapping gateway)
+    # symbols whose records all come without F_LAST: mid-event books, the event's last record still to come
+    no_last: set[str] = field(default_factory=set)
+    silent: bool = False  # authenticate and accept start_session, then send nothing at all (no Metadata, no heartbeat)
+    mapping_flood: int = 0  # before any record, this many extra mappings of the first symbol, each to a new id
+    reuse: tuple[str, str] | None = None  # (ours, other): give ours's instrument id to other, ours a new id
     sequence: int = 1000
     last_ts: int = 0
     conns: list[socket.socket] = field(default_factory=list)
@@ -78,6 +85,8 @@ class _Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         st = self.server.state
         cram = secrets.token_hex(16)
+        if self.server.stopping.wait(st.greet_delay_s):
+            return
         self.wfile.write(b"lsg_version=0.0.0-standin\n")
         self.wfile.write(f"cram={cram}\n".encode())
         try:
@@ -121,6 +130,9 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def _stream(self, dataset: str, symbols: list[str]) -> None:
         st = self.server.state
+        if st.silent:
+            self.server.stopping.wait()
+            return
         now = time.time_ns()
         ids = {s: i + 1 for i, s in enumerate(symbols) if s in st.symbols}
         meta = dbn.Metadata(dataset, now, dbn.SType.RAW_SYMBOL, dbn.SType.INSTRUMENT_ID, dbn.Schema.MBP_10,
@@ -129,11 +141,30 @@ class _Handler(socketserver.StreamRequestHandler):
         for s, iid in ids.items():
             out += bytes(dbn.SymbolMappingMsg(XNAS_ITCH, iid, now, dbn.SType.RAW_SYMBOL, s, dbn.SType.RAW_SYMBOL, s,
                                               now, now + 86_400 * 10**9))
+        for k in range(st.mapping_flood):
+            out += bytes(dbn.SymbolMappingMsg(XNAS_ITCH, 1_000_000 + k, now, dbn.SType.RAW_SYMBOL, symbols[0],
+                                              dbn.SType.RAW_SYMBOL, symbols[0], now, now + 86_400 * 10**9))
         self.wfile.write(out)
         rnd = 0
+        began = time.monotonic()
         while not self.server.stopping.is_set():
+            if st.hang_up_after_s is not None and time.monotonic() - began > st.hang_up_after_s:
+                return
             rnd += 1
             out = bytearray()
+            with st.lock:
+                reuse, st.reuse = st.reuse, None
+            if reuse is not None:
+                # The venue hands ours's instrument id to another symbol (mapping first, as a gateway would) and
+                # gives ours a new id; the other symbol's records now come under the old id, after ours's.
+                ours, other = reuse
+                old_id = ids.pop(ours)
+                new_id = 10_000 + old_id
+                for sym, iid in ((other, old_id), (ours, new_id)):
+                    out += bytes(dbn.SymbolMappingMsg(XNAS_ITCH, iid, now, dbn.SType.RAW_SYMBOL, sym,
+                                                      dbn.SType.RAW_SYMBOL, sym, now, now + 86_400 * 10**9))
+                ids[ours] = new_id
+                ids[other] = old_id
             for s, iid in ids.items():
                 out += self._record(s, iid, rnd)
             if out:
@@ -145,7 +176,7 @@ class _Handler(socketserver.StreamRequestHandler):
         with st.lock:
             if s in st.held:
                 return b""
-            flags = dbn.F_LAST | dbn.F_MBP
+            flags = dbn.F_MBP | (0 if s in st.no_last else dbn.F_LAST)
             if s in st.pending_gap:
                 st.pending_gap.discard(s)
                 st.held.add(s)

@@ -9,6 +9,7 @@ and the symbol served again once a clean record came.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -23,6 +24,7 @@ from microstructure.contract.book import LEVEL_COLUMNS
 from microstructure.lake.paths import LakePaths
 from microstructure.lake.views import connect
 from microstructure.sources.chain_config import build_chain
+from microstructure.sources.guard import SourceError
 from microstructure.sources.vendor import ConfigError
 from tests.databento_gateway import DatabentoGateway
 
@@ -248,3 +250,210 @@ def test_a_sequence_that_goes_back_is_a_gap_until_the_next_record(monkeypatch):
             _poll_until(chain, syms, lambda e: set(e.values()) == {None})  # the next record serves them again
         finally:
             chain.close()
+
+
+def _source(monkeypatch, gw: DatabentoGateway, syms: list[str], **kw):  # type: ignore[no-untyped-def]
+    from microstructure.sources.databento_live import DatabentoLiveSource
+
+    monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+    monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", gw.address)
+    return DatabentoLiveSource(symbols=syms, **kw)
+
+
+def _until(cond, limit_s: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 3 s)
+def test_a_gateway_that_authenticates_then_sends_nothing_is_dropped_and_retried(monkeypatch):
+    """The SDK's heartbeat monitor counts only from the first record: a gateway that authenticates, takes
+    ``start_session`` and then sends nothing (not even the Metadata) must not hold the source forever."""
+    with DatabentoGateway(KEY, ["AAA"]) as gw:
+        gw.state.silent = True
+        src = _source(monkeypatch, gw, ["AAA"], silence_s=1.0)
+        try:
+            assert _until(lambda: gw.state.sessions >= 2), "the silent session was never ended and retried"
+            err = src.fetch(["AAA"], dt.datetime.now(dt.UTC)).errors["AAA"]
+            assert err.error_class in ("connection", "unknown_symbol")
+        finally:
+            src.close()
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 2 s)
+def test_close_during_a_slow_handshake_never_starts_a_stream(monkeypatch):
+    """``close()`` while the gateway has accepted but not yet greeted: when the handshake completes later, the
+    session must not start streaming behind the closed source (a socket and a thread left running)."""
+    with DatabentoGateway(KEY, ["AAA"]) as gw:
+        gw.state.greet_delay_s = 1.0
+        src = _source(monkeypatch, gw, ["AAA"], first_connect_wait_s=0.1)
+        src.close()
+        assert _until(lambda: gw.state.sessions >= 1)  # the handshake did complete after close()
+        assert _until(lambda: not src._thread.is_alive(), 10.0), "the connection thread outlived close()"
+        time.sleep(0.3)
+        assert gw.state.subscribed == [] and gw.state.conns == []  # no stream was ever started
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 2 s)
+def test_an_instrument_id_reused_for_another_symbol_never_files_its_book_under_ours(monkeypatch):
+    """The gateway gives AAA's instrument id to a symbol we did not subscribe to (and AAA a new id): the other
+    instrument's records under the old id must never be served as AAA's book."""
+    with DatabentoGateway(KEY, ["AAA", "BBB"], period_s=0.05) as gw:
+        src = _source(monkeypatch, gw, ["AAA", "BBB"])
+        try:
+            assert _until(lambda: not src.fetch(["AAA", "BBB"], dt.datetime.now(dt.UTC)).errors)
+            gw.state.reuse = ("AAA", "ZZZ")
+            assert _until(lambda: any(s == "ZZZ" for s, _ in gw.state.sent))
+            served = []
+            for _ in range(10):
+                time.sleep(0.06)
+                served += src.fetch(["AAA"], dt.datetime.now(dt.UTC)).quotes
+        finally:
+            src.close()
+    assert served
+    for q in served:
+        ns = int((q.event_ts - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)).total_seconds() * 1e6) * 1000
+        assert ("AAA", ns) in gw.state.sent, "another instrument's book served as AAA's"
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 3 s)
+def test_a_flood_of_symbol_mappings_is_bounded_and_ends_the_session(monkeypatch):
+    """A gateway sending endless symbol mappings (each a new instrument id for a symbol of ours) must not grow our
+    id table (nor the SDK's symbology map) without end: past a bound the session is ended as hostile."""
+    with DatabentoGateway(KEY, ["AAA", "BBB"], period_s=0.05) as gw:
+        gw.state.mapping_flood = 20_000
+        src = _source(monkeypatch, gw, ["AAA", "BBB"])
+        try:
+            sizes: list[int] = []
+
+            def ended() -> bool:
+                sizes.append(len(src._by_id))
+                err = src.fetch(["AAA"], dt.datetime.now(dt.UTC)).errors.get("AAA")
+                return err is not None and "symbol mappings" in err.detail  # between sessions, while backing off
+
+            assert _until(ended), "the flooding session was not ended"
+        finally:
+            src.close()
+    assert max(sizes) <= 2, max(sizes)
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 1 s)
+def test_a_lowercase_symbol_is_served_though_the_sdk_upper_cases_it(monkeypatch):
+    """The SDK sends raw symbols upper-cased, so the gateway maps "AAPL" for our "aapl": the book must still be
+    served, under the symbol we asked for."""
+    with DatabentoGateway(KEY, ["AAPL"], period_s=0.05) as gw:
+        src = _source(monkeypatch, gw, ["aapl"])
+        try:
+            assert _until(lambda: bool(src.fetch(["aapl"], dt.datetime.now(dt.UTC)).quotes), 10.0), \
+                src.fetch(["aapl"], dt.datetime.now(dt.UTC)).errors
+            assert src.fetch(["aapl"], dt.datetime.now(dt.UTC)).quotes[0].symbol == "aapl"
+        finally:
+            src.close()
+
+
+def test_a_symbol_cannot_inject_a_control_line(monkeypatch):
+    """A symbol is sent inside a ``|``-separated control line: a library caller passing "AAPL|start=0" or one with a
+    newline must be refused before any connection."""
+    from microstructure.sources.databento_live import DatabentoLiveSource
+
+    monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+    monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", "127.0.0.1:1")  # nothing listens: never reached
+    for bad in ("AAPL|start=0", "AAPL\nstart_session=0", "AAPL,MSFT"):
+        with pytest.raises(ConfigError, match="character"):
+            DatabentoLiveSource(symbols=[bad], first_connect_wait_s=0.1)
+    with pytest.raises(ConfigError, match="one symbol to Databento"):
+        DatabentoLiveSource(symbols=["aapl", "AAPL"], first_connect_wait_s=0.1)
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 4 s)
+def test_a_refusal_after_a_good_session_is_retried_not_fatal(monkeypatch):
+    """The gateway accepted our key, hangs up, refuses the reconnect once (sessions at their limit, a restart),
+    then accepts again: one refusal mid-run must not end the source for the rest of the poll."""
+    with DatabentoGateway(KEY, ["AAA"], period_s=0.05) as gw:  # QQQ: subscribed, never mapped, no book
+        src = _source(monkeypatch, gw, ["AAA", "QQQ"])
+        try:
+            assert _until(lambda: bool(src.fetch(["AAA"], dt.datetime.now(dt.UTC)).quotes))
+            gw.state.key = "db-SOMEotherKEYxxxxxxxxxxxx"
+            gw.drop()
+            refusals: list[SourceError] = []
+
+            def refused() -> bool:
+                with contextlib.suppress(SourceError):
+                    err = src.fetch(["QQQ"], dt.datetime.now(dt.UTC)).errors["QQQ"]
+                    if "Authentication failed" in err.detail:
+                        refusals.append(err)
+                return bool(refusals)
+
+            assert _until(refused)
+            # Meanwhile never "auth": a cycle whose every outcome is "auth" stops the poll.
+            assert refusals[0].error_class == "connection", refusals[0]
+            gw.state.key = KEY
+
+            def served() -> bool:
+                with contextlib.suppress(SourceError):  # before the fix: the refusal is raised every cycle
+                    return bool(src.fetch(["AAA"], dt.datetime.now(dt.UTC)).quotes)
+                return False
+
+            assert _until(served), "one refusal mid-run ended the source"
+            assert src.refused() is None
+        finally:
+            src.close()
+
+
+def test_a_dataset_from_a_sources_file_cannot_inject_auth_fields(tmp_path, monkeypatch):
+    """The dataset travels in the CRAM auth line (``...|dataset=X|encoding=dbn|...``) and names the gateway host: a
+    sources file (which may come from anyone) must not add fields or lines to it."""
+    monkeypatch.setenv("DATABENTO_API_KEY", KEY)
+    monkeypatch.setenv("MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY", "127.0.0.1:1")  # nothing listens: never reached
+    for bad in ("XNAS.ITCH|ts_out=1", "XNAS.ITCH\\nstart_session=0", "XNAS.ITCH.lsg.evil", "XNAS ITCH"):
+        cfg = tmp_path / "sources.toml"
+        cfg.write_text(f'[sources.db]\nkind = "databento"\ndataset = "{bad}"\n'
+                       '[groups.stocks]\nchain = ["db"]\nsymbols = ["AAPL"]\n')
+        with pytest.raises(ConfigError, match="dataset must be"):
+            build_chain(cfg)
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 4 s)
+def test_a_gateway_that_hangs_up_after_every_record_is_retried_with_growing_back_off(monkeypatch):
+    """Each session streams a moment and is hung up: a source that resets its back-off whenever a session started
+    would reconnect every second for ever. The wait must grow (1, 2, 4 s ...) until a session is stable."""
+    with DatabentoGateway(KEY, ["AAA"], period_s=0.05) as gw:
+        gw.state.hang_up_after_s = 0.1
+        src = _source(monkeypatch, gw, ["AAA"])
+        waits: set[str] = set()
+        try:
+            def grown() -> bool:
+                detail = src.fetch(["AAA"], dt.datetime.now(dt.UTC)).errors.get("AAA")
+                if detail is not None:
+                    waits.update(w for w in ("1 s", "2 s", "4 s") if f"next try in {w}" in detail.detail)
+                return "4 s" in waits
+
+            assert _until(grown), f"the back-off did not grow: {waits}"
+        finally:
+            src.close()
+    assert gw.state.sessions <= 4
+
+
+@pytest.mark.integration  # the SDK against the stand-in, in process (about 1 s)
+def test_a_book_in_the_middle_of_an_event_is_never_served(monkeypatch):
+    """A record without ``F_LAST`` is the book part-way through one venue event (a sweep is several records): not a
+    state the venue ever showed. Only the event's last record may be served."""
+    with DatabentoGateway(KEY, ["AAA", "MID"], period_s=0.05) as gw:
+        gw.state.no_last = {"MID"}
+        src = _source(monkeypatch, gw, ["AAA", "MID"])
+        served: set[str] = set()
+        try:
+            def enough() -> bool:
+                got = src.fetch(["AAA", "MID"], dt.datetime.now(dt.UTC))
+                served.update(q.symbol for q in got.quotes)
+                return sum(1 for s, _ in gw.state.sent if s == "MID") >= 5 and "AAA" in served
+
+            assert _until(enough)
+            err = src.fetch(["MID"], dt.datetime.now(dt.UTC)).errors.get("MID")
+        finally:
+            src.close()
+    assert served == {"AAA"} and err is not None and err.error_class == "unavailable", (served, err)

@@ -2,9 +2,9 @@
 
 One subscription for every configured symbol, made once (``schema="mbp-10"``, ``stype_in="raw_symbol"``, the
 dataset configurable, ``XNAS.ITCH`` by default: Nasdaq's own book, not the consolidated NBBO). A background
-thread keeps the connection; the SDK's callback keeps the *latest* record per symbol (bounded: one record a
-symbol, only subscribed symbols), and each ``fetch()`` samples those records as the cycle's books:
-``event_ts`` is the record's ``ts_event``, ``received_ts`` our clock when the record arrived.
+thread keeps the connection; the SDK's callback keeps the *latest* record per symbol that ends a venue event
+(``F_LAST``; bounded: one record a symbol, only subscribed symbols), and each ``fetch()`` samples those records
+as the cycle's books: ``event_ts`` is the record's ``ts_event``, ``received_ts`` our clock when the record arrived.
 
 A book we cannot vouch for is never served:
 - the gateway sets ``F_MAYBE_BAD_BOOK`` on a record after an unrecoverable gap in its channel, and a record whose
@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from typing import Any
 from microstructure.contract.book import BookQuote, plausible_ns
 from microstructure.sources.guard import AUTH, CONNECTION, UNAVAILABLE, UNKNOWN_SYMBOL, Limits, SourceError
 from microstructure.sources.secrets import scrub
+from microstructure.sources.symbol_lists import check_symbols
 from microstructure.sources.vendor import ConfigError, Fetched, env_key, is_loopback
 
 GATEWAY_ENV = "MICROSTRUCTURE_DATABENTO_LIVE_GATEWAY"
@@ -45,12 +47,25 @@ MAX_LEVELS = 10
 # Back-off between connection attempts. A rejected key is not retried at all: the same key fails again.
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
+STABLE_S = 30.0  # a session that streamed this long resets the back-off
 # How long building the source waits for its first connection's verdict: a rejected key stops the poll at
 # once with one error line; a gateway that is slow or down only makes the source unavailable (the chain falls
 # back) while the thread keeps trying.
 FIRST_CONNECT_WAIT_S = 15.0
+# The gateway sends a heartbeat after 30 s without data (the SDK asks for 30 s); a session silent for that plus the
+# SDK's own 10 s margin is dead. The SDK's heartbeat monitor only counts from the first record, so a gateway that
+# authenticates and then sends nothing would hold the session forever: our own watch ends it.
+SILENCE_S = 40.0
+# Symbol mappings, gateway errors and system messages a session may send: one mapping a symbol at the start, a
+# few more when the venue reassigns ids. Past this the gateway is hostile or broken (each mapping also grows the
+# SDK's own symbology map, each error message its error list): the session is ended and retried after back-off.
+MAX_CONTROL_RECORDS_PER_SYMBOL = 4
+MAX_CONTROL_RECORDS_EXTRA = 1000
+CLOSE_WAIT_S = 2.0  # close() waits this long for the connection thread to end
+WATCH_S = 0.2  # how often the connection thread checks the session (silence, close())
 MAX_ERROR_CHARS = 300
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_DATASET = re.compile(r"[A-Za-z0-9]{1,15}\.[A-Za-z0-9]{1,15}")  # XNAS.ITCH, GLBX.MDP3, DBEQ.BASIC
 
 # The SDK logs a refused key or a lost connection at ERROR; with no logging set up Python's last-resort
 # handler would print those next to our own one-line error. A NullHandler keeps them out of a bare CLI while
@@ -128,15 +143,26 @@ class DatabentoLiveSource:
 
     def __init__(self, name: str = "databento", asset: str = "stocks", limits: Limits | None = None,
                  lot_size: float = 1.0, dataset: str = DEFAULT_DATASET, symbols: Sequence[str] = (),
-                 first_connect_wait_s: float = FIRST_CONNECT_WAIT_S) -> None:
+                 first_connect_wait_s: float = FIRST_CONNECT_WAIT_S, silence_s: float = SILENCE_S) -> None:
         if asset != "stocks":
             raise ConfigError(f"{name}: the databento source serves US stocks only (asset = \"stocks\")")
-        if not isinstance(dataset, str) or not dataset or len(dataset) > 32:
+        # A dataset code is VENUE.FEED; it travels in the auth line and names the gateway host, so nothing else
+        # (a "|" or newline would add fields or lines; the sources file may come from anyone).
+        if not isinstance(dataset, str) or len(dataset) > 32 or not _DATASET.fullmatch(dataset):
             raise ConfigError(f"{name}: dataset must be a Databento dataset code such as {DEFAULT_DATASET!r}")
         self.name, self.asset, self.max_levels = name, asset, MAX_LEVELS
         self.limits = limits or Limits()
-        self.lot_size, self.dataset = lot_size, dataset
-        self.symbols = list(dict.fromkeys(symbols))
+        self.lot_size, self.dataset, self.silence_s = lot_size, dataset, silence_s
+        # Checked here too (a library caller skips the CLI's check): a symbol is sent inside a control line, so a
+        # "|", "," or newline in one would add fields or lines to the subscription.
+        self.symbols = check_symbols(symbols, f"source {name!r}")
+        # The SDK upper-cases raw symbols before it sends them, so the gateway maps "BRK.B" for our "brk.b".
+        self._ours: dict[str, str] = {}
+        for s in self.symbols:
+            if s.upper() in self._ours:
+                raise ConfigError(f"source {name!r}: {self._ours[s.upper()]!r} and {s!r} are one symbol to "
+                                  "Databento (it upper-cases symbols)")
+            self._ours[s.upper()] = s
         key = env_key("DATABENTO_API_KEY", True, f"source {name!r} needs a Databento API key in the environment")
         if key is None or not key.strip() or any(c in key for c in "|\r\n"):
             raise ConfigError("DATABENTO_API_KEY is blank or holds characters no Databento key has")
@@ -146,12 +172,17 @@ class DatabentoLiveSource:
         self._lock = threading.Lock()
         self._latest: dict[str, _Latest] = {}
         self._by_id: dict[int, str] = {}  # instrument_id -> our symbol, only for subscribed symbols
+        self._id_of: dict[str, int] = {}  # the reverse: one id a symbol, so both stay as small as the symbol list
+        self._controls = 0  # control records (mappings, errors, system messages) of the current session
+        self._max_controls = MAX_CONTROL_RECORDS_PER_SYMBOL * len(self.symbols) + MAX_CONTROL_RECORDS_EXTRA
+        self._ended: str | None = None  # why we ended the current session ourselves (silent, hostile)
         self._state: SourceError | None = SourceError(CONNECTION, f"{name}: not connected yet")
         self._fatal: SourceError | None = None
         self._notice = ""  # the gateway's last error or system message (say, a symbol it could not resolve)
         self._stop = threading.Event()
         self._first = threading.Event()
         self._client: Any = None
+        self._heard_ns = 0  # monotonic ns of the last record of any kind (heartbeats too) of the current session
         self.sessions = 0  # connections that authenticated and started streaming
         if not self.symbols:
             return  # nothing to subscribe: every fetch answers "not subscribed"
@@ -176,56 +207,91 @@ class DatabentoLiveSource:
         try:
             while not self._stop.is_set():
                 try:
-                    started = self._session()
+                    stable = self._session()
                 except Exception as e:  # the SDK refused our arguments: tried again after the back-off
-                    self._state, started = SourceError(CONNECTION, f"{self.name}: {_text(e)}"), False
+                    self._state, stable = SourceError(CONNECTION, f"{self.name}: {_text(e)}"), False
                 if self._fatal is not None or self._stop.is_set():
                     break
-                backoff = BACKOFF_FIRST_S if started else min(backoff * 2, BACKOFF_MAX_S)
-                self._stop.wait(backoff)
+                # Only a session that streamed for a while resets the back-off: a gateway that accepts and hangs
+                # up at once (or that we end as silent or hostile) is retried 1, 2, 4 ... 60 s apart, not every second.
+                wait = BACKOFF_FIRST_S if stable else backoff
+                backoff = min(wait * 2, BACKOFF_MAX_S)
+                state = self._state
+                if state is not None:
+                    self._state = SourceError(state.error_class, f"{state.detail}; next try in {wait:.0f} s")
+                self._stop.wait(wait)
         finally:
             self._first.set()
 
     def _session(self) -> bool:
-        """One connection: subscribe, stream until it ends. True if it got as far as streaming."""
+        """One connection: subscribe, stream until it ends. True if it streamed for ``STABLE_S`` and ended by the
+        gateway's doing (then the back-off starts again from its first step)."""
         import databento as db
 
         host, port = self._gateway or (None, DEFAULT_PORT)
         client = db.Live(key=self._key, gateway=host, port=port)
-        client.add_callback(self._on_record, self._on_callback_error)
+        # Bound to this client: a record of an ended session that the SDK still dispatches is dropped.
+        client.add_callback(lambda rec: self._on_record(rec, client), self._on_callback_error)
         started = False
         try:
             with self._lock:
                 self._client = client
                 self._by_id.clear()  # instrument ids are the session's: mappings come again
+                self._id_of.clear()
+                self._controls, self._ended = 0, None
             if self._stop.is_set():
                 return False
             try:
                 client.subscribe(dataset=self.dataset, schema="mbp-10", stype_in="raw_symbol", symbols=self.symbols)
             except Exception as e:
                 self._state = _classify_connect(self.name, e)
+                # A refusal before any session is the key's: the same key fails again, so the poll stops. After a
+                # good session the same key was accepted; the refusal (sessions at their limit, a gateway
+                # restarting, a dataset entitlement lapsing) is retried with back-off like a lost connection.
                 if self._state.error_class == AUTH:
-                    self._fatal = self._state
+                    if self.sessions == 0:
+                        self._fatal = self._state
+                    else:  # not "auth": the chain stops the poll when every outcome of a cycle is "auth"
+                        self._state = SourceError(CONNECTION, f"{self.name}: the gateway refused the reconnect "
+                                                              f"({self._state.detail})")
                 return False
-            client.start()
+            with self._lock:
+                if self._stop.is_set():  # close() came while we were connecting: never start streaming
+                    return False
+                self._heard_ns = time.monotonic_ns()
+                client.start()
             started = True
             self.sessions += 1
             self._state = None
             self._first.set()
-            try:
-                client.block_for_close()
-                why = "the gateway closed the connection"
-            except Exception as e:
-                why = f"connection lost: {_text(e)}"
-            self._state = SourceError(CONNECTION, f"{self.name}: {why}; reconnecting")
-            return True
+            began = time.monotonic()
+            why = self._watch(client)
+            self._state = SourceError(CONNECTION, f"{self.name}: {self._ended or why}; reconnecting")
+            return self._ended is None and time.monotonic() - began >= STABLE_S
         finally:
             self._first.set()
+            with self._lock:  # from here on this client's records are dropped, before any book is marked
+                self._client = None
             self._mark_all_gap("reconnect" if started else None)
             with contextlib.suppress(Exception):  # never connected, or already closed: nothing to end
                 client.terminate()
-            with self._lock:
-                self._client = None
+
+    def _watch(self, client: Any) -> str:
+        """Until the session ends, ``close()`` asks, or the gateway has sent nothing (not even a heartbeat) for
+        ``silence_s``: then the session is ended here. Why it ended."""
+        while client.is_connected():
+            if self._stop.wait(WATCH_S):
+                return "closed"
+            silent_s = (time.monotonic_ns() - self._heard_ns) / 1e9
+            if silent_s > self.silence_s:
+                self._ended = f"the gateway sent nothing for {silent_s:.0f} s"
+                client.terminate()
+                return self._ended
+        try:
+            client.block_for_close()
+            return "the gateway closed the connection"
+        except Exception as e:
+            return f"connection lost: {_text(e)}"
 
     def _mark_all_gap(self, why: str | None) -> None:
         if why is None:
@@ -238,32 +304,62 @@ class DatabentoLiveSource:
     def _on_callback_error(self, e: Exception) -> None:
         self._notice = f"record handling failed: {_text(e)}"
 
-    def _on_record(self, rec: Any) -> None:
-        """On the SDK's event-loop thread, for every record: as little work as possible."""
+    def _on_record(self, rec: Any, client: Any) -> None:
+        """On the SDK's event-loop thread, for every record of ``client``'s session: as little work as possible."""
         import databento_dbn as dbn
 
         now = time.time_ns()
+        self._heard_ns = time.monotonic_ns()
         if isinstance(rec, dbn.MBP10Msg):
-            sym = self._by_id.get(rec.instrument_id)
-            if sym is None:
-                return  # a record for an instrument we have no mapping for: not ours
-            prev = self._latest.get(sym)
             gap = None
             if rec.flags & dbn.F_MAYBE_BAD_BOOK:
                 gap = f"the gateway flagged an unrecoverable gap in its channel (sequence {rec.sequence})"
-            elif prev is not None and rec.sequence < prev.sequence:
-                gap = f"sequence went back from {prev.sequence} to {rec.sequence}"
+            elif not rec.flags & dbn.F_LAST:
+                # Mid-event (a sweep through several levels is several records): not a book the venue ever showed.
+                # The event's last record, F_LAST, comes in the same packet and carries the whole top ten after it.
+                return
             with self._lock:
+                if client is not self._client:
+                    return  # a record of an ended session, dispatched late: its books are already gaps
+                sym = self._by_id.get(rec.instrument_id)
+                if sym is None:
+                    return  # a record for an instrument we have no mapping for: not ours
+                prev = self._latest.get(sym)
+                if gap is None and prev is not None and rec.sequence < prev.sequence:
+                    gap = f"sequence went back from {prev.sequence} to {rec.sequence}"
                 self._latest[sym] = _Latest(rec, now, rec.sequence, gap, gap is not None)
-        elif isinstance(rec, dbn.SymbolMappingMsg):
-            # With stype_in raw_symbol the input symbol is ours; keep only what we subscribed to.
-            sym = rec.stype_in_symbol if rec.stype_in_symbol in self._wanted else rec.stype_out_symbol
-            if sym in self._wanted:
-                with self._lock:
-                    self._by_id[rec.instrument_id] = sym
+            return
+        if isinstance(rec, dbn.SystemMsg) and rec.is_heartbeat():
+            return
+        if isinstance(rec, dbn.SymbolMappingMsg | dbn.ErrorMsg | dbn.SystemMsg):
+            with self._lock:
+                if client is not self._client or self._ended is not None:
+                    return
+                self._controls += 1
+                if self._controls > self._max_controls:
+                    self._ended = (f"the gateway sent more than {self._max_controls} symbol mappings, errors and "
+                                   "system messages in one session")
+            if self._ended is not None:
+                with contextlib.suppress(Exception):  # already closing
+                    client.terminate()
+                return
+        if isinstance(rec, dbn.SymbolMappingMsg):
+            # With stype_in raw_symbol the input symbol is ours. An id mapped to a symbol we did not subscribe to
+            # is no longer ours (instrument ids are reused); a symbol of ours has one id, its latest.
+            sym = self._ours.get(rec.stype_in_symbol) or self._ours.get(rec.stype_out_symbol)
+            iid = rec.instrument_id
+            with self._lock:
+                gone = self._by_id.pop(iid, None)
+                if gone is not None and self._id_of.get(gone) == iid:
+                    del self._id_of[gone]
+                if sym is not None:
+                    old = self._id_of.get(sym)
+                    if old is not None:
+                        self._by_id.pop(old, None)
+                    self._by_id[iid], self._id_of[sym] = sym, iid
         elif isinstance(rec, dbn.ErrorMsg):
             self._notice = f"gateway error: {_text(rec.err)}"
-        elif isinstance(rec, dbn.SystemMsg) and not rec.is_heartbeat():
+        elif isinstance(rec, dbn.SystemMsg):
             self._notice = f"gateway: {_text(rec.msg)}"
 
     # ---- the poll ----------------------------------------------------------------------------------------
@@ -272,7 +368,7 @@ class DatabentoLiveSource:
             raise self._fatal
         with self._lock:
             snap = {s: self._latest.get(s) for s in symbols}
-            mapped = set(self._by_id.values())
+            mapped = set(self._id_of)
         state = self._state
         out = Fetched()
         for s in symbols:
@@ -288,8 +384,9 @@ class DatabentoLiveSource:
                 else:
                     out.errors[s] = SourceError(UNAVAILABLE, f"{self.name}: no MBP-10 record for {s} yet")
             elif latest.gap is not None:
+                now = f" (now: {state.detail})" if state is not None else ""  # disconnected: when the next try is
                 out.errors[s] = SourceError(GAP, f"{self.name} {s}: {latest.gap}; served again on its next "
-                                                 "record")
+                                                 f"record{now}")
                 if latest.quarantine and not latest.reported:
                     latest.reported = True
                     out.rejected.append((s, GAP, f"{latest.gap}: {_describe(latest.record)}"))
@@ -323,12 +420,18 @@ class DatabentoLiveSource:
             out.rejected.append((s, reason, detail))
 
     def close(self) -> None:
+        """End the connection. A streaming session ends at once; a connection still in its handshake cannot be
+        interrupted (the SDK waits up to 10 s to connect and 30 s to authenticate), but it never starts streaming:
+        the thread ends it when the handshake returns."""
         self._stop.set()
         with self._lock:
             client = self._client
         if client is not None:
             with contextlib.suppress(Exception):  # already closed
                 client.terminate()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(CLOSE_WAIT_S)
 
 
 def _text(e: object) -> str:
