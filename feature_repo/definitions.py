@@ -92,20 +92,33 @@ order_book_all = FeatureService(name="order_book_all", features=[order_book],
 def freshness(inputs):  # type: ignore[no-untyped-def]
     # Imports inside: Feast rebuilds this function from its source text alone (feast.transformation.udf_rehydrate),
     # without this module's globals.
+    import numbers
+
     import pandas as pd
 
+    from microstructure.contract.book import AHEAD, EARLIEST
     from microstructure.contract.catalogue import FRESHNESS_S
 
     # The book's time from event_ts_us (exact); Feast keeps event_ts online to the whole second, so it serves only
     # for a row written before event_ts_us existed (that age errs old by up to 1 s). Two times that disagree (a
-    # hand-pushed row) give no age: stale, as microstructure.store.lookup reports such a row bad.
+    # hand-pushed row), an event_ts_us that is not a whole number of µs (bool, string, out of range) or one without
+    # an event_ts, and a book time the online read calls impossible, give no age: stale, as
+    # microstructure.store.lookup reports such rows bad. (Feast hands a column with nulls to this view as float64:
+    # a whole float is read, NaN is null and falls back to event_ts, which only errs old.)
     col = next(c for c in inputs.columns if c.endswith("event_ts"))
     us_col = next(c for c in inputs.columns if c.endswith("event_ts_us"))
     floor = pd.to_datetime(inputs[col], utc=True, errors="coerce")
-    exact = pd.to_datetime(pd.to_numeric(inputs[us_col], errors="coerce"), unit="us", utc=True, errors="coerce")
+    raw = inputs[us_col].astype(object)
+    null = raw.isna()
+    whole = raw.map(lambda v: (isinstance(v, numbers.Integral) and not isinstance(v, bool))
+                    or (isinstance(v, float) and v.is_integer()))
+    exact = pd.to_datetime(pd.to_numeric(raw.where(whole), errors="coerce"), unit="us", utc=True, errors="coerce")
     off = exact - floor
-    ts = exact.fillna(floor).mask(off.notna() & ((off < pd.Timedelta(0)) | (off >= pd.Timedelta(seconds=1))))
-    age = (pd.Timestamp.now(tz="UTC") - ts).dt.total_seconds()
+    agree = exact.notna() & floor.notna() & (off >= pd.Timedelta(0)) & (off < pd.Timedelta(seconds=1))
+    now = pd.Timestamp.now(tz="UTC")
+    ts = exact.where(agree, floor.where(null))
+    ts = ts.where((ts >= EARLIEST) & (ts <= now + AHEAD))
+    age = (now - ts).dt.total_seconds()
     return pd.DataFrame({"age_s": age.astype("float64"), "stale": (age.isna() | (age > FRESHNESS_S)).astype(bool)})
 
 

@@ -143,6 +143,8 @@ def _row(sym: str, feats: dict[str, Any], ev: Any, now: dt.datetime, freshness_s
     if ev is not None and ev.tzinfo is None:
         ev = ev.replace(tzinfo=dt.UTC)
     if us is not None:  # the exact time; None: a row written before event_ts_us existed (ev, to the second)
+        if with_ts and ev is None:  # every book has both: an exact time alone is a time nothing vouches for
+            return _bad(sym, feats, f"{EXACT_TS} without event_ts")
         exact = _exact(us, ev)
         if isinstance(exact, str):
             return _bad(sym, feats, exact)
