@@ -346,3 +346,14 @@ def test_binary_garbage_on_stdin_is_one_error_line_and_the_prompt_goes_on(lake_d
     assert "error: the statement is not UTF-8 text" in out and out.rstrip().endswith("42"), out
     assert r.stderr == b""
 
+
+def test_a_column_name_with_terminal_escapes_is_printed_escaped_by_a_piped_prompt(lake_dir):
+    """Failing before: the piped prompt escaped control characters in the cells only, so a column alias carried
+    ESC sequences (colours, an OSC window title, BEL) to whatever showed the output."""
+    d, _ = lake_dir
+    q = 'SELECT 1 AS "\x1b[31mRED\x1b]0;pwned\x07", chr(27) || \'[2J\' AS "ok";\n'
+    r = subprocess.run([sys.executable, "-m", "microstructure", "sql", "--data-dir", str(d)], input=q,
+                       capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout, repr(r.stdout)
+    assert "\\x1b[31mRED" in r.stdout and "\\x1b[2J" in r.stdout, repr(r.stdout)

@@ -355,8 +355,9 @@ def run(paths: lake.LakePaths, query: str, limits: Limits | None = None) -> Any:
 
 
 def _printable(df: Any) -> Any:
-    """Text cells with control characters shown escaped (a printed ESC must not drive the terminal)."""
-    return df.map(lambda v: visible(v) if isinstance(v, str) else v)
+    """Text cells and column names with control characters shown escaped (a printed ESC must not drive the
+    terminal; a column alias is the statement's text, as hostile as a cell)."""
+    return df.map(lambda v: visible(v) if isinstance(v, str) else v).rename(columns=lambda c: visible(str(c)))
 
 
 # The prompt's own commands (typed alone on a line, outside a statement): what each does, for ``.help``.
