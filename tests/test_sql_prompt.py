@@ -302,3 +302,58 @@ def test_help_lists_the_views_the_commands_and_how_to_quit(lake_dir):
         assert counted(term.type(COUNT)) == more(d, n)
     finally:
         assert term.close() == 0
+
+
+# --- hostile files planted between statements, hostile stdin (review attacks) -----------------------------------
+# Failing before: each of these ended the prompt with `error: FileNotFoundError` / `RuntimeError: Symlink loop` /
+# `OSError: ... Couldn't deserialize thrift` / `TypeError: extract_statements()`, exit 1: one planted file or one
+# line of binary input killed a prompt someone had open, instead of one error line for that statement.
+
+PLANTS = {
+    "dangling_link": lambda part: (part / "part-zz-planted.parquet").symlink_to(part / "no-such-file.parquet"),
+    "symlink_loop": lambda part: (part / "part-zz-planted.parquet").symlink_to("part-zz-planted.parquet"),
+    "hostile_footer": lambda part: (part / "part-zz-planted.parquet").write_bytes(
+        b"PAR1" + b"\xff" * 64 + (64).to_bytes(4, "little") + b"PAR1"),  # a footer that is no thrift at all
+    "not_parquet": lambda part: (part / "part-zz-planted.parquet").write_bytes(b"root:x:0:0:root:/root:/bin/sh\n"),
+}
+
+
+@pytest.mark.parametrize("plant", list(PLANTS))
+def test_a_hostile_file_planted_between_statements_is_one_error_line_and_the_prompt_goes_on(lake_dir, plant):
+    d, _ = lake_dir
+    part = LakePaths(d).partition(SNAPSHOTS, T0.date())
+    prompt = Piped(d)
+    try:
+        n = counted(prompt.ask(COUNT))
+        PLANTS[plant](part)
+        answer = prompt.ask(COUNT)
+        assert answer.startswith("error: ") and len(answer.splitlines()) == 1, answer
+        assert "part-zz-planted.parquet" in answer and "Error:" not in answer, answer  # names the file, no class
+        (part / "part-zz-planted.parquet").unlink()
+        assert counted(prompt.ask(COUNT)) == n  # the prompt goes on, the lake as it was
+    finally:
+        assert prompt.close() == 0
+
+
+@pytest.mark.parametrize("encoding", ["", "utf-8:strict"])  # the C locale's surrogateescape; a strict UTF-8 one
+def test_binary_garbage_on_stdin_is_one_error_line_and_the_prompt_goes_on(lake_dir, encoding):
+    d, _ = lake_dir
+    r = subprocess.run([sys.executable, "-m", "microstructure", "sql", "--data-dir", str(d)],
+                       input=b"SELECT 1 AS a;\n\xff\xfe\x80garbage;\nSELECT 42 AS answer;\n", capture_output=True,
+                       timeout=WAIT, env={**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": encoding})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert "error: the statement is not UTF-8 text" in out and out.rstrip().endswith("42"), out
+    assert r.stderr == b""
+
+
+def test_a_column_name_with_terminal_escapes_is_printed_escaped_by_a_piped_prompt(lake_dir):
+    """Failing before: the piped prompt escaped control characters in the cells only, so a column alias carried
+    ESC sequences (colours, an OSC window title, BEL) to whatever showed the output."""
+    d, _ = lake_dir
+    q = 'SELECT 1 AS "\x1b[31mRED\x1b]0;pwned\x07", chr(27) || \'[2J\' AS "ok";\n'
+    r = subprocess.run([sys.executable, "-m", "microstructure", "sql", "--data-dir", str(d)], input=q,
+                       capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout, repr(r.stdout)
+    assert "\\x1b[31mRED" in r.stdout and "\\x1b[2J" in r.stdout, repr(r.stdout)

@@ -148,11 +148,19 @@ def _listing(paths: lake.LakePaths, name: str) -> tuple[_File, ...]:
     root = paths.root.resolve()
     out = []
     for f in paths.files(name):
-        p = Path(f).resolve(strict=True)  # gone after a compaction: lake.paths.with_retry lists again
+        try:
+            p = Path(f).resolve(strict=True)
+            st = p.stat()
+        except FileNotFoundError:
+            if os.path.islink(f):  # a link to nothing, planted: listing again would only find it again
+                raise NotAllowed(f"{f} is a link to a file that does not exist: remove it") from None
+            raise  # gone after a compaction: lake.paths.with_retry lists again
+        except (OSError, RuntimeError) as e:  # a loop of links (RuntimeError before Python 3.13), no permission
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "a loop of links"
+            raise NotAllowed(f"{f} cannot be read ({why}): `sql` reads only the lake's Parquet files") from None
         if not p.is_relative_to(root):
             raise NotAllowed(f"{f} resolves outside the lake ({root}): `sql` reads only the lake; "
                              "remove the link or copy the file in")
-        st = p.stat()
         if not stat.S_ISREG(st.st_mode):
             raise NotAllowed(f"{f} is not a regular file: `sql` reads only the lake's Parquet files")
         try:
@@ -176,11 +184,13 @@ def _dataset(name: str, files: tuple[_File, ...]) -> Any:
     fs, fmt = pafs.LocalFileSystem(), ds.ParquetFileFormat()
     try:
         schema = ds.FileSystemDatasetFactory(fs, real, fmt).inspect(promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        if "date" not in schema.names:
+            schema = schema.append(pa.field("date", pa.date32()))
+        return ds.FileSystemDataset.from_paths(real, schema=schema, format=fmt, filesystem=fs, partitions=days)
+    except (pa.ArrowException, OSError) as e:  # a footer that is no Parquet footer is an OSError to pyarrow
+        if isinstance(e, OSError) and lake._vanished(e):
+            raise  # gone after a compaction: lake.paths.with_retry lists again
         raise InputError(f"lake dataset {name}: {str(e).splitlines()[0]}") from None
-    if "date" not in schema.names:
-        schema = schema.append(pa.field("date", pa.date32()))
-    return ds.FileSystemDataset.from_paths(real, schema=schema, format=fmt, filesystem=fs, partitions=days)
 
 
 def _views() -> dict[str, str]:
@@ -243,6 +253,10 @@ class Session:
 
     def check(self, query: str) -> None:
         """A plain message for statements that are not queries. Not the defence: the connection is."""
+        try:
+            query.encode()  # bytes that were no UTF-8 (binary stdin, argv) arrive as lone surrogates
+        except UnicodeEncodeError:
+            raise QueryError("the statement is not UTF-8 text") from None
         try:
             statements = self.con.extract_statements(query)
         except duckdb.Error as e:
@@ -341,8 +355,9 @@ def run(paths: lake.LakePaths, query: str, limits: Limits | None = None) -> Any:
 
 
 def _printable(df: Any) -> Any:
-    """Text cells with control characters shown escaped (a printed ESC must not drive the terminal)."""
-    return df.map(lambda v: visible(v) if isinstance(v, str) else v)
+    """Text cells and column names with control characters shown escaped (a printed ESC must not drive the
+    terminal; a column alias is the statement's text, as hostile as a cell)."""
+    return df.map(lambda v: visible(v) if isinstance(v, str) else v).rename(columns=lambda c: visible(str(c)))
 
 
 # The prompt's own commands (typed alone on a line, outside a statement): what each does, for ``.help``.
@@ -383,6 +398,8 @@ def repl(paths: lake.LakePaths, limits: Limits | None = None, stdin: Any = None,
     reads the lake as it is when it runs (:meth:`Session.query`)."""
     stdin = stdin or sys.stdin
     out = out or sys.stdout
+    if hasattr(stdin, "reconfigure"):  # a strict decoder would end the prompt at the first byte that is no UTF-8;
+        stdin.reconfigure(errors="surrogateescape")  # kept as surrogates, that statement alone is refused (check)
     interactive = stdin.isatty()
     if interactive:
         import readline  # noqa: F401 - line editing and history for input()
