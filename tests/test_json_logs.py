@@ -138,3 +138,20 @@ def test_vendor_echoing_its_key_leaves_no_key_in_the_json_log(env, tmp_path):
     assert any(g["detail"] and "***" in g["detail"] for g in errors)
     last = [g for g in got if g["event"] == "cycle"][-1]
     assert last["cycle_coverage_by_source"] == {"none": {"l2": 0, "shallow": 0, "l1_only": 0, "none": 4}}
+
+
+@pytest.mark.parametrize("name", ['poly\n{"event": "cycle", "written": 999}', "x | ![](http://evil.example/p.png)",
+                                  "poly: ok; alpaca", "\x1b[2Jpoly", 'p"} 1\nmicrostructure_snapshots_written_total'])
+def test_a_hostile_source_name_in_the_sources_file_is_refused_before_any_log_label_or_artifact(tmp_path, name):
+    """A source's name goes into JSON/text log lines, metric labels, the poll-health table and the outcome details
+    that failed_calls and coverage parse back ("name: result; ..."): a name forging lines, markup or attribution is
+    a one-line config error when the file is read, before any poll."""
+    from microstructure.sources.chain_config import build_chain
+    from microstructure.sources.vendor import ConfigError
+
+    cfg = tmp_path / "sources.toml"
+    cfg.write_text(f'[sources.{json.dumps(name)}]\nkind = "polygon"\n\n[groups.stocks]\nchain = [{json.dumps(name)}]\n'
+                   'symbols = ["AAPL"]\n')
+    with pytest.raises(ConfigError, match="source name") as e:
+        build_chain(cfg)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
