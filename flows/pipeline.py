@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 import warnings
 from collections.abc import Iterator
@@ -44,9 +45,22 @@ LIBRARY_NOTICES: tuple[tuple[type[Warning], str], ...] = (
 )
 
 
+@functools.cache
+def _package_dir(pkg: str) -> Path | None:
+    """Where ``pkg`` is installed (found, not imported), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(pkg)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]).resolve() if locations else None
+
+
 def _library_notice(category: type[Warning], filename: str) -> bool:
-    parts = Path(filename).parts
-    return any(issubclass(category, cat) and pkg in parts for cat, pkg in LIBRARY_NOTICES)
+    """By where the package is installed, not by a folder's name: a worker's checkout under a folder named
+    ``prefect`` (the official image's workdir is /opt/prefect) or ``feast`` must not lose our own notices."""
+    path = Path(filename).resolve()
+    return any(issubclass(category, cat) and (d := _package_dir(pkg)) is not None and path.is_relative_to(d)
+               for cat, pkg in LIBRARY_NOTICES)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,28 @@ def test_a_warning_raised_in_a_flow_reaches_its_run_log_but_a_library_notice_doe
     # Scoped to the run: the process's filters are as they were.
     assert not any(f[2] is DeprecationWarning and str(getattr(f[3], "pattern", f[3])).startswith("feast")
                    for f in warnings.filters)
+
+
+def test_our_warning_from_a_checkout_under_a_folder_named_prefect_still_reaches_the_run_log(harness):
+    """A worker built on Prefect's image runs our code from /opt/prefect/...: a folder named like a listed library
+    is not that library; only notices from where the library is installed are left out."""
+    import feast
+    from microstructure.flows.pipeline import run_warnings
+    from prefect import flow
+
+    feast_file = str(Path(feast.__file__).parent / "repo_config.py")
+
+    @flow(name="warns-from-opt-prefect")
+    def warns() -> None:
+        with run_warnings():
+            warnings.warn_explicit("our deprecated call under opt", DeprecationWarning,
+                                   "/opt/prefect/microstructure/jobs/x.py", 7, module="microstructure.jobs.x")
+            warnings.warn_explicit("a feast notice under its own name", DeprecationWarning, feast_file, 7,
+                                   module="notfeast")
+
+    state = warns(return_state=True)
+    logs = _wait_for_logs(state.state_details.flow_run_id, lambda got: any("under opt" in m for m in got))
+    text = "\n".join(logs)
+    assert "DeprecationWarning: our deprecated call under opt" in text
+    assert "a feast notice under its own name" not in text
+
