@@ -91,9 +91,16 @@ def run_warnings() -> Iterator[None]:
         # GE turns on logging.captureWarnings at import, which would replace our showwarning mid-run with one that
         # logs to "py.warnings" (stderr only): turned on first, GE's call changes nothing. catch_warnings restores
         # the showwarning it found when the run ends.
+        # Turned off again at the end if it was off: left on, logging would take a later captureWarnings(True) (GE's
+        # import, an application's own) for a no-op, and that caller's warnings would never reach its logger.
+        was_capturing = getattr(logging, "_warnings_showwarning", None) is not None
         logging.captureWarnings(True)
         warnings.showwarning = to_log
-        yield
+        try:
+            yield
+        finally:
+            if not was_capturing:
+                logging.captureWarnings(False)
 
 
 @task(name="poll-cycles")

@@ -177,3 +177,39 @@ def test_our_warning_from_a_checkout_under_a_folder_named_prefect_still_reaches_
     assert "DeprecationWarning: our deprecated call under opt" in text
     assert "a feast notice under its own name" not in text
 
+
+def test_a_flow_leaves_logging_capture_of_warnings_as_it_found_it(harness):
+    """run_warnings turns logging.captureWarnings on for the run; left on, logging takes a later
+    captureWarnings(True) (an application's, GE's) for a no-op and that caller's warnings never reach py.warnings."""
+    import logging
+
+    from microstructure.flows.pipeline import run_warnings
+    from prefect import flow
+
+    logging.captureWarnings(False)  # the state of a process that never asked for it
+
+    @flow(name="quiet")
+    def quiet() -> None:
+        with run_warnings():
+            pass
+
+    assert quiet(return_state=True).is_completed()
+    got: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record)
+
+    keep = Keep()
+    logging.getLogger("py.warnings").addHandler(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            logging.captureWarnings(True)
+            try:
+                warnings.warn("after the flow, to py.warnings", UserWarning, stacklevel=1)
+            finally:
+                logging.captureWarnings(False)
+    finally:
+        logging.getLogger("py.warnings").removeHandler(keep)
+    assert any("after the flow, to py.warnings" in r.getMessage() for r in got)
