@@ -194,11 +194,15 @@ class _LiveArtifacts:
 
         self._at, self._pct = time.monotonic(), pct
         rows = _health_rows(s)
+        # Each created on its own: one failed creation (an API hiccup between the two calls) is retried at the next
+        # update, never updated by an id it does not have for the rest of the session.
         if self.progress_id is None:
             self.progress_id = create_progress_artifact(pct, key="poll-progress", description="Poll session progress")
+        else:
+            update_progress_artifact(self.progress_id, pct)
+        if self.health_id is None:
             self.health_id = create_table_artifact(rows, key="poll-health", description="Poll session health")
             return
-        update_progress_artifact(self.progress_id, pct)
         with get_client(sync_client=True) as c:  # in place: one artifact a session, not one a minute
             c.update_artifact(self.health_id, ArtifactUpdate(data=TableArtifact(table=rows).format()))
 

@@ -213,3 +213,58 @@ def test_a_flow_leaves_logging_capture_of_warnings_as_it_found_it(harness):
     finally:
         logging.getLogger("py.warnings").removeHandler(keep)
     assert any("after the flow, to py.warnings" in r.getMessage() for r in got)
+
+
+def test_an_api_hiccup_between_the_two_artifact_creations_still_gives_the_session_its_health_table(harness, server):
+    """The Prefect API (behind a real HTTP proxy) refuses the first creation of the health table once, after the
+    progress artifact was created: the next update creates it; it is not updated by an id it never got."""
+    import re
+
+    import httpx
+    from microstructure.flows.pipeline import _LiveArtifacts
+    from prefect import flow
+    from prefect.context import SyncClientContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from werkzeug import Response
+
+    from microstructure.jobs.poll import PollStats
+
+    real = PREFECT_API_URL.value()
+    origin = real[: real.index("/api")]
+    refused: list[str] = []
+
+    def forward(request):  # the proxy: one table creation refused, everything else passed on
+        body = request.get_data()
+        if (request.method == "POST" and request.path.rstrip("/").endswith("/artifacts") and not refused
+                and json.loads(body or b"{}").get("type") == "table"):
+            refused.append(request.path)
+            return Response('{"detail": "hiccup"}', status=500, content_type="application/json")
+        q = request.query_string.decode()
+        r = httpx.request(request.method, origin + request.path + (f"?{q}" if q else ""), content=body,
+                          headers={k: v for k, v in request.headers.items()
+                                   if k.lower() not in ("host", "content-length", "transfer-encoding")})
+        return Response(r.content, status=r.status_code, content_type=r.headers.get("content-type"))
+
+    server.expect_request(re.compile("/api/.*")).respond_with_handler(forward)
+
+    @flow(name="artifacts-through-a-flaky-api")
+    def session() -> None:
+        live = _LiveArtifacts(cycles=4, until=None)
+        # The run's own client (its state, its logs) keeps the real API; the artifact calls get a client of the
+        # proxy's, as a fresh client of a worker whose API flickers.
+        token = SyncClientContext.__var__.set(None)  # type: ignore[arg-type]
+        try:
+            with temporary_settings({PREFECT_API_URL: server.url_for("/api")}), SyncClientContext():
+                for i in range(4):
+                    live.cycle(i, PollStats(cycles=i + 1, written=3 * (i + 1)))
+                live.finish(PollStats(cycles=4, written=12))
+        finally:
+            SyncClientContext.__var__.reset(token)
+
+    state = session(return_state=True)
+    assert state.is_completed() and refused  # the attack happened
+    health = _latest("poll-health", state.state_details.flow_run_id)
+    assert len(health) == 1, health
+    rows = {r["measure"]: r["value"] for r in json.loads(health[0].data)}
+    assert rows["cycles"] == 4 and rows["snapshots written"] == 12
+    assert float(_latest("poll-progress", state.state_details.flow_run_id)[0].data) == 100.0
