@@ -155,3 +155,25 @@ def test_a_hostile_source_name_in_the_sources_file_is_refused_before_any_log_lab
     with pytest.raises(ConfigError, match="source name") as e:
         build_chain(cfg)
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+
+
+def test_a_key_in_a_field_that_is_no_string_never_reaches_the_json_line(monkeypatch):
+    """An exception, a path, bytes or a set put in a record's fields is made text by the serialiser after the scrub
+    (bytes as base64): the key it holds must be scrubbed all the same."""
+    import base64
+    import datetime as dt
+    from pathlib import Path
+
+    key = "pk_LIVE_0123456789abcdef"
+    monkeypatch.setenv("POLYGON_API_KEY", key)
+    rec = logging.LogRecord("microstructure.poll", logging.WARNING, __file__, 1, "source_errors", None, None)
+    rec.error = ValueError(f"vendor said apiKey {key}")
+    rec.path = Path(f"/tmp/{key}/x")
+    rec.body = f"echo {key}".encode()
+    rec.names = {key}
+    rec.at = dt.datetime(2026, 11, 30, 15, 30, tzinfo=dt.UTC)
+    line = formatter("json").format(rec)
+    assert key not in line and base64.b64encode(rec.body).decode() not in line, line
+    got = json.loads(line)
+    assert got["error"] == "ValueError: vendor said apiKey ***" and got["body"] == "echo ***"
+    assert got["names"] == ["***"] and got["at"] == "2026-11-30T15:30:00+00:00"

@@ -17,6 +17,7 @@ Prefect) renders them, so fields, timestamps and escaping are a library's, not o
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import sys
@@ -53,13 +54,24 @@ def log_format_from(value: str | None) -> str:
 
 
 def _scrubbed(value: Any) -> Any:
+    """``value`` with every string in it scrubbed. Anything else JSON has no type for (an exception, a path, bytes,
+    a set) is made text here, then scrubbed: left to the serialiser it would become text (bytes: base64) after
+    the scrub, carrying a key it holds onto the line."""
     if isinstance(value, str):
         return scrub(value)
     if isinstance(value, dict):
         return {scrub(k): _scrubbed(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple | set | frozenset):
         return [_scrubbed(v) for v in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return scrub(bytes(value).decode("utf-8", "replace"))
+    if isinstance(value, BaseException):
+        return scrub(f"{type(value).__name__}: {value}")
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return scrub(value)
 
 
 class ScrubbedJsonFormatter(JsonFormatter):
