@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import functools
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -151,6 +153,7 @@ class _LiveArtifacts:
         self.health_id: Any = None
         self._at = 0.0
         self._pct = -100.0
+        self._busy: threading.Thread | None = None
 
     def percent(self, done: int) -> float:
         parts = []
@@ -164,25 +167,51 @@ class _LiveArtifacts:
         pct = self.percent(i + 1)
         if time.monotonic() - self._at < ARTIFACT_EVERY_S and pct - self._pct < 5.0:
             return
-        self._try(pct, s)
+        if self._busy is not None and self._busy.is_alive():
+            return  # the last update still waits on the API: skipped, tried again at the next interval
+        self._at, self._pct = time.monotonic(), pct
+        rows = self._rows(s)
+        if rows is None:
+            return
+        # Off the poll's thread: a slow or 503ing API (Prefect's client retries with back-off, 60 s a request) must
+        # not hold a cycle. The copied context keeps the run (artifacts attach to it, the warning goes to its log).
+        self._busy = threading.Thread(target=contextvars.copy_context().run, args=(self._try, pct, rows),
+                                      name="poll-artifacts", daemon=True)
+        self._busy.start()
 
     def finish(self, s: PollStats) -> None:
-        self._try(100.0, s)
+        if self._busy is not None:
+            self._busy.join()  # the poll is over; the last word must not race an update still in flight
+        rows = self._rows(s)
+        if rows is not None:
+            self._try(100.0, rows)
 
-    def _try(self, pct: float, s: PollStats) -> None:
+    def _rows(self, s: PollStats) -> list[dict[str, Any]] | None:
+        """The health table, made on the poll's thread (the stats change with the next cycle)."""
+        try:
+            return _health_rows(s)
+        except Exception as e:  # the artifacts are a view; the poll is the job
+            self._warn(e)
+            return None
+
+    def _try(self, pct: float, rows: list[dict[str, Any]]) -> None:
         """A session outlives a Prefect API hiccup: a failed update is a warning in the run log, and the next one
         is tried at the next interval; the poll goes on."""
         try:
-            self._write(pct, s)
+            self._write(pct, rows)
         except Exception as e:  # any failure: the artifacts are a view; the poll is the job
-            from prefect import get_run_logger
-
-            from microstructure.sources.secrets import scrub
-
             self._at = time.monotonic()
-            get_run_logger().warning("could not update the session's artifacts: %s", scrub(f"{type(e).__name__}: {e}"))
+            self._warn(e)
 
-    def _write(self, pct: float, s: PollStats) -> None:
+    @staticmethod
+    def _warn(e: Exception) -> None:
+        from prefect import get_run_logger
+
+        from microstructure.sources.secrets import scrub
+
+        get_run_logger().warning("could not update the session's artifacts: %s", scrub(f"{type(e).__name__}: {e}"))
+
+    def _write(self, pct: float, rows: list[dict[str, Any]]) -> None:
         from prefect.artifacts import (
             TableArtifact,
             create_progress_artifact,
@@ -192,8 +221,6 @@ class _LiveArtifacts:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import ArtifactUpdate
 
-        self._at, self._pct = time.monotonic(), pct
-        rows = _health_rows(s)
         # Each created on its own: one failed creation (an API hiccup between the two calls) is retried at the next
         # update, never updated by an id it does not have for the rest of the session.
         if self.progress_id is None:
@@ -203,8 +230,10 @@ class _LiveArtifacts:
         if self.health_id is None:
             self.health_id = create_table_artifact(rows, key="poll-health", description="Poll session health")
             return
-        with get_client(sync_client=True) as c:  # in place: one artifact a session, not one a minute
-            c.update_artifact(self.health_id, ArtifactUpdate(data=TableArtifact(table=rows).format()))
+        # In place: one artifact a session, not one a minute. The run's own client, used as Prefect's artifact
+        # functions use it (not entered: entering and leaving it from this thread would race the run's count of it).
+        get_client(sync_client=True).update_artifact(self.health_id,
+                                                     ArtifactUpdate(data=TableArtifact(table=rows).format()))
 
 
 def _health_rows(s: PollStats) -> list[dict[str, Any]]:

@@ -268,3 +268,64 @@ def test_an_api_hiccup_between_the_two_artifact_creations_still_gives_the_sessio
     rows = {r["measure"]: r["value"] for r in json.loads(health[0].data)}
     assert rows["cycles"] == 4 and rows["snapshots written"] == 12
     assert float(_latest("poll-progress", state.state_details.flow_run_id)[0].data) == 100.0
+
+
+def test_a_prefect_api_that_hangs_on_artifacts_never_holds_a_poll_cycle(harness, server):
+    """The API (behind a real HTTP proxy) holds every artifact request until the test lets it go: the poll's cycles
+    go on meanwhile (an update is written off the poll's thread, one at a time); once the API answers, the session
+    ends with both artifacts complete."""
+    import re
+    import threading
+
+    import httpx
+    from microstructure.flows.pipeline import _LiveArtifacts
+    from prefect import flow
+    from prefect.context import SyncClientContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from werkzeug import Response
+
+    from microstructure.jobs.poll import PollStats
+
+    real = PREFECT_API_URL.value()
+    origin = real[: real.index("/api")]
+    reached, released = threading.Event(), threading.Event()
+    held_too_long: list[str] = []
+
+    def forward(request):  # the proxy: artifact requests wait for the test; everything else is passed on
+        if "/artifacts" in request.path:
+            reached.set()
+            if not released.wait(15):
+                held_too_long.append(request.path)
+        q = request.query_string.decode()
+        r = httpx.request(request.method, origin + request.path + (f"?{q}" if q else ""), content=request.get_data(),
+                          headers={k: v for k, v in request.headers.items()
+                                   if k.lower() not in ("host", "content-length", "transfer-encoding")})
+        return Response(r.content, status=r.status_code, content_type=r.headers.get("content-type"))
+
+    server.expect_request(re.compile("/api/.*")).respond_with_handler(forward)
+    cycles_done_while_held: list[int] = []
+
+    @flow(name="artifacts-through-a-hanging-api")
+    def session() -> None:
+        live = _LiveArtifacts(cycles=4, until=None)
+        token = SyncClientContext.__var__.set(None)  # type: ignore[arg-type]
+        try:
+            with temporary_settings({PREFECT_API_URL: server.url_for("/api")}), SyncClientContext():
+                for i in range(4):
+                    live.cycle(i, PollStats(cycles=i + 1, written=3 * (i + 1)))
+                    if not released.is_set() and not held_too_long:
+                        cycles_done_while_held.append(i + 1)
+                assert reached.wait(15)  # the attack happened: an artifact request is held
+                released.set()
+                live.finish(PollStats(cycles=4, written=12))
+        finally:
+            released.set()
+            SyncClientContext.__var__.reset(token)
+
+    state = session(return_state=True)
+    assert state.is_completed()
+    assert cycles_done_while_held == [1, 2, 3, 4] and held_too_long == []
+    health = _latest("poll-health", state.state_details.flow_run_id)
+    assert len(health) == 1
+    assert {r["measure"]: r["value"] for r in json.loads(health[0].data)}["cycles"] == 4
+    assert float(_latest("poll-progress", state.state_details.flow_run_id)[0].data) == 100.0
