@@ -345,6 +345,11 @@ def _poll_flow(data_dir: str, cycles: int | None, interval: float, step: float, 
     from microstructure.jobs.logs import LOG_FORMAT_ENV, log_format_from
     from microstructure.jobs.metrics import endpoint_from_env
 
+    # Checked before the wait for the open (as `poll` checks them): a typo in the worker's environment fails the
+    # run when it starts, not at the open, hours later, and again at each retry.
+    port = metrics_port if metrics_port is not None else endpoint_from_env()[0]
+    fmt = log_format or os.environ.get(LOG_FORMAT_ENV)
+    checked_format = log_format_from(fmt) if fmt else None
     until = None
     if session:
         end = await_session(on_wait=lambda start: get_run_logger().info("waiting for the open at %s", start))
@@ -356,9 +361,7 @@ def _poll_flow(data_dir: str, cycles: int | None, interval: float, step: float, 
     with datadir.writer(Path(data_dir), wait=True):
         stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
                           symbol_list=symbol_list, sources_config=sources_config, until=until,
-                          metrics_port=metrics_port if metrics_port is not None else endpoint_from_env()[0],
-                          log_format=log_format_from(fmt) if (fmt := log_format or os.environ.get(LOG_FORMAT_ENV))
-                          else None)
+                          metrics_port=port, log_format=checked_format)
         builds = build_task(data_dir, stats["dates"])
         compact_task(data_dir, stats["dates"])
         record_task(data_dir, stats["dates"])

@@ -329,3 +329,17 @@ def test_a_prefect_api_that_hangs_on_artifacts_never_holds_a_poll_cycle(harness,
     assert len(health) == 1
     assert {r["measure"]: r["value"] for r in json.loads(health[0].data)}["cycles"] == 4
     assert float(_latest("poll-progress", state.state_details.flow_run_id)[0].data) == 100.0
+
+
+def test_a_typo_in_the_workers_log_format_fails_the_session_flow_before_it_waits_for_the_open(harness, data_dir,
+                                                                                               monkeypatch):
+    """MICROSTRUCTURE_LOG_FORMAT=xml on the worker: the session run fails at once with the format's error, on any
+    day (not at the open hours later, nor silently on a holiday). The timeout only stops a run that waits."""
+    from microstructure.flows.pipeline import poll_flow
+
+    monkeypatch.setenv("MICROSTRUCTURE_LOG_FORMAT", "xml")
+    state = poll_flow.with_options(retries=0, timeout_seconds=20)(str(data_dir), symbols=2, session=True,
+                                                                  return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="text or json"):
+        state.result()
