@@ -177,3 +177,27 @@ def test_a_key_in_a_field_that_is_no_string_never_reaches_the_json_line(monkeypa
     got = json.loads(line)
     assert got["error"] == "ValueError: vendor said apiKey ***" and got["body"] == "echo ***"
     assert got["names"] == ["***"] and got["at"] == "2026-11-30T15:30:00+00:00"
+
+
+def test_one_sources_error_text_is_never_shown_under_another_sources_name():
+    """polygon forbidden, then alpaca timed out: the outcome's text after " | " is alpaca's. polygon's source_errors
+    line must not carry it as polygon's answer; alpaca's line does."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from microstructure.contract.outcomes import OUTCOMES_SCHEMA
+    from microstructure.jobs.poll import PollStats
+
+    at = dt.datetime(2026, 11, 30, 15, 0, tzinfo=dt.UTC)
+    out = pa.Table.from_pylist([{"cycle_ts": at, "symbol": s, "source": None, "book_levels": 0, "latency_ms": None,
+                                 "error_class": "timeout",
+                                 "detail": "polygon: forbidden; alpaca: timeout | alpaca: read timed out after 2 s"}
+                                for s in ("AAPL", "MSFT")], schema=OUTCOMES_SCHEMA)
+    buf = io.StringIO()
+    with poll_logger("json", buf) as log:
+        CycleLog(log, "json").cycle(0, PollStats(cycles=1, last_outcomes=out))
+    by = {g["source"]: g for g in lines(buf.getvalue()) if g["event"] == "source_errors"}
+    assert set(by) == {"polygon", "alpaca"} and by["polygon"]["symbols"] == ["AAPL", "MSFT"]
+    assert "read timed out" not in by["polygon"]["detail"] and by["polygon"]["detail"].startswith("polygon: forbidden")
+    assert "read timed out" in by["alpaca"]["detail"]

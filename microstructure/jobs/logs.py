@@ -193,9 +193,17 @@ def _failed_symbols(outcomes: Any) -> dict[tuple[str, str], list[str]]:
 
 
 def _first_detail(outcomes: Any, source: str, error_class: str) -> str | None:
-    """The first outcome detail naming ``source`` failing (a vendor's own words, scrubbed by the formatter)."""
+    """The first outcome detail naming ``source`` failing with ``error_class`` (scrubbed by the formatter). The
+    vendor's words after " | " are the last failed source's: they are kept only when that source is ``source``;
+    else only the list of sources tried is given, so no source's words are shown under another's name."""
+    fallback = None
     for detail, err in zip(outcomes.column("detail").to_pylist(), outcomes.column("error_class").to_pylist(),
                            strict=True):
-        if detail and (f"{source}: {error_class}" in detail or (err == error_class and source in detail)):
+        if not detail or not (f"{source}: {error_class}" in detail or (err == error_class and source in detail)):
+            continue
+        tried, sep, _ = str(detail).partition(" | ")
+        failures = [p for p in tried.split("; ") if not p.endswith(": ok")]
+        if not sep or not failures or failures[-1].startswith(f"{source}: "):
             return str(detail)[:500]
-    return None
+        fallback = fallback or tried[:500]
+    return fallback
