@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
+import functools
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -44,9 +47,22 @@ LIBRARY_NOTICES: tuple[tuple[type[Warning], str], ...] = (
 )
 
 
+@functools.cache
+def _package_dir(pkg: str) -> Path | None:
+    """Where ``pkg`` is installed (found, not imported), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(pkg)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]).resolve() if locations else None
+
+
 def _library_notice(category: type[Warning], filename: str) -> bool:
-    parts = Path(filename).parts
-    return any(issubclass(category, cat) and pkg in parts for cat, pkg in LIBRARY_NOTICES)
+    """By where the package is installed, not by a folder's name: a worker's checkout under a folder named
+    ``prefect`` (the official image's workdir is /opt/prefect) or ``feast`` must not lose our own notices."""
+    path = Path(filename).resolve()
+    return any(issubclass(category, cat) and (d := _package_dir(pkg)) is not None and path.is_relative_to(d)
+               for cat, pkg in LIBRARY_NOTICES)
 
 
 @contextmanager
@@ -77,9 +93,16 @@ def run_warnings() -> Iterator[None]:
         # GE turns on logging.captureWarnings at import, which would replace our showwarning mid-run with one that
         # logs to "py.warnings" (stderr only): turned on first, GE's call changes nothing. catch_warnings restores
         # the showwarning it found when the run ends.
+        # Turned off again at the end if it was off: left on, logging would take a later captureWarnings(True) (GE's
+        # import, an application's own) for a no-op, and that caller's warnings would never reach its logger.
+        was_capturing = getattr(logging, "_warnings_showwarning", None) is not None
         logging.captureWarnings(True)
         warnings.showwarning = to_log
-        yield
+        try:
+            yield
+        finally:
+            if not was_capturing:
+                logging.captureWarnings(False)
 
 
 @task(name="poll-cycles")
@@ -130,6 +153,7 @@ class _LiveArtifacts:
         self.health_id: Any = None
         self._at = 0.0
         self._pct = -100.0
+        self._busy: threading.Thread | None = None
 
     def percent(self, done: int) -> float:
         parts = []
@@ -143,25 +167,51 @@ class _LiveArtifacts:
         pct = self.percent(i + 1)
         if time.monotonic() - self._at < ARTIFACT_EVERY_S and pct - self._pct < 5.0:
             return
-        self._try(pct, s)
+        if self._busy is not None and self._busy.is_alive():
+            return  # the last update still waits on the API: skipped, tried again at the next interval
+        self._at, self._pct = time.monotonic(), pct
+        rows = self._rows(s)
+        if rows is None:
+            return
+        # Off the poll's thread: a slow or 503ing API (Prefect's client retries with back-off, 60 s a request) must
+        # not hold a cycle. The copied context keeps the run (artifacts attach to it, the warning goes to its log).
+        self._busy = threading.Thread(target=contextvars.copy_context().run, args=(self._try, pct, rows),
+                                      name="poll-artifacts", daemon=True)
+        self._busy.start()
 
     def finish(self, s: PollStats) -> None:
-        self._try(100.0, s)
+        if self._busy is not None:
+            self._busy.join()  # the poll is over; the last word must not race an update still in flight
+        rows = self._rows(s)
+        if rows is not None:
+            self._try(100.0, rows)
 
-    def _try(self, pct: float, s: PollStats) -> None:
+    def _rows(self, s: PollStats) -> list[dict[str, Any]] | None:
+        """The health table, made on the poll's thread (the stats change with the next cycle)."""
+        try:
+            return _health_rows(s)
+        except Exception as e:  # the artifacts are a view; the poll is the job
+            self._warn(e)
+            return None
+
+    def _try(self, pct: float, rows: list[dict[str, Any]]) -> None:
         """A session outlives a Prefect API hiccup: a failed update is a warning in the run log, and the next one
         is tried at the next interval; the poll goes on."""
         try:
-            self._write(pct, s)
+            self._write(pct, rows)
         except Exception as e:  # any failure: the artifacts are a view; the poll is the job
-            from prefect import get_run_logger
-
-            from microstructure.sources.secrets import scrub
-
             self._at = time.monotonic()
-            get_run_logger().warning("could not update the session's artifacts: %s", scrub(f"{type(e).__name__}: {e}"))
+            self._warn(e)
 
-    def _write(self, pct: float, s: PollStats) -> None:
+    @staticmethod
+    def _warn(e: Exception) -> None:
+        from prefect import get_run_logger
+
+        from microstructure.sources.secrets import scrub
+
+        get_run_logger().warning("could not update the session's artifacts: %s", scrub(f"{type(e).__name__}: {e}"))
+
+    def _write(self, pct: float, rows: list[dict[str, Any]]) -> None:
         from prefect.artifacts import (
             TableArtifact,
             create_progress_artifact,
@@ -171,15 +221,19 @@ class _LiveArtifacts:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import ArtifactUpdate
 
-        self._at, self._pct = time.monotonic(), pct
-        rows = _health_rows(s)
+        # Each created on its own: one failed creation (an API hiccup between the two calls) is retried at the next
+        # update, never updated by an id it does not have for the rest of the session.
         if self.progress_id is None:
             self.progress_id = create_progress_artifact(pct, key="poll-progress", description="Poll session progress")
+        else:
+            update_progress_artifact(self.progress_id, pct)
+        if self.health_id is None:
             self.health_id = create_table_artifact(rows, key="poll-health", description="Poll session health")
             return
-        update_progress_artifact(self.progress_id, pct)
-        with get_client(sync_client=True) as c:  # in place: one artifact a session, not one a minute
-            c.update_artifact(self.health_id, ArtifactUpdate(data=TableArtifact(table=rows).format()))
+        # In place: one artifact a session, not one a minute. The run's own client, used as Prefect's artifact
+        # functions use it (not entered: entering and leaving it from this thread would race the run's count of it).
+        get_client(sync_client=True).update_artifact(self.health_id,
+                                                     ArtifactUpdate(data=TableArtifact(table=rows).format()))
 
 
 def _health_rows(s: PollStats) -> list[dict[str, Any]]:
@@ -291,6 +345,11 @@ def _poll_flow(data_dir: str, cycles: int | None, interval: float, step: float, 
     from microstructure.jobs.logs import LOG_FORMAT_ENV, log_format_from
     from microstructure.jobs.metrics import endpoint_from_env
 
+    # Checked before the wait for the open (as `poll` checks them): a typo in the worker's environment fails the
+    # run when it starts, not at the open, hours later, and again at each retry.
+    port = metrics_port if metrics_port is not None else endpoint_from_env()[0]
+    fmt = log_format or os.environ.get(LOG_FORMAT_ENV)
+    checked_format = log_format_from(fmt) if fmt else None
     until = None
     if session:
         end = await_session(on_wait=lambda start: get_run_logger().info("waiting for the open at %s", start))
@@ -302,9 +361,7 @@ def _poll_flow(data_dir: str, cycles: int | None, interval: float, step: float, 
     with datadir.writer(Path(data_dir), wait=True):
         stats = poll_task(data_dir, cycles, interval, step, symbols, seed, fresh=False, source=source,
                           symbol_list=symbol_list, sources_config=sources_config, until=until,
-                          metrics_port=metrics_port if metrics_port is not None else endpoint_from_env()[0],
-                          log_format=log_format_from(fmt) if (fmt := log_format or os.environ.get(LOG_FORMAT_ENV))
-                          else None)
+                          metrics_port=port, log_format=checked_format)
         builds = build_task(data_dir, stats["dates"])
         compact_task(data_dir, stats["dates"])
         record_task(data_dir, stats["dates"])

@@ -84,3 +84,17 @@ def test_the_cli_prints_and_emits_the_per_cycle_figures(tmp_path):
     assert {s["source"]: s["l2_cycle_last"] for s in got["sources"]} == {"dead": 0, "deep": 2, "top": 0}
     r = CliRunner().invoke(app, ["coverage", "--data-dir", str(paths.data_dir)])
     assert r.exit_code == 0 and "symbols with L2 per poll cycle" in r.stdout and "all sources" in r.stdout
+
+
+def test_a_vendor_error_text_naming_fake_sources_adds_no_source_to_coverage(tmp_path):
+    """The vendor's own words follow " | " in an outcome's detail; "reason: forbidden" or "upstream: timeout" in
+    them is no source of ours: only the list of sources tried (before " | ") is counted, as metrics.failed_calls
+    counts it."""
+    paths = LakePaths(tmp_path / "data")
+    body = 'HTTP 403 {"reason: forbidden", "upstream: timeout"} see https: docs'
+    rows = [{"cycle_ts": T0, "symbol": s, "source": None, "book_levels": 0, "latency_ms": 1.0,
+             "error_class": "forbidden", "detail": f"dead: forbidden | {body}"} for s in ("A", "B")]
+    Ingestor(paths).record(pa.Table.from_pylist(rows, schema=OUTCOMES_SCHEMA))
+    cov = lake_coverage(paths)
+    assert [r["source"] for r in cov["sources"]] == ["dead"]
+    assert cov["sources"][0]["failed_calls"] == 2 and cov["sources"][0]["failed_symbols"] == 2

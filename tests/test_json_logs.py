@@ -138,3 +138,66 @@ def test_vendor_echoing_its_key_leaves_no_key_in_the_json_log(env, tmp_path):
     assert any(g["detail"] and "***" in g["detail"] for g in errors)
     last = [g for g in got if g["event"] == "cycle"][-1]
     assert last["cycle_coverage_by_source"] == {"none": {"l2": 0, "shallow": 0, "l1_only": 0, "none": 4}}
+
+
+@pytest.mark.parametrize("name", ['poly\n{"event": "cycle", "written": 999}', "x | ![](http://evil.example/p.png)",
+                                  "poly: ok; alpaca", "\x1b[2Jpoly", 'p"} 1\nmicrostructure_snapshots_written_total'])
+def test_a_hostile_source_name_in_the_sources_file_is_refused_before_any_log_label_or_artifact(tmp_path, name):
+    """A source's name goes into JSON/text log lines, metric labels, the poll-health table and the outcome details
+    that failed_calls and coverage parse back ("name: result; ..."): a name forging lines, markup or attribution is
+    a one-line config error when the file is read, before any poll."""
+    from microstructure.sources.chain_config import build_chain
+    from microstructure.sources.vendor import ConfigError
+
+    cfg = tmp_path / "sources.toml"
+    cfg.write_text(f'[sources.{json.dumps(name)}]\nkind = "polygon"\n\n[groups.stocks]\nchain = [{json.dumps(name)}]\n'
+                   'symbols = ["AAPL"]\n')
+    with pytest.raises(ConfigError, match="source name") as e:
+        build_chain(cfg)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+
+
+def test_a_key_in_a_field_that_is_no_string_never_reaches_the_json_line(monkeypatch):
+    """An exception, a path, bytes or a set put in a record's fields is made text by the serialiser after the scrub
+    (bytes as base64): the key it holds must be scrubbed all the same."""
+    import base64
+    import datetime as dt
+    from pathlib import Path
+
+    key = "pk_LIVE_0123456789abcdef"
+    monkeypatch.setenv("POLYGON_API_KEY", key)
+    rec = logging.LogRecord("microstructure.poll", logging.WARNING, __file__, 1, "source_errors", None, None)
+    rec.error = ValueError(f"vendor said apiKey {key}")
+    rec.path = Path(f"/tmp/{key}/x")
+    rec.body = f"echo {key}".encode()
+    rec.names = {key}
+    rec.at = dt.datetime(2026, 11, 30, 15, 30, tzinfo=dt.UTC)
+    line = formatter("json").format(rec)
+    assert key not in line and base64.b64encode(rec.body).decode() not in line, line
+    got = json.loads(line)
+    assert got["error"] == "ValueError: vendor said apiKey ***" and got["body"] == "echo ***"
+    assert got["names"] == ["***"] and got["at"] == "2026-11-30T15:30:00+00:00"
+
+
+def test_one_sources_error_text_is_never_shown_under_another_sources_name():
+    """polygon forbidden, then alpaca timed out: the outcome's text after " | " is alpaca's. polygon's source_errors
+    line must not carry it as polygon's answer; alpaca's line does."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from microstructure.contract.outcomes import OUTCOMES_SCHEMA
+    from microstructure.jobs.poll import PollStats
+
+    at = dt.datetime(2026, 11, 30, 15, 0, tzinfo=dt.UTC)
+    out = pa.Table.from_pylist([{"cycle_ts": at, "symbol": s, "source": None, "book_levels": 0, "latency_ms": None,
+                                 "error_class": "timeout",
+                                 "detail": "polygon: forbidden; alpaca: timeout | alpaca: read timed out after 2 s"}
+                                for s in ("AAPL", "MSFT")], schema=OUTCOMES_SCHEMA)
+    buf = io.StringIO()
+    with poll_logger("json", buf) as log:
+        CycleLog(log, "json").cycle(0, PollStats(cycles=1, last_outcomes=out))
+    by = {g["source"]: g for g in lines(buf.getvalue()) if g["event"] == "source_errors"}
+    assert set(by) == {"polygon", "alpaca"} and by["polygon"]["symbols"] == ["AAPL", "MSFT"]
+    assert "read timed out" not in by["polygon"]["detail"] and by["polygon"]["detail"].startswith("polygon: forbidden")
+    assert "read timed out" in by["alpaca"]["detail"]

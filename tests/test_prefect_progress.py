@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,194 @@ def test_a_warning_raised_in_a_flow_reaches_its_run_log_but_a_library_notice_doe
     # Scoped to the run: the process's filters are as they were.
     assert not any(f[2] is DeprecationWarning and str(getattr(f[3], "pattern", f[3])).startswith("feast")
                    for f in warnings.filters)
+
+
+def test_our_warning_from_a_checkout_under_a_folder_named_prefect_still_reaches_the_run_log(harness):
+    """A worker built on Prefect's image runs our code from /opt/prefect/...: a folder named like a listed library
+    is not that library; only notices from where the library is installed are left out."""
+    import feast
+    from microstructure.flows.pipeline import run_warnings
+    from prefect import flow
+
+    feast_file = str(Path(feast.__file__).parent / "repo_config.py")
+
+    @flow(name="warns-from-opt-prefect")
+    def warns() -> None:
+        with run_warnings():
+            warnings.warn_explicit("our deprecated call under opt", DeprecationWarning,
+                                   "/opt/prefect/microstructure/jobs/x.py", 7, module="microstructure.jobs.x")
+            warnings.warn_explicit("a feast notice under its own name", DeprecationWarning, feast_file, 7,
+                                   module="notfeast")
+
+    state = warns(return_state=True)
+    logs = _wait_for_logs(state.state_details.flow_run_id, lambda got: any("under opt" in m for m in got))
+    text = "\n".join(logs)
+    assert "DeprecationWarning: our deprecated call under opt" in text
+    assert "a feast notice under its own name" not in text
+
+
+def test_a_flow_leaves_logging_capture_of_warnings_as_it_found_it(harness):
+    """run_warnings turns logging.captureWarnings on for the run; left on, logging takes a later
+    captureWarnings(True) (an application's, GE's) for a no-op and that caller's warnings never reach py.warnings."""
+    import logging
+
+    from microstructure.flows.pipeline import run_warnings
+    from prefect import flow
+
+    logging.captureWarnings(False)  # the state of a process that never asked for it
+
+    @flow(name="quiet")
+    def quiet() -> None:
+        with run_warnings():
+            pass
+
+    assert quiet(return_state=True).is_completed()
+    got: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record)
+
+    keep = Keep()
+    logging.getLogger("py.warnings").addHandler(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            logging.captureWarnings(True)
+            try:
+                warnings.warn("after the flow, to py.warnings", UserWarning, stacklevel=1)
+            finally:
+                logging.captureWarnings(False)
+    finally:
+        logging.getLogger("py.warnings").removeHandler(keep)
+    assert any("after the flow, to py.warnings" in r.getMessage() for r in got)
+
+
+def test_an_api_hiccup_between_the_two_artifact_creations_still_gives_the_session_its_health_table(harness, server):
+    """The Prefect API (behind a real HTTP proxy) refuses the first creation of the health table once, after the
+    progress artifact was created: the next update creates it; it is not updated by an id it never got."""
+    import re
+
+    import httpx
+    from microstructure.flows.pipeline import _LiveArtifacts
+    from prefect import flow
+    from prefect.context import SyncClientContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from werkzeug import Response
+
+    from microstructure.jobs.poll import PollStats
+
+    real = PREFECT_API_URL.value()
+    origin = real[: real.index("/api")]
+    refused: list[str] = []
+
+    def forward(request):  # the proxy: one table creation refused, everything else passed on
+        body = request.get_data()
+        if (request.method == "POST" and request.path.rstrip("/").endswith("/artifacts") and not refused
+                and json.loads(body or b"{}").get("type") == "table"):
+            refused.append(request.path)
+            return Response('{"detail": "hiccup"}', status=500, content_type="application/json")
+        q = request.query_string.decode()
+        r = httpx.request(request.method, origin + request.path + (f"?{q}" if q else ""), content=body,
+                          headers={k: v for k, v in request.headers.items()
+                                   if k.lower() not in ("host", "content-length", "transfer-encoding")})
+        return Response(r.content, status=r.status_code, content_type=r.headers.get("content-type"))
+
+    server.expect_request(re.compile("/api/.*")).respond_with_handler(forward)
+
+    @flow(name="artifacts-through-a-flaky-api")
+    def session() -> None:
+        live = _LiveArtifacts(cycles=4, until=None)
+        # The run's own client (its state, its logs) keeps the real API; the artifact calls get a client of the
+        # proxy's, as a fresh client of a worker whose API flickers.
+        token = SyncClientContext.__var__.set(None)  # type: ignore[arg-type]
+        try:
+            with temporary_settings({PREFECT_API_URL: server.url_for("/api")}), SyncClientContext():
+                for i in range(4):
+                    live.cycle(i, PollStats(cycles=i + 1, written=3 * (i + 1)))
+                live.finish(PollStats(cycles=4, written=12))
+        finally:
+            SyncClientContext.__var__.reset(token)
+
+    state = session(return_state=True)
+    assert state.is_completed() and refused  # the attack happened
+    health = _latest("poll-health", state.state_details.flow_run_id)
+    assert len(health) == 1, health
+    rows = {r["measure"]: r["value"] for r in json.loads(health[0].data)}
+    assert rows["cycles"] == 4 and rows["snapshots written"] == 12
+    assert float(_latest("poll-progress", state.state_details.flow_run_id)[0].data) == 100.0
+
+
+def test_a_prefect_api_that_hangs_on_artifacts_never_holds_a_poll_cycle(harness, server):
+    """The API (behind a real HTTP proxy) holds every artifact request until the test lets it go: the poll's cycles
+    go on meanwhile (an update is written off the poll's thread, one at a time); once the API answers, the session
+    ends with both artifacts complete."""
+    import re
+    import threading
+
+    import httpx
+    from microstructure.flows.pipeline import _LiveArtifacts
+    from prefect import flow
+    from prefect.context import SyncClientContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from werkzeug import Response
+
+    from microstructure.jobs.poll import PollStats
+
+    real = PREFECT_API_URL.value()
+    origin = real[: real.index("/api")]
+    reached, released = threading.Event(), threading.Event()
+    held_too_long: list[str] = []
+
+    def forward(request):  # the proxy: artifact requests wait for the test; everything else is passed on
+        if "/artifacts" in request.path:
+            reached.set()
+            if not released.wait(15):
+                held_too_long.append(request.path)
+        q = request.query_string.decode()
+        r = httpx.request(request.method, origin + request.path + (f"?{q}" if q else ""), content=request.get_data(),
+                          headers={k: v for k, v in request.headers.items()
+                                   if k.lower() not in ("host", "content-length", "transfer-encoding")})
+        return Response(r.content, status=r.status_code, content_type=r.headers.get("content-type"))
+
+    server.expect_request(re.compile("/api/.*")).respond_with_handler(forward)
+    cycles_done_while_held: list[int] = []
+
+    @flow(name="artifacts-through-a-hanging-api")
+    def session() -> None:
+        live = _LiveArtifacts(cycles=4, until=None)
+        token = SyncClientContext.__var__.set(None)  # type: ignore[arg-type]
+        try:
+            with temporary_settings({PREFECT_API_URL: server.url_for("/api")}), SyncClientContext():
+                for i in range(4):
+                    live.cycle(i, PollStats(cycles=i + 1, written=3 * (i + 1)))
+                    if not released.is_set() and not held_too_long:
+                        cycles_done_while_held.append(i + 1)
+                assert reached.wait(15)  # the attack happened: an artifact request is held
+                released.set()
+                live.finish(PollStats(cycles=4, written=12))
+        finally:
+            released.set()
+            SyncClientContext.__var__.reset(token)
+
+    state = session(return_state=True)
+    assert state.is_completed()
+    assert cycles_done_while_held == [1, 2, 3, 4] and held_too_long == []
+    health = _latest("poll-health", state.state_details.flow_run_id)
+    assert len(health) == 1
+    assert {r["measure"]: r["value"] for r in json.loads(health[0].data)}["cycles"] == 4
+    assert float(_latest("poll-progress", state.state_details.flow_run_id)[0].data) == 100.0
+
+
+def test_a_typo_in_the_workers_log_format_fails_the_session_flow_before_it_waits_for_the_open(harness, data_dir,
+                                                                                               monkeypatch):
+    """MICROSTRUCTURE_LOG_FORMAT=xml on the worker: the session run fails at once with the format's error, on any
+    day (not at the open hours later, nor silently on a holiday). The timeout only stops a run that waits."""
+    from microstructure.flows.pipeline import poll_flow
+
+    monkeypatch.setenv("MICROSTRUCTURE_LOG_FORMAT", "xml")
+    state = poll_flow.with_options(retries=0, timeout_seconds=20)(str(data_dir), symbols=2, session=True,
+                                                                  return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match="text or json"):
+        state.result()

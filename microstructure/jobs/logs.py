@@ -17,6 +17,7 @@ Prefect) renders them, so fields, timestamps and escaping are a library's, not o
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import sys
@@ -53,13 +54,24 @@ def log_format_from(value: str | None) -> str:
 
 
 def _scrubbed(value: Any) -> Any:
+    """``value`` with every string in it scrubbed. Anything else JSON has no type for (an exception, a path, bytes,
+    a set) is made text here, then scrubbed: left to the serialiser it would become text (bytes: base64) after
+    the scrub, carrying a key it holds onto the line."""
     if isinstance(value, str):
         return scrub(value)
     if isinstance(value, dict):
         return {scrub(k): _scrubbed(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple | set | frozenset):
         return [_scrubbed(v) for v in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return scrub(bytes(value).decode("utf-8", "replace"))
+    if isinstance(value, BaseException):
+        return scrub(f"{type(value).__name__}: {value}")
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return scrub(value)
 
 
 class ScrubbedJsonFormatter(JsonFormatter):
@@ -181,9 +193,17 @@ def _failed_symbols(outcomes: Any) -> dict[tuple[str, str], list[str]]:
 
 
 def _first_detail(outcomes: Any, source: str, error_class: str) -> str | None:
-    """The first outcome detail naming ``source`` failing (a vendor's own words, scrubbed by the formatter)."""
+    """The first outcome detail naming ``source`` failing with ``error_class`` (scrubbed by the formatter). The
+    vendor's words after " | " are the last failed source's: they are kept only when that source is ``source``;
+    else only the list of sources tried is given, so no source's words are shown under another's name."""
+    fallback = None
     for detail, err in zip(outcomes.column("detail").to_pylist(), outcomes.column("error_class").to_pylist(),
                            strict=True):
-        if detail and (f"{source}: {error_class}" in detail or (err == error_class and source in detail)):
+        if not detail or not (f"{source}: {error_class}" in detail or (err == error_class and source in detail)):
+            continue
+        tried, sep, _ = str(detail).partition(" | ")
+        failures = [p for p in tried.split("; ") if not p.endswith(": ok")]
+        if not sep or not failures or failures[-1].startswith(f"{source}: "):
             return str(detail)[:500]
-    return None
+        fallback = fallback or tried[:500]
+    return fallback

@@ -45,12 +45,15 @@ def coverage(paths: LakePaths, since: dt.datetime | None = None,
         "WHERE received_ts >= ? AND received_ts < ? GROUP BY ALL", [lo, hi]).fetchall()
     asked = {r[0] for r in con.execute(
         "SELECT DISTINCT symbol FROM outcomes WHERE cycle_ts >= ? AND cycle_ts < ?", [lo, hi]).fetchall()}
+    # Only the sources tried (before " | "): after it come the vendor's own words, where "reason: forbidden" would
+    # count as a source of ours (metrics.failed_calls splits the same way).
     failed = dict(con.execute(
-        "SELECT split_part(m, ':', 1), count(*) FROM (SELECT unnest(regexp_extract_all(detail, "
+        "SELECT split_part(m, ':', 1), count(*) FROM (SELECT unnest(regexp_extract_all(split_part(detail, ' | ', 1), "
         "'[A-Za-z0-9_.-]+: [a-z_]+')) AS m FROM outcomes WHERE cycle_ts >= ? AND cycle_ts < ?) "
         "WHERE m NOT LIKE '%: ok' GROUP BY 1", [lo, hi]).fetchall())
     failed_symbols = dict(con.execute(
-        "SELECT split_part(m, ':', 1), count(DISTINCT symbol) FROM (SELECT symbol, unnest(regexp_extract_all(detail, "
+        "SELECT split_part(m, ':', 1), count(DISTINCT symbol) FROM (SELECT symbol, "
+        "unnest(regexp_extract_all(split_part(detail, ' | ', 1), "
         "'[A-Za-z0-9_.-]+: [a-z_]+')) AS m FROM outcomes WHERE cycle_ts >= ? AND cycle_ts < ?) "
         "WHERE m NOT LIKE '%: ok' GROUP BY 1", [lo, hi]).fetchall())
     cycles = per_cycle(con, lo, hi)

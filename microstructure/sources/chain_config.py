@@ -5,6 +5,7 @@ into a ``ChainSource``; a built-in default when no file is given.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,10 @@ from microstructure.sources.guard import Limits
 from microstructure.sources.symbol_lists import check_symbols, read_symbols_file
 from microstructure.sources.vendor import ConfigError, VendorSource
 
+# A source's name travels into log lines, Prometheus labels, Prefect table artifacts and outcome details (where
+# "name: result; ..." is parsed back by metrics.failed_calls and lake.coverage, whose pattern is this class): a
+# name with spaces, ":", ";", "|", markup or control characters would forge or misattribute all of them.
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 # Used when no sources file is given: the roadmap's order (Polygon primary, Alpaca fallback for stocks;
 # Alpaca's real L2 first for crypto, Polygon's deprecated book behind it).
 DEFAULT_CONFIG = """
@@ -131,6 +136,9 @@ def build_chain(config_path: Path | None = None, symbols: Sequence[str] | None =
     for gname, g in gcfg.items():
         chain = list(g.get("chain", []))
         for n in chain:
+            if not isinstance(n, str) or not SOURCE_NAME.fullmatch(n):
+                raise ConfigError(f"group {gname!r}: source name {str(n)[:40]!r} must be 1-40 letters, digits, "
+                                  "'_', '.' or '-'")
             if n not in specs:
                 raise ConfigError(f"group {gname!r}: chain names unknown source {n!r}")
         if config_path is None and only not in OPT_IN_KINDS:
