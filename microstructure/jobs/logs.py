@@ -144,12 +144,13 @@ class CycleLog:
         self._quarantined = Counter(stats.quarantined)
         skipped_total = getattr(self.clock, "skipped", 0)
         skipped, self._skipped = max(skipped_total - self._skipped, 0), max(skipped_total, self._skipped)
-        cov = stats.coverage()
         if not self.json:
             now = self.monotonic()
             if self._last_line is not None and now - self._last_line < TEXT_EVERY_S:
-                return
+                return  # text: a line a minute, so nothing more to compute on the cycles between
             self._last_line = now
+        cov = stats.coverage()
+        if not self.json:
             self.log.info("cycle %d: %d snapshots written (%d this cycle), L2 %d / shallow %d / L1 only %d / none %d "
                           "symbols, quarantined %d, missing %d, skipped slots %d", i + 1, stats.written, new,
                           cov["l2"], cov["shallow"], cov["l1_only"], cov["none"], sum(stats.quarantined.values()),

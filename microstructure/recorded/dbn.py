@@ -45,6 +45,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# The fixed-point scale's one declaration, databento-dbn's (the live source divides by it too). This module is
+# imported only when a DBN file is read (recorded/registry.py), so the import costs --help nothing.
+from databento_dbn import FIXED_PRICE_SCALE
+
 from microstructure.contract.book import MAX_LEVELS, BookQuote, plausible_ns
 from microstructure.recorded.batch import Batch, file_time, take_batch
 from microstructure.recorded.bounds import FileFormatError, MiB, check_cadence, snippet, why
@@ -67,7 +71,7 @@ BAD_TS_RECV = "bad_ts_recv"  # F_BAD_TS_RECV: ts_recv inaccurate (clock issues o
 
 def fixed_price(v: int) -> float:
     """A DBN fixed-point price (1e-9 units) as the float nearest its exact value (integer division rounds once)."""
-    return v / 1_000_000_000
+    return v / FIXED_PRICE_SCALE
 
 
 def _levels(rec: Any, undef: int) -> tuple[list[tuple[float, float | None]], list[tuple[float, float | None]]]:
